@@ -1,0 +1,145 @@
+"""The exact result and the per-block kernels: numpy and scipy, no dask, no I/O.
+
+The contract (DESIGN section 1), for a stack ``img`` of N events and a kernel
+size K with 1 <= K < N::
+
+    bg[j] = sorted(img[j : j+K])[K // 2]     for 0 <= j < N - K   (per pixel)
+    bg[j] = bg[N - K - 1]                    for N - K <= j < N
+
+Every engine implements the same *window kernel*: given M consecutive frames
+it returns the ``M - K + 1`` medians of the windows that fit entirely inside
+them ("valid" windows). The dask pipeline feeds each block its overlap, so the
+kernel never needs to know where in the stack it is.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import numpy as np
+
+ENGINES = ("auto", "numba", "scipy", "numpy")
+
+
+def check_kernel_size(kernel_size, num_events: int) -> int:
+    """Validate ``kernel_size`` against the number of events, return it as int.
+
+    Raises
+    ------
+    ValueError
+        With the offending values and what to pass instead.
+    """
+    if isinstance(kernel_size, bool) or not isinstance(kernel_size, numbers.Integral):
+        raise ValueError(
+            f"kernel_size={kernel_size!r} must be a whole number of events; "
+            f"pass an integer such as kernel_size=100"
+        )
+    kernel_size = int(kernel_size)
+    if num_events == 0:
+        raise ValueError(
+            "the image stack has no events (N=0); a rolling median needs at least "
+            "2 events: check the input dataset"
+        )
+    if kernel_size < 1:
+        raise ValueError(
+            f"kernel_size={kernel_size} must be at least 1; pass a positive kernel_size"
+        )
+    if kernel_size >= num_events:
+        raise ValueError(
+            f"kernel_size={kernel_size} must be smaller than the number of events "
+            f"({num_events}); pass a kernel_size of at most {num_events - 1}"
+        )
+    return kernel_size
+
+
+def check_dtype(dtype) -> np.dtype:
+    """Accept integer and real floating dtypes, reject everything else clearly."""
+    dtype = np.dtype(dtype)
+    if dtype.kind not in "uif":
+        raise ValueError(
+            f"images of dtype {dtype} are not supported; the rolling median needs "
+            f"integer or real floating-point images (uint8, uint16, int16, float32, ...)"
+        )
+    return dtype
+
+
+def rolling_median_reference(img, kernel_size: int) -> np.ndarray:
+    """The exact result, in plain numpy: the oracle every engine is tested against.
+
+    Parameters
+    ----------
+    img : array_like, shape (N, ...)
+        The image stack; the first axis enumerates events.
+    kernel_size : int
+        K, the number of events in each window, ``1 <= K < N``.
+
+    Returns
+    -------
+    numpy.ndarray
+        Same shape and dtype as ``img``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> img = np.array([5, 1, 4, 2, 3, 9], dtype=np.uint8).reshape(6, 1, 1)
+    >>> rolling_median_reference(img, 2).ravel()
+    array([5, 4, 4, 3, 3, 3], dtype=uint8)
+    """
+    img = np.asarray(img)
+    n = img.shape[0]
+    k = check_kernel_size(kernel_size, n)
+    windows = np.lib.stride_tricks.sliding_window_view(img[: n - 1], k, axis=0)
+    computed = np.sort(windows, axis=-1)[..., k // 2]  # rows 0 .. N-K-1
+    tail = np.repeat(computed[-1:], k, axis=0)
+    return np.concatenate([computed, tail]).astype(img.dtype, copy=False)
+
+
+def median_windows_numpy(stack: np.ndarray, kernel_size: int) -> np.ndarray:
+    """Window kernel by sorting every window: exact for any dtype, slow, memory hungry."""
+    k = kernel_size
+    windows = np.lib.stride_tricks.sliding_window_view(stack, k, axis=0)
+    return np.sort(windows, axis=-1)[..., k // 2]
+
+
+def median_windows_scipy(stack: np.ndarray, kernel_size: int) -> np.ndarray:
+    """Window kernel with ``scipy.ndimage.median_filter``.
+
+    ``origin=-(K // 2)`` makes output row i the median of rows i .. i+K-1; scipy's
+    median of an even size is its element ``K // 2`` of the sorted window, the
+    upper median, as the contract wants. Rows past ``M - K`` touch the padding
+    and are dropped.
+    """
+    from scipy import ndimage
+
+    k = kernel_size
+    size = (k,) + (1,) * (stack.ndim - 1)
+    origin = (-(k // 2),) + (0,) * (stack.ndim - 1)
+    filtered = ndimage.median_filter(stack, size=size, origin=origin, mode="nearest")
+    return filtered[: stack.shape[0] - k + 1]
+
+
+def numba_supports(dtype) -> bool:
+    """Whether the compiled numba kernels handle this dtype."""
+    return np.dtype(dtype).kind in "uif"
+
+
+def select_engine(engine: str, dtype) -> str:
+    """Resolve ``engine="auto"`` and reject unknown names with the valid ones."""
+    if engine not in ENGINES:
+        raise ValueError(f"engine={engine!r} is not known; pass one of {', '.join(ENGINES)}")
+    if engine == "auto":
+        return "numba" if numba_supports(dtype) else "scipy"
+    return engine
+
+
+def get_window_kernel(engine: str):
+    """The window kernel function of a resolved engine name."""
+    if engine == "numba":
+        from .kernels_numba import median_windows_numba
+
+        return median_windows_numba
+    if engine == "scipy":
+        return median_windows_scipy
+    if engine == "numpy":
+        return median_windows_numpy
+    raise ValueError(f"engine={engine!r} is not known; pass one of {', '.join(ENGINES)}")
