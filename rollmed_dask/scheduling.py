@@ -1,0 +1,174 @@
+"""Where the graph runs, and how finished blocks reach the single writer.
+
+``scheduler=`` takes what dask users already know: None (an active
+``distributed.Client`` if there is one, else threads), ``"threads"``,
+``"processes"``, ``"synchronous"``, a ``Client``, or a scheduler address
+``"tcp://host:port"``. Nothing here starts a cluster: ``rollmed_dask.cluster``
+does that, and only when the user asks.
+
+Block results are handed to ``on_result`` in the calling process as soon as each
+block finishes, on every scheduler, so a single writer can store them while the
+workers go on, and no result is held longer than it takes to write it:
+
+- local schedulers: a dask ``Callback`` sees each block's result in the main
+  thread; each block task has a tiny dependent task, so the scheduler frees the
+  block once the writer has it;
+- distributed: ``as_completed`` over the block futures, each released after
+  writing.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+
+LOCAL_SCHEDULERS = {
+    "threads": "threads",
+    "threading": "threads",
+    "processes": "processes",
+    "multiprocessing": "processes",
+    "synchronous": "synchronous",
+    "sync": "synchronous",
+    "single-threaded": "synchronous",
+}
+
+
+@dataclass
+class Resolved:
+    """A resolved scheduler: a local scheduler name or a distributed Client."""
+
+    local: str | None = None
+    client: object = None
+    owns_client: bool = False
+
+    @property
+    def description(self) -> str:
+        if self.client is not None:
+            return f"distributed scheduler at {self.client.scheduler.address}"
+        return f"local {self.local} scheduler"
+
+    @property
+    def dashboard_link(self) -> str | None:
+        if self.client is None:
+            return None
+        try:
+            return self.client.dashboard_link
+        except Exception:  # no dashboard (bokeh missing or disabled)
+            return None
+
+    def close(self) -> None:
+        if self.owns_client:
+            self.client.close()
+
+
+def _active_client():
+    if "distributed" not in sys.modules:
+        return None
+    from distributed import default_client
+
+    try:
+        return default_client()
+    except ValueError:
+        return None
+
+
+def resolve_scheduler(scheduler=None) -> Resolved:
+    """Resolve ``scheduler=`` to a local scheduler name or a Client.
+
+    Examples
+    --------
+    >>> resolve_scheduler("threads").local
+    'threads'
+    """
+    if scheduler is None:
+        client = _active_client()
+        if client is not None:
+            return Resolved(client=client)
+        import dask
+
+        configured = dask.config.get("scheduler", None)
+        if configured is None:
+            return Resolved(local="threads")
+        scheduler = configured
+    if isinstance(scheduler, str):
+        if scheduler in LOCAL_SCHEDULERS:
+            return Resolved(local=LOCAL_SCHEDULERS[scheduler])
+        if "://" in scheduler:
+            from distributed import Client
+
+            try:
+                client = Client(scheduler, timeout="10s")
+            except OSError as exc:
+                raise ConnectionError(
+                    f"cannot reach a dask scheduler at {scheduler!r} ({exc}); check the "
+                    f"address, or start one with `dask scheduler`"
+                ) from None
+            return Resolved(client=client, owns_client=True)
+        if scheduler in ("dask.distributed", "distributed"):
+            client = _active_client()
+            if client is None:
+                raise ValueError(
+                    "scheduler='distributed' but no distributed Client is active; "
+                    "create one (distributed.Client()) or pass its address"
+                )
+            return Resolved(client=client)
+        raise ValueError(
+            f"scheduler={scheduler!r} is not known; pass 'threads', 'processes', "
+            f"'synchronous', a distributed Client or an address 'tcp://host:port'"
+        )
+    if type(scheduler).__name__ == "Client" and hasattr(scheduler, "compute"):
+        return Resolved(client=scheduler)
+    raise ValueError(
+        f"scheduler={scheduler!r} is not a scheduler; pass 'threads', 'processes', "
+        f"'synchronous', a distributed Client or an address 'tcp://host:port'"
+    )
+
+
+def _discard(_result) -> None:
+    """The dependent of every block task: lets the local scheduler free the block."""
+    return None
+
+
+def stream_blocks(tasks: list, on_result, resolved: Resolved, num_workers=None) -> None:
+    """Compute ``tasks`` (dask Delayed) and pass each result to ``on_result``.
+
+    ``on_result`` runs in the calling process, one block at a time, in order of
+    completion.
+    """
+    if not tasks:
+        return
+    if resolved.client is not None:
+        _stream_distributed(tasks, on_result, resolved.client)
+    else:
+        _stream_local(tasks, on_result, resolved.local, num_workers)
+
+
+def _stream_local(tasks, on_result, scheduler: str, num_workers) -> None:
+    import dask
+    from dask.callbacks import Callback
+
+    block_keys = {task.key for task in tasks}
+
+    class _Writer(Callback):
+        def _posttask(self, key, result, dsk, state, worker_id):
+            if key in block_keys:
+                on_result(result)
+
+    releases = [dask.delayed(_discard, pure=True)(task) for task in tasks]
+    kwargs = {"num_workers": num_workers} if num_workers else {}
+    with _Writer():
+        # The array part of the graph was optimised when the blocks were made
+        # (to_delayed); optimising again could fuse block and release tasks.
+        dask.compute(*releases, scheduler=scheduler, optimize_graph=False, **kwargs)
+
+
+def _stream_distributed(tasks, on_result, client) -> None:
+    from distributed import as_completed
+
+    futures = client.compute(tasks)
+    try:
+        for future, result in as_completed(futures, with_results=True):
+            on_result(result)
+            future.release()
+    finally:
+        client.cancel([f for f in futures if not f.done()])

@@ -1,0 +1,248 @@
+"""Inputs: turn a path, an HDF5/Zarr dataset, a numpy or a dask array into one ``Source``.
+
+Nothing here knows about medians. The one rule that matters for dask: no h5py
+object ever enters a task graph. HDF5 data is read through ``HDF5Reader``, which
+pickles as (path, dataset name) and opens the file lazily, once per process.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+
+from .core import check_dtype
+
+# h5py is imported where files are opened, and with it hdf5plugin: without the
+# plugin, workers cannot decompress the zstd chunks of real .rtdc files.
+
+
+def _h5py():
+    import h5py
+    import hdf5plugin  # noqa: F401  (registers the zstd filter with HDF5)
+
+    return h5py
+
+
+_open_files: dict[str, tuple] = {}
+_open_files_lock = threading.Lock()
+
+
+def _signature(path: str) -> tuple:
+    stat = os.stat(path)
+    return stat.st_mtime_ns, stat.st_size, stat.st_ino
+
+
+def open_h5_readonly(path: str):
+    """One read-only h5py.File per path and process, shared by all readers.
+
+    Opened without HDF5 file locking, so that the single writer may add a
+    dataset to the input itself (in place) while worker processes still hold
+    their read handles; a handle is reopened when the file changed on disk,
+    so a long-lived worker never reads a stale view.
+    """
+    with _open_files_lock:
+        signature = _signature(path)
+        h5, seen = _open_files.get(path, (None, None))
+        if h5 is None or not h5.id.valid or seen != signature:
+            if h5 is not None and h5.id.valid:
+                h5.close()
+            h5 = _h5py().File(path, "r", locking=False)
+            _open_files[path] = (h5, signature)
+        return h5
+
+
+def close_cached_files(path: str | None = None) -> None:
+    """Close cached read handles (all, or those of one path) in this process."""
+    with _open_files_lock:
+        for key in [path] if path is not None else list(_open_files):
+            h5, _ = _open_files.pop(key, (None, None))
+            if h5 is not None and h5.id.valid:
+                h5.close()
+
+
+class HDF5Reader:
+    """A picklable, lazily opened view of one HDF5 dataset.
+
+    It behaves like a read-only array (``shape``, ``dtype``, ``ndim``,
+    ``__getitem__``) so that ``dask.array.from_array`` can wrap it, and it pickles
+    as its path and dataset name so it works with threads, processes and
+    ``distributed`` workers alike.
+    """
+
+    def __init__(self, path, dataset: str):
+        self.path = os.fspath(pathlib.Path(path).resolve())
+        self.dataset = dataset
+        dset = self._dset()
+        self.shape = tuple(dset.shape)
+        self.dtype = dset.dtype
+        self.ndim = len(self.shape)
+        self.chunks = dset.chunks
+
+    def _dset(self):
+        return open_h5_readonly(self.path)[self.dataset]
+
+    def __getitem__(self, key):
+        return self._dset()[key]
+
+    def __len__(self):
+        return self.shape[0]
+
+    def __reduce__(self):
+        return (type(self), (self.path, self.dataset))
+
+    def __repr__(self):
+        return f"HDF5Reader({self.path!r}, {self.dataset!r}, shape={self.shape}, {self.dtype})"
+
+
+@dataclass(frozen=True)
+class Source:
+    """An image stack ready for the pipeline.
+
+    Attributes
+    ----------
+    array
+        Something sliceable along all three axes: numpy, zarr, ``HDF5Reader`` or
+        a dask array.
+    storage_chunks
+        The chunk shape the data is stored in, or None (in memory).
+    path
+        The file the data comes from, if any.
+    """
+
+    array: object
+    storage_chunks: tuple | None
+    path: pathlib.Path | None = None
+    dataset: str | None = None
+
+    @property
+    def shape(self) -> tuple:
+        return tuple(self.array.shape)
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(self.array.dtype)
+
+
+def _list_datasets(h5) -> list[str]:
+    names = []
+    h5.visititems(lambda name, obj: names.append(name) if hasattr(obj, "shape") else None)
+    return names
+
+
+def _check_stack(shape, dtype, what: str) -> None:
+    if len(shape) != 3:
+        raise ValueError(
+            f"{what} has shape {tuple(shape)} (ndim={len(shape)}); the rolling median "
+            f"needs an image stack of shape (events, height, width): pass a 3-D array"
+        )
+    check_dtype(dtype)
+
+
+def _is_hdf5(path: pathlib.Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(8) == b"\x89HDF\r\n\x1a\n"
+
+
+def open_path(path, dataset: str) -> Source:
+    """Open an HDF5 (``.rtdc``) file or a Zarr store on disk."""
+    path = pathlib.Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"input {str(path)!r} does not exist: check the path")
+    if path.is_dir():
+        return _open_zarr_path(path, dataset)
+    if not _is_hdf5(path):
+        raise ValueError(
+            f"input {str(path)!r} is not an HDF5 file (.rtdc/.h5) nor a Zarr store: "
+            f"pass an HDF5 file or a Zarr directory"
+        )
+    from .rtdc import find_image_dataset
+
+    location = find_image_dataset(path, dataset)
+    reader = HDF5Reader(location.path, location.dataset)
+    _check_stack(reader.shape, reader.dtype, f"dataset {dataset!r} in {str(path)!r}")
+    return Source(reader, reader.chunks, path=path, dataset=dataset)
+
+
+def _open_zarr_path(path: pathlib.Path, dataset: str) -> Source:
+    import zarr
+
+    try:
+        node = zarr.open(store=str(path), mode="r")
+    except Exception as exc:  # zarr raises several types for "not a store"
+        raise ValueError(
+            f"input {str(path)!r} is a directory but not a Zarr store ({exc}); "
+            f"pass an HDF5 file or a Zarr store"
+        ) from None
+    if isinstance(node, zarr.Group):
+        if dataset not in node:
+            names = [name for name, _ in node.arrays()] + [
+                f"{g}/{a}" for g, grp in node.groups() for a, _ in grp.arrays()
+            ]
+            raise KeyError(
+                f"Zarr store {str(path)!r} has no array {dataset!r}; it has: "
+                f"{', '.join(sorted(names)) or 'no arrays'}; pass --dataset NAME"
+            )
+        node = node[dataset]
+    _check_stack(node.shape, node.dtype, f"Zarr array in {str(path)!r}")
+    return Source(node, tuple(node.chunks), path=path, dataset=dataset)
+
+
+def as_source(images, dataset: str = "events/image") -> Source:
+    """Wrap any supported input as a ``Source``.
+
+    Accepts a path (HDF5/``.rtdc`` or Zarr), an open ``h5py.Dataset`` or
+    ``h5py.File``, a Zarr array or group, a numpy array or a dask array.
+    """
+    if isinstance(images, Source):
+        return images
+    if isinstance(images, (str, os.PathLike)):
+        return open_path(images, dataset)
+    module = type(images).__module__
+    if module.startswith("h5py"):
+        return _from_h5py_object(images, dataset)
+    if module.startswith("zarr"):
+        import zarr
+
+        if isinstance(images, zarr.Group):
+            return _open_zarr_group(images, dataset)
+        _check_stack(images.shape, images.dtype, "the Zarr array")
+        return Source(images, tuple(images.chunks))
+    if module.startswith("dask"):
+        _check_stack(images.shape, images.dtype, "the dask array")
+        return Source(images, None)
+    if isinstance(images, HDF5Reader):
+        _check_stack(images.shape, images.dtype, repr(images))
+        return Source(images, images.chunks, path=pathlib.Path(images.path))
+    array = np.asarray(images)
+    _check_stack(array.shape, array.dtype, "the input array")
+    return Source(array, None)
+
+
+def _open_zarr_group(group, dataset: str) -> Source:
+    if dataset not in group:
+        raise KeyError(f"Zarr group has no array {dataset!r}; pass dataset=NAME")
+    return as_source(group[dataset])
+
+
+def _from_h5py_object(obj, dataset: str) -> Source:
+    h5py = _h5py()
+    if isinstance(obj, h5py.File | h5py.Group):
+        if dataset not in obj:
+            raise KeyError(
+                f"HDF5 file {obj.file.filename!r} has no dataset {dataset!r}; it has: "
+                f"{', '.join(_list_datasets(obj.file)) or 'no datasets'}"
+            )
+        obj = obj[dataset]
+    # An open dataset is re-opened by path so no h5py handle enters the graph.
+    if obj.file.mode != "r":
+        raise ValueError(
+            f"{obj.file.filename!r} is open for writing; open it read-only "
+            f"(h5py.File(path, 'r')) or pass its path"
+        )
+    reader = HDF5Reader(obj.file.filename, obj.name)
+    _check_stack(reader.shape, reader.dtype, f"dataset {obj.name!r}")
+    return Source(reader, reader.chunks, path=pathlib.Path(reader.path), dataset=obj.name)

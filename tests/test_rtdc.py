@@ -1,0 +1,691 @@
+"""The .rtdc conventions (rollmed_dask.rtdc) and the example writer, against dcnum/dclab.
+
+dcnum 0.31 and dclab are test dependencies only: every comparison here runs
+dcnum's or dclab's own code on the same input and checks that our
+re-implementation writes the same thing.
+
+dcnum starts ``spawn`` worker processes, so the code that runs
+``BackgroundRollMed`` must live in this module (never in stdin).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import shutil
+import time
+
+import h5py
+import hdf5plugin  # noqa: F401  (zstd filter for reading the files directly)
+import numpy as np
+import pytest
+
+from rollmed_dask import rtdc
+from rollmed_dask.example import write_example
+
+dclab = pytest.importorskip("dclab")
+dcnum_writer = pytest.importorskip("dcnum.write")
+dcnum_read = pytest.importorskip("dcnum.read")
+dcnum_bg = pytest.importorskip("dcnum.feat.feat_background.bg_roll_median")
+dcnum_ppid = pytest.importorskip("dcnum.meta.ppid")
+
+N_EVENTS = 120
+SHAPE = (80, 320)
+
+
+# --------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------
+
+
+def filters(ds: h5py.Dataset) -> list:
+    """The HDF5 filter pipeline of a dataset as (id, flags, cd_values) tuples."""
+    plist = ds.id.get_create_plist()
+    return [plist.get_filter(i)[:3] for i in range(plist.get_nfilters())]
+
+
+def layout(ds: h5py.Dataset) -> tuple:
+    return ds.shape, ds.dtype, ds.chunks, ds.maxshape, filters(ds)
+
+
+def attr_types(obj) -> dict:
+    """Attribute values together with their stored HDF5 dtypes."""
+    return {k: (obj.attrs[k], obj.attrs.get_id(k).dtype) for k in obj.attrs}
+
+
+def basin_texts(path) -> dict:
+    with h5py.File(path, "r") as h5:
+        return {k: b"\n".join(h5["basins"][k][:].tolist()).decode() for k in h5.get("basins", {})}
+
+
+def add_table_and_logs(path):
+    """Give an example file what real files also have: a table, more logs."""
+    with h5py.File(path, "a") as h5:
+        table = np.zeros(5, dtype=[("time", "f8"), ("temperature", "f4")])
+        table["time"] = np.arange(5)
+        table["temperature"] = 23.5
+        ds = h5.require_group("tables").create_dataset("cytoshot_monitor", data=table)
+        ds.attrs["software"] = "CytoShot 1.2"
+        # a variable-length string log, as some older tools write them
+        h5["logs"].create_dataset(
+            "M1_para.ini",
+            data=["[General]", "Sample=x", "Medium=CellCarrierB"],
+            dtype=h5py.string_dtype(),
+        )
+        # an empty log must be skipped
+        h5["logs"].create_dataset("empty", shape=(0,), dtype="S10")
+
+
+# --------------------------------------------------------------------------
+# example.py
+# --------------------------------------------------------------------------
+
+
+def test_example_opens_in_dclab_and_is_valid(tmp_path):
+    # 700 events: several generation batches (320 events each) and a partial chunk
+    path = write_example(tmp_path / "ex.rtdc", n_events=700, image_shape=SHAPE, seed=3)
+    assert path == tmp_path / "ex.rtdc"
+    with h5py.File(path, "r") as h5:
+        ds = h5["events/image"]
+        assert ds.dtype == np.uint8
+        assert ds.shape == (700, *SHAPE)
+        assert ds.chunks == (40, *SHAPE)
+        assert ds.maxshape == (None, *SHAPE)
+        assert filters(ds) == [(32015, 1, (5,)), (h5py.h5z.FILTER_FLETCHER32, 0, ())]
+        for key, value in rtdc.IMAGE_ATTRS.items():
+            assert ds.attrs[key] == value
+            assert ds.attrs.get_id(key).dtype.char == "S"
+        images = ds[:]
+        frame = h5["events/frame"][:]
+        assert h5["events/frame"].dtype == np.uint64
+        assert np.all(np.diff(frame) >= 1)
+        assert h5.attrs["experiment:event count"] == 700
+        assert h5["logs/rollmed-dask-example"].dtype.kind == "S"
+
+    # realistic, not trivial: sensible grey levels, some cells, some empty frames
+    assert 40 < images.mean() < 140
+    assert images.min() < 30 and images.max() > 110
+    with h5py.File(path, "r") as h5:
+        deform = h5["events/deform"][:]
+    assert 0.05 < np.mean(np.isnan(deform)) < 0.8
+    assert np.all(deform[~np.isnan(deform)] >= 0)
+
+    with dclab.new_dataset(path) as ds:
+        assert {"image", "frame", "time", "index", "deform", "area_um"} <= set(ds.features)
+        assert len(ds) == 700
+        assert np.array_equal(ds["image"][5], images[5])
+        assert np.array_equal(ds["image"][699], images[699])
+        assert ds.config["imaging"]["roi size x"] == SHAPE[1]
+        assert ds.config["imaging"]["roi size y"] == SHAPE[0]
+        assert ds.config["setup"]["chip region"] == "channel"
+        assert json.loads("\n".join(ds.logs["rollmed-dask-example"]))["n_events"] == 700
+
+    # dclab's integrity check: no violations and no alerts
+    viol, alerts, _ = dclab.rtdc_dataset.check.check_dataset(path)
+    assert viol == []
+    assert alerts == []
+
+
+def test_example_deterministic_and_fast(tmp_path):
+    t0 = time.perf_counter()
+    a = write_example(tmp_path / "a.rtdc", n_events=2000, seed=0)
+    elapsed = time.perf_counter() - t0
+    b = write_example(tmp_path / "b.rtdc", n_events=50, seed=0)
+    c = write_example(tmp_path / "c.rtdc", n_events=50, seed=1)
+    with h5py.File(a) as ha, h5py.File(b) as hb, h5py.File(c) as hc:
+        # the same seed gives the same events, whatever n_events
+        assert np.array_equal(ha["events/image"][:50], hb["events/image"][:])
+        assert not np.array_equal(hb["events/image"][:], hc["events/image"][:])
+    # generous bound (shared 2-core machine); typically ~1.5 s
+    assert elapsed < 8, elapsed
+
+
+def test_example_bad_arguments(tmp_path):
+    with pytest.raises(ValueError, match="n_events"):
+        write_example(tmp_path / "x.rtdc", n_events=0)
+    with pytest.raises(ValueError, match="image_shape"):
+        write_example(tmp_path / "x.rtdc", n_events=5, image_shape=(8, 320))
+
+
+# --------------------------------------------------------------------------
+# small conventions
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "shape,dtype",
+    [
+        ((80, 320), np.uint8),
+        ((80, 250), np.uint8),
+        ((80, 320), np.float32),
+        ((1000, 1000), np.uint8),
+        ((4, 4), np.uint8),
+        ((), np.float64),
+        ((), np.uint32),
+        ((80, 320), np.uint16),
+    ],
+)
+def test_default_chunk_events_matches_dcnum(shape, dtype):
+    expected = dcnum_writer.HDF5Writer.get_best_nd_chunks(shape, feat_dtype=dtype)[0]
+    assert rtdc.default_chunk_events(shape, dtype) == expected
+    if len(shape) == 2 and np.dtype(dtype).itemsize == 1:
+        # DESIGN section 4's formula for uint8
+        assert expected == min(1000, max(10, 2**20 // (shape[0] * shape[1])))
+
+
+def test_filter_kwargs_match_dcnum():
+    assert rtdc.filter_kwargs() == dcnum_writer.set_default_filter_kwargs()
+    assert rtdc.filter_kwargs(False) == dcnum_writer.set_default_filter_kwargs(compression=False)
+    assert rtdc.filter_kwargs({"compression": "gzip"}) == {
+        "compression": "gzip",
+        "fletcher32": True,
+    }
+    with pytest.raises(ValueError, match="compression"):
+        rtdc.filter_kwargs("zstd")
+
+
+@pytest.mark.parametrize("k,b", [(100, 10000), (10, 50), (1, 1), (7, 123), (250, 2500)])
+def test_bg_ppid_matches_dcnum(k, b):
+    cls = dcnum_bg.BackgroundRollMed
+    assert rtdc.bg_ppid(k, b) == cls.get_ppid_from_ppkw({"kernel_size": k, "batch_size": b})
+    assert rtdc.bg_ppid_attrs(k, b) == {
+        "dcnum ppid background": cls.get_ppid_from_ppkw({"kernel_size": k, "batch_size": b}),
+        "dcnum ppid generation": dcnum_ppid.DCNUM_PPID_GENERATION,
+    }
+    # the abbreviations come from dcnum's unique-prefix rule
+    assert dcnum_ppid.get_unique_prefix(["kernel_size", "batch_size"]) == ["k", "b"]
+
+
+@pytest.mark.parametrize("bad", [1.5, "10", True, None])
+def test_bg_ppid_rejects_non_integers(bad):
+    with pytest.raises(TypeError, match="kernel_size"):
+        rtdc.bg_ppid_attrs(bad, 10)
+
+
+def test_bg_ppid_rejects_non_positive():
+    with pytest.raises(ValueError, match="batch_size"):
+        rtdc.bg_ppid_attrs(10, 0)
+
+
+# --------------------------------------------------------------------------
+# comparison with a real dcnum 0.31 BackgroundRollMed run
+# --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def dcnum_run(tmp_path_factory):
+    """One dcnum BackgroundRollMed run on a small example (output in a subfolder)."""
+    root = tmp_path_factory.mktemp("dcnum_run")
+    path_in = write_example(root / "in.rtdc", n_events=N_EVENTS, image_shape=SHAPE, seed=5)
+    add_table_and_logs(path_in)
+    (root / "out").mkdir()
+    path_dcnum = root / "out" / "dcnum.rtdc"
+    with dcnum_bg.BackgroundRollMed(
+        path_in, path_dcnum, kernel_size=10, batch_size=50, num_cpus=1
+    ) as bg:
+        bg.process()
+    return path_in, path_dcnum
+
+
+@pytest.fixture()
+def ours(dcnum_run, tmp_path):
+    """Our output for the same input, beside dcnum's, with dcnum's image_bg added."""
+    path_in, path_dcnum = dcnum_run
+    path_ours = path_dcnum.parent / f"ours-{tmp_path.name}.rtdc"
+    with h5py.File(path_ours, "w", libver="latest") as h5:
+        rtdc.prepare_output_file(h5, path_in)
+        with h5py.File(path_dcnum, "r") as hd:
+            bg_data = hd["events/image_bg"][:]
+        ds = rtdc.create_image_dataset(h5["events"], "image_bg", N_EVENTS, SHAPE, np.uint8)
+        ds[:] = bg_data
+        ds.attrs.update(rtdc.bg_ppid_attrs(kernel_size=10, batch_size=50))
+    yield path_ours
+    path_ours.unlink()
+
+
+def test_image_bg_dataset_and_attrs_match_dcnum(dcnum_run, ours):
+    _, path_dcnum = dcnum_run
+    with h5py.File(path_dcnum, "r") as hd, h5py.File(ours, "r") as ho:
+        d, o = hd["events/image_bg"], ho["events/image_bg"]
+        assert layout(o) == layout(d)
+        assert attr_types(o).keys() == attr_types(d).keys()
+        for key, (value, dtype) in attr_types(d).items():
+            assert attr_types(o)[key][0] == value, key
+            assert attr_types(o)[key][1] == dtype, key
+        assert d.attrs["dcnum ppid background"] == "rollmed:k=10^b=50"
+        assert d.attrs["dcnum ppid generation"] == "13"
+
+
+def test_root_attrs_logs_tables_match_dcnum(dcnum_run, ours):
+    _, path_dcnum = dcnum_run
+    with h5py.File(path_dcnum, "r") as hd, h5py.File(ours, "r") as ho:
+        assert attr_types(ho) == attr_types(hd)
+        for topic in ["logs", "tables"]:
+            assert sorted(ho[topic]) == sorted(hd[topic])
+            for key in hd[topic]:
+                d, o = hd[topic][key], ho[topic][key]
+                assert layout(o) == layout(d), key
+                assert np.array_equal(o[:], d[:]), key
+                da, oa = dict(d.attrs), dict(o.attrs)
+                # the only difference: who appended itself to "software"
+                assert da.pop("software").replace("dcnum 0.31.0", "") == oa.pop(
+                    "software"
+                ).replace(rtdc.software_string(), "")
+                assert oa == da
+        assert "empty" not in ho["logs"]
+        assert ho["logs/M1_para.ini"].dtype == np.dtype("S19")
+        assert ho["tables/cytoshot_monitor"].attrs["software"].startswith("CytoShot 1.2 | ")
+
+
+def test_basin_json_matches_dcnum(dcnum_run, ours):
+    path_in, path_dcnum = dcnum_run
+    ((key_d, text_d),) = basin_texts(path_dcnum).items()
+    ((key_o, text_o),) = basin_texts(ours).items()
+    bd, bo = json.loads(text_d), json.loads(text_o)
+    # dcnum's BackgroundRollMed stores the input path exactly as it was given
+    # (here absolute); we store the absolute and the relative path, as
+    # dcnum's pipeline does for its basins.
+    assert bd["paths"] == [str(path_in)]
+    assert bo["paths"] == [str(path_in), os.path.join("..", "in.rtdc")]
+    assert bd["description"] == "Created by dcnum 0.31.0"
+    assert bo["description"] == f"Created by {rtdc.software_string()}"
+    assert bo["identifier"] == bd["identifier"] is not None
+    assert list(bo) == list(bd)
+    bo.update(paths=bd["paths"], description=bd["description"])
+    assert json.dumps(bo, indent=2) == text_d
+    # dataset layout of the basin definition
+    with h5py.File(path_dcnum, "r") as hd, h5py.File(ours, "r") as ho:
+        # (one line more for the second path, hence not the same shape)
+        assert layout(ho["basins"][key_o])[4] == layout(hd["basins"][key_d])[4]
+        assert ho["basins"][key_o].dtype.kind == "S"
+    assert (
+        key_o
+        == rtdc.basin_json(
+            **{k: v for k, v in json.loads(text_o).items() if k not in ("format", "type")}
+        )[0]
+    )
+
+
+def test_basin_byte_identical_to_create_with_basins(dcnum_run, tmp_path):
+    """dcnum's create_with_basins with [absolute, relative] paths, as we write them."""
+    path_in, path_dcnum = dcnum_run
+    out_dir = path_dcnum.parent
+    rel = os.path.relpath(path_in, out_dir)
+    p_d = out_dir / f"cwb-{tmp_path.name}.rtdc"
+    p_o = out_dir / f"ours2-{tmp_path.name}.rtdc"
+    try:
+        dcnum_writer.create_with_basins(p_d, basin_paths=[[str(path_in), rel]])
+        with h5py.File(p_o, "w", libver="latest") as h5:
+            rtdc.prepare_output_file(h5, path_in)
+        ((kd, td),) = basin_texts(p_d).items()
+        ((ko, to),) = basin_texts(p_o).items()
+        assert to == td.replace("Created by dcnum 0.31.0", f"Created by {rtdc.software_string()}")
+        with h5py.File(p_d, "r") as hd, h5py.File(p_o, "r") as ho:
+            assert layout(ho["basins"][ko]) == layout(hd["basins"][kd])
+            assert attr_types(ho) == attr_types(hd)
+            assert sorted(ho) == sorted(hd)
+            assert sorted(ho["events"]) == sorted(hd["events"]) == []
+    finally:
+        for p in (p_d, p_o):
+            p.unlink(missing_ok=True)
+
+
+def test_measurement_identifier_matches_dcnum_and_dclab(dcnum_run):
+    path_in, _ = dcnum_run
+    with h5py.File(path_in, "r") as h5:
+        ours = rtdc.measurement_identifier(h5)
+        assert ours == dcnum_read.get_measurement_identifier(h5)
+    with dclab.new_dataset(path_in) as ds:
+        assert ours == ds.get_measurement_identifier()
+
+
+def test_measurement_identifier_rules(tmp_path):
+    with h5py.File(tmp_path / "x.h5", "w") as h5:
+        assert rtdc.measurement_identifier(h5) is None
+        h5.attrs["experiment:date"] = "2024-01-01"
+        h5.attrs["experiment:time"] = "10:00:00"
+        assert rtdc.measurement_identifier(h5) is None
+        h5.attrs["setup:identifier"] = np.bytes_("ZMDD-1")  # old files store bytes
+        with dclab.new_dataset({"deform": np.ones(2)}) as ds:
+            ds.config["experiment"].update({"date": "2024-01-01", "time": "10:00:00"})
+            ds.config["setup"]["identifier"] = "ZMDD-1"
+            assert rtdc.measurement_identifier(h5) == ds.get_measurement_identifier()
+        h5.attrs["experiment:run identifier"] = "abc"
+        assert rtdc.measurement_identifier(h5) == "abc"
+
+
+def test_output_opens_in_dclab_with_image_and_image_bg(dcnum_run, ours):
+    path_in, path_dcnum = dcnum_run
+    with h5py.File(path_in, "r") as h5:
+        images = h5["events/image"][:]
+    with h5py.File(path_dcnum, "r") as h5:
+        bg = h5["events/image_bg"][:]
+    with dclab.new_dataset(ours) as ds:
+        assert "image" in ds.features_basin
+        assert "image_bg" in ds.features_innate
+        assert {"image", "image_bg", "deform", "frame"} <= set(ds.features)
+        assert np.array_equal(ds["image"][17], images[17])
+        assert np.array_equal(ds["image_bg"][17], bg[17])
+        assert len(ds) == N_EVENTS
+    # the same through dcnum's reader
+    with dcnum_read.HDF5Data(ours) as hd:
+        assert np.array_equal(hd.image[3], images[3])
+        assert np.array_equal(hd.image_bg[3], bg[3])
+    # and through our own resolver
+    loc = rtdc.find_image_dataset(ours)
+    assert loc.path == path_in.resolve()
+    assert loc.dataset == "events/image"
+    assert loc.mapping is None
+    assert rtdc.find_image_dataset(ours, "events/image_bg") == (
+        ours.resolve(),
+        "events/image_bg",
+        None,
+        (),
+    )
+
+
+def test_prepare_output_file_errors(dcnum_run, tmp_path):
+    path_in, _ = dcnum_run
+    with h5py.File(tmp_path / "o.rtdc", "w") as h5:
+        with pytest.raises(FileNotFoundError):
+            rtdc.prepare_output_file(h5, tmp_path / "missing.rtdc")
+    with h5py.File(path_in, "r") as h5:
+        with pytest.raises(ValueError, match="is the input"):
+            rtdc.prepare_output_file(h5, path_in)
+    with h5py.File(tmp_path / "plain.h5", "w") as h5:
+        h5["images"] = np.zeros((3, 4, 4), np.uint8)
+    with h5py.File(tmp_path / "o2.rtdc", "w") as h5:
+        with pytest.raises(ValueError, match="no 'events' group"):
+            rtdc.prepare_output_file(h5, tmp_path / "plain.h5")
+
+
+# --------------------------------------------------------------------------
+# basins written by dcnum's and dclab's writers
+# --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def small_input(tmp_path_factory):
+    root = tmp_path_factory.mktemp("basins")
+    return write_example(root / "raw.rtdc", n_events=60, image_shape=(32, 64), seed=2)
+
+
+def copy_attrs(src, dst):
+    with h5py.File(src, "r") as hs, h5py.File(dst, "a") as hd:
+        hd.attrs.update(hs.attrs)
+
+
+def test_store_file_basin_mapped_matches_dcnum(small_input, tmp_path):
+    mapping = np.array([0, 5, 7, 7, 30, 59], dtype=np.int64)
+    kw = dict(
+        name="raw.rtdc",
+        paths=[str(small_input), "raw.rtdc"],
+        features=["image"],
+        description="d",
+        identifier="abc",
+    )
+    with h5py.File(tmp_path / "d.rtdc", "w", libver="latest") as h5:
+        with dcnum_writer.HDF5Writer(h5) as hw:
+            hw.store_basin(mapping=mapping, **kw)
+            hw.store_basin(mapping=mapping[::-1].copy(), **kw)
+    with h5py.File(tmp_path / "o.rtdc", "w", libver="latest") as h5:
+        assert rtdc.store_file_basin(h5, mapping=mapping, **kw) in h5["basins"]
+        rtdc.store_file_basin(h5, mapping=mapping[::-1].copy(), **kw)
+        rtdc.store_file_basin(h5, mapping=mapping, **kw)  # identical: not stored twice
+    assert basin_texts(tmp_path / "o.rtdc") == basin_texts(tmp_path / "d.rtdc")
+    with h5py.File(tmp_path / "d.rtdc") as hd, h5py.File(tmp_path / "o.rtdc") as ho:
+        assert sorted(ho["events"]) == sorted(hd["events"]) == ["basinmap0", "basinmap1"]
+        for key in hd["events"]:
+            assert layout(ho["events"][key]) == layout(hd["events"][key])
+            assert np.array_equal(ho["events"][key][:], hd["events"][key][:])
+        for key in hd["basins"]:
+            assert layout(ho["basins"][key]) == layout(hd["basins"][key])
+
+
+def test_write_log_matches_dcnum_and_dclab_reads_it(small_input, tmp_path):
+    lines = ["{", '  "a": 1,', '  "path": "/data/x.rtdc"', "}"]
+    with h5py.File(tmp_path / "d.rtdc", "w") as h5:
+        dcnum_writer.HDF5Writer(h5).store_log("job", lines)
+    with h5py.File(tmp_path / "o.rtdc", "w") as h5:
+        rtdc.write_log(h5, "job", lines)
+        with pytest.raises(ValueError, match="already exists"):
+            rtdc.write_log(h5, "job", lines)
+        rtdc.write_log(h5, "job", lines, override=True)
+        with pytest.raises(ValueError, match="no lines"):
+            rtdc.write_log(h5, "nothing", [])
+    with h5py.File(tmp_path / "d.rtdc") as hd, h5py.File(tmp_path / "o.rtdc") as ho:
+        assert layout(ho["logs/job"]) == layout(hd["logs/job"])
+        assert np.array_equal(ho["logs/job"][:], hd["logs/job"][:])
+
+    out = tmp_path / "copy.rtdc"
+    shutil.copy(small_input, out)
+    t0 = time.time()
+    params = {
+        "kernel_size": 100,
+        "dataset": "events/image",
+        "shape": (3, 4),
+        "path": pathlib.Path("/x"),
+        "k": np.int64(5),
+    }
+    log = rtdc.run_log_lines(
+        params, input_path=small_input, output_path=out, time_start=t0 - 2, time_end=t0
+    )
+    name = rtdc.run_log_name(t0)
+    with h5py.File(out, "a") as h5:
+        rtdc.write_log(h5, name, log)
+        rtdc.write_log(h5, "unicode", ["Temperatur 23 °C", "µm"])
+    with dclab.new_dataset(out) as ds:
+        assert ds.logs[name] == log
+        assert ds.logs["unicode"] == ["Temperatur 23 °C", "µm"]
+    info = json.loads("\n".join(log))
+    assert info["tool"] == "rollmed-dask"
+    assert info["software"] == rtdc.software_string()
+    assert info["parameters"] == {
+        "kernel_size": 100,
+        "dataset": "events/image",
+        "shape": [3, 4],
+        "path": "/x",
+        "k": 5,
+    }
+    assert info["input"] == {"path": str(small_input), "size": small_input.stat().st_size}
+    assert info["time"]["duration s"] == 2.0
+    assert info["host"]["libraries"]["numpy"] == np.__version__
+    assert name.startswith("rollmed-dask-job-") and len(name) == len("rollmed-dask-job-") + 19
+
+
+def test_find_image_dataset_in_file(small_input):
+    loc = rtdc.find_image_dataset(small_input)
+    assert loc == (small_input.resolve(), "events/image", None, ())
+    with pytest.raises(FileNotFoundError):
+        rtdc.find_image_dataset(small_input.parent / "nope.rtdc")
+
+
+def test_find_image_dataset_file_basin_relative_path(small_input, tmp_path):
+    # a basin whose first path does not exist and whose second is relative
+    # to the referring file's folder (not the working directory)
+    sub = tmp_path / "sub"
+    sub.mkdir()
+    raw = shutil.copy(small_input, sub / "raw.rtdc")
+    ref = sub / "ref.rtdc"
+    with h5py.File(small_input) as h5:
+        ident = rtdc.measurement_identifier(h5)
+    with h5py.File(ref, "w") as h5:
+        rtdc.store_file_basin(
+            h5, "raw", ["/does/not/exist.rtdc", "raw.rtdc"], features=["image"], identifier=ident
+        )
+    loc = rtdc.find_image_dataset(ref)
+    assert loc.path == pathlib.Path(raw).resolve()
+    assert loc.dataset == "events/image" and loc.mapping is None
+    assert "raw" in loc.via[0]
+
+    # wrong identifier: skipped, and the error says why
+    bad = sub / "bad.rtdc"
+    with h5py.File(bad, "w") as h5:
+        h5.require_group("events")["deform"] = np.zeros(3)
+        rtdc.store_file_basin(h5, "raw", ["raw.rtdc"], features=["image"], identifier="other")
+    with pytest.raises(KeyError, match="expected 'other'") as exc:
+        rtdc.find_image_dataset(bad)
+    assert "events/deform" in str(exc.value)
+
+    # a basin that does not list the feature is not followed
+    with h5py.File(bad, "a") as h5:
+        del h5["basins"]
+        rtdc.store_file_basin(h5, "raw", ["raw.rtdc"], features=["deform"])
+    with pytest.raises(KeyError, match="neither in"):
+        rtdc.find_image_dataset(bad)
+    # a basin without a feature list is followed
+    with h5py.File(bad, "a") as h5:
+        del h5["basins"]
+        rtdc.store_file_basin(h5, "raw", ["raw.rtdc"])
+    assert rtdc.find_image_dataset(bad).path == pathlib.Path(raw).resolve()
+
+
+def test_find_image_dataset_missing_everywhere(tmp_path):
+    p = tmp_path / "x.rtdc"
+    with h5py.File(p, "w") as h5:
+        h5.require_group("events")["deform"] = np.zeros(3)
+        h5["foo"] = np.zeros(2)
+    with pytest.raises(KeyError, match=r"'events/image'.*\['events/deform', 'foo'\]"):
+        rtdc.find_image_dataset(p)
+    with pytest.raises(KeyError, match="basins only provide"):
+        rtdc.find_image_dataset(p, "data/images")
+
+
+def test_find_image_dataset_cycle(tmp_path):
+    a, b = tmp_path / "a.rtdc", tmp_path / "b.rtdc"
+    for this, other in [(a, b), (b, a)]:
+        with h5py.File(this, "w") as h5:
+            h5.require_group("events")["deform"] = np.zeros(3)
+            rtdc.store_file_basin(h5, other.name, [str(other)])
+    with pytest.raises(KeyError, match="cycle"):
+        rtdc.find_image_dataset(a)
+
+
+def test_find_image_dataset_mapped_basin_dcnum_and_dclab(small_input, tmp_path):
+    with h5py.File(small_input) as h5:
+        images = h5["events/image"][:]
+        deform = h5["events/deform"][:]
+        attrs = dict(h5.attrs)
+    mapping = np.array([2, 3, 10, 11, 40, 59], dtype=np.int64)
+
+    # mapped basin written by dcnum (a file holding a subset of the events)
+    p_dcnum = tmp_path / "subset_dcnum.rtdc"
+    with dcnum_writer.HDF5Writer(p_dcnum, mode="w") as hw:
+        hw.h5.attrs.update(attrs)
+        hw.h5.attrs["experiment:event count"] = mapping.size
+        hw.store_feature_chunk("deform", deform[mapping])
+        with h5py.File(small_input) as h5:
+            ident = dcnum_read.get_measurement_identifier(h5)
+        hw.store_basin(
+            name="raw",
+            paths=[str(small_input)],
+            features=["image"],
+            mapping=mapping,
+            identifier=ident,
+        )
+
+    # mapped basin written by dclab (it writes "mapping" and "perishable" keys)
+    p_dclab = tmp_path / "subset_dclab.rtdc"
+    with dclab.RTDCWriter(p_dclab, mode="reset") as hw:
+        hw.store_metadata({"experiment": {"event count": mapping.size}})
+        hw.store_feature("deform", deform[mapping])
+        hw.store_basin(
+            basin_name="raw",
+            basin_type="file",
+            basin_format="hdf5",
+            basin_locs=[small_input],
+            basin_feats=["image"],
+            basin_map=mapping,
+        )
+
+    for path in [p_dcnum, p_dclab]:
+        loc = rtdc.find_image_dataset(path)
+        assert loc.path == small_input.resolve()
+        assert loc.dataset == "events/image"
+        assert np.array_equal(loc.mapping, mapping)
+        assert loc.mapping.dtype == np.int64
+        with h5py.File(loc.path) as h5:
+            ours = h5[loc.dataset][:][loc.mapping]
+        with dclab.new_dataset(path) as ds:
+            assert np.array_equal(ds["image"][:], ours)
+        assert np.array_equal(ours, images[mapping])
+
+    # A new output from the dcnum subset file carries the mapped basin over
+    # (basinmap0 re-stored) and points at the subset file for the rest.
+    out = tmp_path / "out.rtdc"
+    with h5py.File(out, "w", libver="latest") as h5:
+        rtdc.prepare_output_file(h5, p_dcnum)
+    p_cwb = tmp_path / "cwb.rtdc"
+    dcnum_writer.create_with_basins(p_cwb, [[str(p_dcnum), p_dcnum.name]])
+    with h5py.File(out) as ho, h5py.File(p_cwb) as hd:
+        assert np.array_equal(ho["events/basinmap0"][:], mapping)
+        assert layout(ho["events/basinmap0"]) == layout(hd["events/basinmap0"])
+    assert sorted(basin_texts(out).values()) == sorted(
+        t.replace("Created by dcnum 0.31.0", f"Created by {rtdc.software_string()}")
+        for t in basin_texts(p_cwb).values()
+    )
+    loc = rtdc.find_image_dataset(out)
+    assert loc.path == small_input.resolve() and np.array_equal(loc.mapping, mapping)
+    with dclab.new_dataset(out) as ds:
+        assert np.array_equal(ds["image"][:], images[mapping])
+        assert np.array_equal(ds["deform"][:], deform[mapping], equal_nan=True)
+
+
+def test_find_image_dataset_chained_mapping(small_input, tmp_path):
+    """A mapped basin of a mapped basin: the mappings compose."""
+    m1 = np.array([1, 4, 8, 9, 20, 33, 50], dtype=np.int64)  # mid -> raw
+    m2 = np.array([0, 2, 6], dtype=np.int64)  # top -> mid
+    mid, top = tmp_path / "mid.rtdc", tmp_path / "top.rtdc"
+    with h5py.File(mid, "w") as h5:
+        h5.require_group("events")["deform"] = np.zeros(m1.size)
+        rtdc.store_file_basin(h5, "raw", [str(small_input)], features=["image"], mapping=m1)
+    with h5py.File(top, "w") as h5:
+        h5.require_group("events")["deform"] = np.zeros(m2.size)
+        rtdc.store_file_basin(h5, "mid", ["mid.rtdc"], features=["image"], mapping=m2)
+    loc = rtdc.find_image_dataset(top)
+    assert loc.path == small_input.resolve()
+    assert np.array_equal(loc.mapping, m1[m2])
+    assert len(loc.via) == 2
+
+
+def test_find_image_dataset_internal_basin(small_input, tmp_path):
+    with h5py.File(small_input) as h5:
+        images = h5["events/image"][:]
+    p = tmp_path / "internal.rtdc"
+    mapping = np.repeat(np.arange(3), 20)
+    with dcnum_writer.HDF5Writer(p, mode="w") as hw:
+        hw.store_feature_chunk("deform", np.zeros(60))
+        hw.store_basin(name="sparse bg", internal_data={"image_bg": images[:3]}, mapping=mapping)
+    loc = rtdc.find_image_dataset(p, "events/image_bg")
+    assert loc.path == p.resolve()
+    assert loc.dataset == "basin_events/image_bg"
+    assert np.array_equal(loc.mapping, mapping)
+
+
+def test_copy_file_basins_drops_remote_basins_with_warning(small_input, tmp_path):
+    src = tmp_path / "src.rtdc"
+    shutil.copy(small_input, src)
+    with dclab.RTDCWriter(src) as hw:
+        hw.store_basin(
+            basin_name="remote",
+            basin_type="remote",
+            basin_format="http",
+            basin_locs=["https://example.org/data.rtdc"],
+            verify=False,
+        )
+        # dclab writes "mapping": "same" for unmapped basins; dcnum 0.31's
+        # copy_basins fails on that, we read it as "not mapped"
+        hw.store_basin(
+            basin_name="file",
+            basin_type="file",
+            basin_format="hdf5",
+            basin_locs=[small_input],
+            basin_feats=["image"],
+            verify=False,
+        )
+    with h5py.File(tmp_path / "out.rtdc", "w") as h5:
+        with pytest.warns(rtdc.IgnoredBasinWarning, match="remote"):
+            rtdc.prepare_output_file(h5, src)
+    names = sorted(json.loads(t)["name"] for t in basin_texts(tmp_path / "out.rtdc").values())
+    assert names == ["file", "src.rtdc"]
