@@ -16,7 +16,7 @@ from .core import check_kernel_size, select_engine
 from .pipeline import DEFAULT_MEMORY_BUDGET, rolling_median
 from .scheduling import resolve_scheduler, stream_blocks
 from .sinks import HDF5Sink, ZarrSink, check_target, partial_path
-from .sources import Source, as_source
+from .sources import Source, as_source, close_cached_files
 
 FORMATS = ("hdf5", "zarr")
 COMPRESSIONS = ("zstd", "gzip", "none")
@@ -162,6 +162,7 @@ def compute_background(
     (300, 16, 32)
     """
     t0 = time.perf_counter()
+    started = time.time()
     target = pathlib.Path(target)
     fmt = output_format(target, format)
     if compression not in COMPRESSIONS:
@@ -219,8 +220,12 @@ def compute_background(
             stream_blocks(tasks, on_result, resolved, num_workers)
         seconds = time.perf_counter() - t0
         params.update(engine=engine, scheduler=resolved.description, seconds=round(seconds, 3))
-        sink.commit(rtdc.bg_ppid_attrs(k, batch_size), "rollmed-dask-background",
-                    rtdc.run_log_lines(params))  # fmt: skip
+        if in_place and resolved.client is not None:
+            # worker processes hold read handles on the file about to be written
+            resolved.client.run(close_cached_files, os.fspath(target.resolve()))
+        log = rtdc.run_log_lines(params, input_path=src.path, output_path=target,
+                                 time_start=started)  # fmt: skip
+        sink.commit(rtdc.bg_ppid_attrs(k, batch_size), log)
     except BaseException:
         sink.abort()
         raise

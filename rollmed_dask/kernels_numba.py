@@ -74,49 +74,54 @@ _FLOAT_UINT = {2: np.uint16, 4: np.uint32, 8: np.uint64}
 def _block_hist256(src, k, p0, nb, umn, out, hist, med, below):
     """Medians of pixels ``p0 .. p0+nb-1`` whose values lie in ``umn .. umn+255``.
 
-    ``hist`` holds ``nb * 256`` counts (zeroed here). Bins are ``value - umn``
-    computed in uint64, which wraps correctly for signed and unsigned dtypes.
+    ``hist`` has shape (>= nb, 256) and is zeroed here. Bins are ``value - umn``
+    computed in uint64, which wraps correctly for signed and unsigned dtypes,
+    and typed uint8, so numba indexes without negative-index checks.
     """
     m_events = src.shape[0]
     r = k // 2
-    hist[: nb * 256] = 0
+    hist[:nb, :] = 0
     for i in range(k):
+        row = src[i, p0 : p0 + nb]
         for b in range(nb):
-            v = np.intp(np.uint64(src[i, p0 + b]) - umn)
-            hist[b * 256 + v] += 1
+            hist[b, np.uint8(np.uint64(row[b]) - umn)] += 1
+    orow = out[0, p0 : p0 + nb]
     for b in range(nb):
-        base = b * 256
         c = 0
         m = 0
-        while c + hist[base + m] <= r:
-            c += hist[base + m]
+        while c + hist[b, m] <= r:
+            c += hist[b, m]
             m += 1
         med[b] = m
         below[b] = c
-        out[0, p0 + b] = umn + np.uint64(m)
+        orow[b] = umn + np.uint64(m)
     for i in range(k, m_events):
-        o = i - k + 1
+        row_in = src[i, p0 : p0 + nb]
+        row_out = src[i - k, p0 : p0 + nb]
+        orow = out[i - k + 1, p0 : p0 + nb]
         for b in range(nb):
-            base = b * 256
-            vo = np.intp(np.uint64(src[i - k, p0 + b]) - umn)
-            vi = np.intp(np.uint64(src[i, p0 + b]) - umn)
+            vo = np.uint8(np.uint64(row_out[b]) - umn)
+            vi = np.uint8(np.uint64(row_in[b]) - umn)
             m = med[b]
-            c = below[b]
-            hist[base + vo] -= 1
-            hist[base + vi] += 1
-            # c counts values below bin m; one leaves, one enters.
-            c += np.intp(vi < m) - np.intp(vo < m)
-            if c > r:
-                while c > r:
-                    m -= 1
-                    c -= hist[base + m]
-            else:
-                while c + hist[base + m] <= r:
-                    c += hist[base + m]
-                    m += 1
-            med[b] = m
+            # c counts the values below bin m: one value leaves, one enters.
+            c = below[b] + np.intp(vi < m) - np.intp(vo < m)
+            hist[b, vo] -= 1
+            hist[b, vi] += 1
+            # Bin m still holds rank r unless c moved past it: test both
+            # sides with one (rarely taken) branch, as a mispredicted branch
+            # per event would cost more than the whole update.
+            if (c > r) | (c + hist[b, m] <= r):
+                if c > r:
+                    while c > r:
+                        m -= 1
+                        c -= hist[b, m]
+                else:
+                    while c + hist[b, m] <= r:
+                        c += hist[b, m]
+                        m += 1
+                med[b] = m
             below[b] = c
-            out[o, p0 + b] = umn + np.uint64(m)
+            orow[b] = umn + np.uint64(m)
 
 
 # --------------------------------------------------------------------------
@@ -126,30 +131,27 @@ def _block_hist256(src, k, p0, nb, umn, out, hist, med, below):
 
 @numba.njit(nogil=True, cache=True, inline="always")
 def _h16_add(fine, mid, coarse, b, v, d):
-    fine[b * 65536 + v] += d
-    mid[b * 4096 + (v >> 4)] += d
-    coarse[b * 256 + (v >> 8)] += d
+    fine[b, v] += d
+    mid[b, v >> np.uint16(4)] += d
+    coarse[b, v >> np.uint16(8)] += d
 
 
 @numba.njit(nogil=True, cache=True, inline="always")
 def _h16_up(fine, mid, coarse, b, m, c, r):
     """Move bin ``m`` up until it holds rank ``r`` (``c`` = count below ``m``)."""
-    fb = b * 65536
-    mb = b * 4096
-    cb = b * 256
-    while c + fine[fb + m] <= r:
-        c += fine[fb + m]
+    while c + fine[b, m] <= r:
+        c += fine[b, m]
         m += 1
         if (m & 15) == 0:
             # Aligned: skip whole groups of 256 or 16 bins that lie below rank r.
             while True:
                 if (m & 255) == 0:
-                    t = coarse[cb + (m >> 8)]
+                    t = coarse[b, m >> 8]
                     if c + t <= r:
                         c += t
                         m += 256
                         continue
-                t = mid[mb + (m >> 4)]
+                t = mid[b, m >> 4]
                 if c + t <= r:
                     c += t
                     m += 16
@@ -161,24 +163,21 @@ def _h16_up(fine, mid, coarse, b, m, c, r):
 @numba.njit(nogil=True, cache=True, inline="always")
 def _h16_down(fine, mid, coarse, b, m, c, r):
     """Move bin ``m`` down until it holds rank ``r`` (``c`` = count below ``m``)."""
-    fb = b * 65536
-    mb = b * 4096
-    cb = b * 256
     while c > r:
         if (m & 255) == 0:
-            t = coarse[cb + (m >> 8) - 1]
+            t = coarse[b, (m >> 8) - 1]
             if c - t > r:
                 c -= t
                 m -= 256
                 continue
         if (m & 15) == 0:
-            t = mid[mb + (m >> 4) - 1]
+            t = mid[b, (m >> 4) - 1]
             if c - t > r:
                 c -= t
                 m -= 16
                 continue
         m -= 1
-        c -= fine[fb + m]
+        c -= fine[b, m]
     return m, c
 
 
@@ -186,44 +185,48 @@ def _h16_down(fine, mid, coarse, b, m, c, r):
 def _block_hist16(src, k, p0, nb, umn, out, fine, mid, coarse, med, below):
     """Medians of pixels ``p0 .. p0+nb-1`` whose values lie in ``umn .. umn+65535``.
 
-    ``fine`` (``nb * 65536`` counts) must be all zero on entry and is left all
+    ``fine`` (shape (>= nb, 65536)) must be all zero on entry and is left all
     zero: clearing 128 KiB per pixel would cost more than the medians, so the
-    last window's values are subtracted again instead.
+    last window's values are subtracted again instead. ``mid`` (groups of 16
+    bins) and ``coarse`` (groups of 256) are zeroed here.
     """
     m_events = src.shape[0]
     r = k // 2
-    mid[: nb * 4096] = 0
-    coarse[: nb * 256] = 0
+    mid[:nb, :] = 0
+    coarse[:nb, :] = 0
     for i in range(k):
+        row = src[i, p0 : p0 + nb]
         for b in range(nb):
-            v = np.intp(np.uint64(src[i, p0 + b]) - umn)
-            _h16_add(fine, mid, coarse, b, v, 1)
+            _h16_add(fine, mid, coarse, b, np.uint16(np.uint64(row[b]) - umn), 1)
+    orow = out[0, p0 : p0 + nb]
     for b in range(nb):
         m, c = _h16_up(fine, mid, coarse, b, 0, 0, r)
         med[b] = m
         below[b] = c
-        out[0, p0 + b] = umn + np.uint64(m)
+        orow[b] = umn + np.uint64(m)
     for i in range(k, m_events):
-        o = i - k + 1
+        row_in = src[i, p0 : p0 + nb]
+        row_out = src[i - k, p0 : p0 + nb]
+        orow = out[i - k + 1, p0 : p0 + nb]
         for b in range(nb):
-            vo = np.intp(np.uint64(src[i - k, p0 + b]) - umn)
-            vi = np.intp(np.uint64(src[i, p0 + b]) - umn)
+            vo = np.uint16(np.uint64(row_out[b]) - umn)
+            vi = np.uint16(np.uint64(row_in[b]) - umn)
             m = med[b]
-            c = below[b]
+            c = below[b] + np.intp(vi < m) - np.intp(vo < m)
             _h16_add(fine, mid, coarse, b, vo, -1)
             _h16_add(fine, mid, coarse, b, vi, 1)
-            c += np.intp(vi < m) - np.intp(vo < m)
-            if c > r:
-                m, c = _h16_down(fine, mid, coarse, b, m, c, r)
-            else:
-                m, c = _h16_up(fine, mid, coarse, b, m, c, r)
-            med[b] = m
+            if (c > r) | (c + fine[b, m] <= r):
+                if c > r:
+                    m, c = _h16_down(fine, mid, coarse, b, m, c, r)
+                else:
+                    m, c = _h16_up(fine, mid, coarse, b, m, c, r)
+                med[b] = m
             below[b] = c
-            out[o, p0 + b] = umn + np.uint64(m)
+            orow[b] = umn + np.uint64(m)
     for i in range(m_events - k, m_events):
+        row = src[i, p0 : p0 + nb]
         for b in range(nb):
-            v = np.intp(np.uint64(src[i, p0 + b]) - umn)
-            fine[b * 65536 + v] -= 1
+            fine[b, np.uint16(np.uint64(row[b]) - umn)] -= 1
 
 
 # --------------------------------------------------------------------------
@@ -476,13 +479,13 @@ def _median_2d_int(flat: np.ndarray, k: int) -> np.ndarray:
     count_t = np.uint16 if k < 2**16 else np.uint32
     narrow = flat.dtype.itemsize == 1
     dmin = np.iinfo(flat.dtype).min
-    hist8 = np.empty(_BLOCK_HIST8 * 256, dtype=count_t)
+    hist8 = np.empty((_BLOCK_HIST8, 256), dtype=count_t)
     med = np.empty(_BLOCK_HIST8, dtype=np.intp)
     below = np.empty(_BLOCK_HIST8, dtype=np.intp)
     n16 = 0 if narrow else _BLOCK_HIST16
-    fine = np.zeros(n16 * 65536, dtype=count_t)  # calloc: pages untouched if unused
-    mid = np.empty(n16 * 4096, dtype=np.int64)
-    coarse = np.empty(n16 * 256, dtype=np.int64)
+    fine = np.zeros((n16, 65536), dtype=count_t)  # calloc: pages untouched if unused
+    mid = np.empty((n16, 4096), dtype=np.int64)
+    coarse = np.empty((n16, 256), dtype=np.int64)
     win = np.empty(0 if narrow else _BLOCK_SORTED * k, dtype=flat.dtype)
     _median_int(
         flat, k, out, not narrow, flat.dtype.type(dmin),

@@ -24,6 +24,11 @@ import numpy as np
 from . import rtdc
 
 PARTIAL_SUFFIX = ".partial"
+HDF5_COMPRESSION = {
+    "zstd": True,  # zstd level 5 through hdf5plugin, as dcnum writes
+    "gzip": {"compression": "gzip", "compression_opts": 4},
+    "none": False,
+}
 PROGRESS_DIR = ".rollmed-progress"
 
 
@@ -132,7 +137,7 @@ class HDF5Sink(Sink):
             dtype=self.dtype,
             maxshape=(None,) + self.shape[1:],
             chunks=(self.chunk_events,) + self.shape[1:],
-            **rtdc.compression_kwargs(self.compression),
+            **rtdc.filter_kwargs(HDF5_COMPRESSION[self.compression]),
         )
         for key, value in rtdc.IMAGE_ATTRS.items():
             self.dset.attrs.create(key, value)
@@ -159,7 +164,8 @@ class HDF5Sink(Sink):
         write_chunks(self.dset, start, data)
         return min(len(data) * self.chunk_events, self.shape[0] - start)
 
-    def commit(self, dataset_attrs: dict, log_name: str, log_lines: list[str]) -> None:
+    def commit(self, dataset_attrs: dict, log_lines: list[str]) -> None:
+        log_name = rtdc.run_log_name()
         for key, value in dataset_attrs.items():
             self.dset.attrs[key] = value
         if self.in_place:
@@ -281,14 +287,14 @@ class ZarrSink(Sink):
     def write(self, payload) -> int:
         return payload[1]
 
-    def commit(self, dataset_attrs: dict, log_name: str, log_lines: list[str]) -> None:
+    def commit(self, dataset_attrs: dict, log_lines: list[str]) -> None:
         import zarr
 
         root = zarr.open_group(store=str(self.tmp), mode="r+")
         array = root[self.dataset]
         array.attrs.update({**{k: _plain(v) for k, v in rtdc.IMAGE_ATTRS.items()},
                             **dataset_attrs})  # fmt: skip
-        root.attrs.update({"rollmed-dask log": {log_name: log_lines}})
+        root.attrs.update({"rollmed-dask log": {rtdc.run_log_name(): log_lines}})
         _remove(self.tmp / PROGRESS_DIR)
         move_into_place(self.tmp, self.target)
 

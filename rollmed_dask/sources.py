@@ -39,10 +39,10 @@ def _signature(path: str) -> tuple:
 def open_h5_readonly(path: str):
     """One read-only h5py.File per path and process, shared by all readers.
 
-    Opened without HDF5 file locking, so that the single writer may add a
-    dataset to the input itself (in place) while worker processes still hold
-    their read handles; a handle is reopened when the file changed on disk,
-    so a long-lived worker never reads a stale view.
+    Opened with h5py's default flags, so it coexists with a handle the user
+    holds on the same file (HDF5 refuses a second open with other locking
+    flags). A handle is reopened when the file changed on disk, so a
+    long-lived worker never reads a stale view after an in-place write.
     """
     with _open_files_lock:
         signature = _signature(path)
@@ -50,7 +50,7 @@ def open_h5_readonly(path: str):
         if h5 is None or not h5.id.valid or seen != signature:
             if h5 is not None and h5.id.valid:
                 h5.close()
-            h5 = _h5py().File(path, "r", locking=False)
+            h5 = _h5py().File(path, "r")
             _open_files[path] = (h5, signature)
         return h5
 
@@ -73,26 +73,40 @@ class HDF5Reader:
     ``distributed`` workers alike.
     """
 
-    def __init__(self, path, dataset: str):
+    def __init__(self, path, dataset: str, mapping=None):
         self.path = os.fspath(pathlib.Path(path).resolve())
         self.dataset = dataset
+        self.mapping = None if mapping is None else np.asarray(mapping, dtype=np.int64)
         dset = self._dset()
         self.shape = tuple(dset.shape)
+        if self.mapping is not None:
+            self.shape = (len(self.mapping),) + self.shape[1:]
         self.dtype = dset.dtype
         self.ndim = len(self.shape)
-        self.chunks = dset.chunks
+        # storage chunks say nothing about the order of mapped events
+        self.chunks = dset.chunks if self.mapping is None else None
 
     def _dset(self):
         return open_h5_readonly(self.path)[self.dataset]
 
     def __getitem__(self, key):
-        return self._dset()[key]
+        key = key if isinstance(key, tuple) else (key,)
+        if self.mapping is None:
+            return self._dset()[key]
+        # a mapped basin: event i is dataset[mapping[i]]; read the covering
+        # range once and pick the events from it
+        index = self.mapping[key[0]]
+        if index.size == 0:
+            return np.empty((0,) + self.shape[1:], dtype=self.dtype)[(slice(None),) + key[1:]]
+        low = int(index.min())
+        covering = self._dset()[(slice(low, int(index.max()) + 1),) + key[1:]]
+        return covering[index - low]
 
     def __len__(self):
         return self.shape[0]
 
     def __reduce__(self):
-        return (type(self), (self.path, self.dataset))
+        return (type(self), (self.path, self.dataset, self.mapping))
 
     def __repr__(self):
         return f"HDF5Reader({self.path!r}, {self.dataset!r}, shape={self.shape}, {self.dtype})"
@@ -162,7 +176,7 @@ def open_path(path, dataset: str) -> Source:
     from .rtdc import find_image_dataset
 
     location = find_image_dataset(path, dataset)
-    reader = HDF5Reader(location.path, location.dataset)
+    reader = HDF5Reader(location.path, location.dataset, location.mapping)
     _check_stack(reader.shape, reader.dtype, f"dataset {dataset!r} in {str(path)!r}")
     return Source(reader, reader.chunks, path=path, dataset=dataset)
 
