@@ -250,7 +250,7 @@ def _check_in_place_target(target: pathlib.Path, fmt: str, dataset: str, overwri
             f"drop --in-place to create a new file"
         )
     try:
-        with h5py.File(target, "r", locking=False) as h5:
+        with h5py.File(target, "r") as h5:
             exists = dataset in h5
     except OSError:
         raise ValueError(

@@ -1,0 +1,277 @@
+"""``compute_background`` and ``BackgroundRollMed`` from file to file, with dcnum as oracle.
+
+Real HDF5 and Zarr files on disk, real dask schedulers, dcnum 0.31 itself.
+"""
+
+import hashlib
+import json
+
+import dask.array as da
+import h5py
+import numpy as np
+import pytest
+from conftest import read_images
+from dcnum.feat.feat_background.bg_roll_median import BackgroundRollMed as DcnumRollMed
+
+from rollmed_dask import BackgroundRollMed, compute_background, rolling_median_reference
+from rollmed_dask.sinks import partial_path
+
+DTYPES = ["uint8", "uint16", "int16", "float32", "float64"]
+
+
+def run_dcnum(input_path, output_path, kernel_size, batch_size):
+    with DcnumRollMed(input_path, output_path, kernel_size=kernel_size,
+                      batch_size=batch_size, num_cpus=1) as job:  # fmt: skip
+        job.process()
+
+
+def dataset_layout(path, name="events/image_bg"):
+    """Everything about a written dataset except its values."""
+    with h5py.File(path, "r") as h5:
+        dset = h5[name]
+        plist = dset.id.get_create_plist()
+        filters = [plist.get_filter(i)[:3] for i in range(plist.get_nfilters())]
+        attrs = {key: (value, type(value).__name__) for key, value in dset.attrs.items()}
+        return {
+            "shape": dset.shape,
+            "dtype": dset.dtype,
+            "maxshape": dset.maxshape,
+            "chunks": dset.chunks,
+            "filters": filters,
+            "attrs": attrs,
+        }
+
+
+@pytest.fixture(scope="module")
+def dcnum_result(small_rtdc, tmp_path_factory):
+    """dcnum 0.31's output for the shared example, K=10, batch 50."""
+    out = tmp_path_factory.mktemp("dcnum") / "dcnum_bg.rtdc"
+    run_dcnum(small_rtdc, out, 10, 50)
+    return out
+
+
+def test_compute_background_equals_dcnum_bit_for_bit(small_rtdc, dcnum_result, tmp_path):
+    out = tmp_path / "ours.rtdc"
+    summary = compute_background(small_rtdc, out, 10, batch_size=50, progress=False,
+                                 memory_budget="16MiB")  # fmt: skip
+    assert summary.blocks > 1, "the test must cross block borders"
+    np.testing.assert_array_equal(read_images(out, "events/image_bg"),
+                                  read_images(dcnum_result, "events/image_bg"))  # fmt: skip
+    assert dataset_layout(out) == dataset_layout(dcnum_result)
+
+
+def test_drop_in_class_writes_the_file_dcnum_writes(small_rtdc, dcnum_result, tmp_path):
+    out = tmp_path / "ours.rtdc"
+    with BackgroundRollMed(small_rtdc, out, kernel_size=10, batch_size=50, num_cpus=2) as job:
+        job.process()
+    assert job.get_progress() == 1.0
+    assert job.get_ppid() == "rollmed:k=10^b=50"
+    np.testing.assert_array_equal(read_images(out, "events/image_bg"),
+                                  read_images(dcnum_result, "events/image_bg"))  # fmt: skip
+    assert dataset_layout(out) == dataset_layout(dcnum_result)
+    with h5py.File(out, "r") as ours, h5py.File(dcnum_result, "r") as theirs:
+        assert dict(ours.attrs) == dict(theirs.attrs), "the input's metadata is carried over"
+        assert len(ours["basins"]) == len(theirs["basins"]) == 1
+
+
+@pytest.mark.parametrize(("kernel_size", "batch_size"), [(2, 40), (6, 100), (50, 70), (100, 150)])
+def test_dcnum_oracle_over_kernel_and_batch_sizes(kernel_size, batch_size, small_rtdc, tmp_path):
+    theirs, ours = tmp_path / "dcnum.rtdc", tmp_path / "ours.rtdc"
+    run_dcnum(small_rtdc, theirs, kernel_size, batch_size)
+    compute_background(small_rtdc, ours, kernel_size, batch_size=batch_size, progress=False,
+                       event_chunk=kernel_size + 1)  # fmt: skip
+    np.testing.assert_array_equal(read_images(ours, "events/image_bg"),
+                                  read_images(theirs, "events/image_bg"))  # fmt: skip
+
+
+def test_in_place_like_dcnum(rtdc_copy, tmp_path):
+    reference = tmp_path / "reference.rtdc"
+    reference.write_bytes(rtdc_copy.read_bytes())
+    run_dcnum(reference, reference, 10, 50)
+    with BackgroundRollMed(rtdc_copy, rtdc_copy, kernel_size=10, batch_size=50) as job:
+        job.process()
+    np.testing.assert_array_equal(read_images(rtdc_copy, "events/image_bg"),
+                                  read_images(reference, "events/image_bg"))  # fmt: skip
+    assert dataset_layout(rtdc_copy) == dataset_layout(reference)
+
+
+def checksums(path, skip=()):
+    """A digest of every dataset and attribute in an HDF5 file, by name."""
+    digests = {}
+    with h5py.File(path, "r") as h5:
+        digests["/"] = repr(sorted((k, repr(v)) for k, v in h5.attrs.items()))
+
+        def visit(name, obj):
+            if any(name.startswith(s) for s in skip):
+                return
+            attrs = repr(sorted((k, repr(v)) for k, v in obj.attrs.items()))
+            data = obj[()].tobytes() if isinstance(obj, h5py.Dataset) else b""
+            digests[name] = hashlib.sha256(data + attrs.encode()).hexdigest()
+
+        h5.visititems(visit)
+    return digests
+
+
+def test_in_place_keeps_everything_else(rtdc_copy):
+    before = checksums(rtdc_copy)
+    compute_background(rtdc_copy, rtdc_copy, 10, in_place=True, progress=False)
+    after = checksums(rtdc_copy, skip=("events/image_bg", "logs/rollmed-dask-job"))
+    assert after == before, "every other dataset and attribute is unchanged"
+    with h5py.File(rtdc_copy, "r") as h5:
+        assert [n for n in h5["events"] if n.startswith(".")] == [], "no staging leftovers"
+        logs = [n for n in h5["logs"] if n.startswith("rollmed-dask-job")]
+        assert len(logs) == 1
+    expected = rolling_median_reference(read_images(rtdc_copy), 10)
+    np.testing.assert_array_equal(read_images(rtdc_copy, "events/image_bg"), expected)
+
+
+def test_in_place_replaces_an_existing_background_only_with_overwrite(rtdc_copy):
+    compute_background(rtdc_copy, rtdc_copy, 10, in_place=True, progress=False)
+    first = read_images(rtdc_copy, "events/image_bg")
+    with pytest.raises(FileExistsError, match="already has 'events/image_bg'.*overwrite"):
+        compute_background(rtdc_copy, rtdc_copy, 20, in_place=True, progress=False)
+    np.testing.assert_array_equal(read_images(rtdc_copy, "events/image_bg"), first)
+    compute_background(rtdc_copy, rtdc_copy, 20, in_place=True, overwrite=True, progress=False)
+    expected = rolling_median_reference(read_images(rtdc_copy), 20)
+    np.testing.assert_array_equal(read_images(rtdc_copy, "events/image_bg"), expected)
+
+
+def test_new_rtdc_file_carries_metadata_basin_and_log(small_rtdc, tmp_path):
+    out = tmp_path / "bg.rtdc"
+    compute_background(small_rtdc, out, 10, progress=False)
+    with h5py.File(out, "r") as h5, h5py.File(small_rtdc, "r") as h5in:
+        assert dict(h5.attrs) == dict(h5in.attrs)
+        assert "image" not in h5["events"], "the images stay in the input, reached by basin"
+        (basin,) = h5["basins"].values()
+        basin = json.loads("\n".join(line.decode() for line in basin[:]))
+        assert basin["type"] == "file" and str(small_rtdc.resolve()) in basin["paths"]
+        (log,) = [h5["logs"][n] for n in h5["logs"] if n.startswith("rollmed-dask-job")]
+        log = json.loads("\n".join(line.decode() for line in log[:]))
+        assert log["parameters"]["kernel_size"] == 10
+        assert log["input"]["path"] == str(small_rtdc.resolve())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("suffix", [".h5", ".zarr"])
+def test_every_dtype_round_trips(dtype, suffix, tmp_path):
+    rng = np.random.default_rng(7)
+    img = (rng.normal(100, 30, (230, 12, 20))).astype(dtype)
+    out = tmp_path / f"bg{suffix}"
+    summary = compute_background(img, out, 17, progress=False, event_chunk=40)
+    assert summary.format == ("zarr" if suffix == ".zarr" else "hdf5")
+    result = read_images(out, "events/image_bg")
+    assert result.dtype == img.dtype
+    np.testing.assert_array_equal(result, rolling_median_reference(img, 17))
+
+
+@pytest.mark.parametrize("scheduler", ["threads", "processes", "synchronous"])
+@pytest.mark.parametrize("suffix", [".rtdc", ".zarr"])
+def test_local_schedulers_give_identical_bits(scheduler, suffix, small_rtdc, tmp_path):
+    out = tmp_path / f"bg{suffix}"
+    compute_background(small_rtdc, out, 30, scheduler=scheduler, progress=False,
+                       memory_budget="8MiB")  # fmt: skip
+    expected = rolling_median_reference(read_images(small_rtdc), 30)
+    np.testing.assert_array_equal(read_images(out, "events/image_bg"), expected)
+
+
+@pytest.mark.parametrize("compression", ["gzip", "none"])
+def test_other_compressions(compression, tmp_path):
+    img = np.random.default_rng(2).integers(0, 255, (120, 8, 8), dtype=np.uint8)
+    out = tmp_path / "bg.h5"
+    compute_background(img, out, 9, compression=compression, progress=False)
+    with h5py.File(out, "r") as h5:
+        dset = h5["events/image_bg"]
+        assert dset.compression == (None if compression == "none" else "gzip")
+        assert dset.fletcher32
+        np.testing.assert_array_equal(dset[:], rolling_median_reference(img, 9))
+
+
+def test_pixel_tiled_input_file(tmp_path):
+    img = np.random.default_rng(4).integers(0, 9, (200, 24, 40), dtype=np.uint8)
+    source = tmp_path / "tiled.h5"
+    with h5py.File(source, "w") as h5:
+        h5.create_dataset("events/image", data=img, chunks=(20, 8, 16), compression="gzip")
+    out = tmp_path / "bg.h5"
+    compute_background(source, out, 25, progress=False)
+    np.testing.assert_array_equal(read_images(out, "events/image_bg"),
+                                  rolling_median_reference(img, 25))  # fmt: skip
+
+
+def test_open_h5py_and_zarr_inputs(small_rtdc, tmp_path):
+    import zarr
+
+    expected = rolling_median_reference(read_images(small_rtdc), 12)
+    with h5py.File(small_rtdc, "r") as h5:
+        compute_background(h5["events/image"], tmp_path / "a.h5", 12, progress=False)
+        compute_background(h5, tmp_path / "b.h5", 12, progress=False)
+    store = zarr.open_group(str(tmp_path / "in.zarr"), mode="w")
+    store.create_array("events/image", data=read_images(small_rtdc), chunks=(50, 80, 320))
+    compute_background(tmp_path / "in.zarr", tmp_path / "c.h5", 12, progress=False)
+    compute_background(store["events/image"], tmp_path / "d.zarr", 12, progress=False)
+    for name in ["a.h5", "b.h5", "c.h5", "d.zarr"]:
+        np.testing.assert_array_equal(read_images(tmp_path / name, "events/image_bg"), expected)
+
+
+def test_existing_output_is_kept_without_overwrite_and_replaced_with_it(tmp_path):
+    img = np.random.default_rng(5).integers(0, 255, (100, 6, 6), dtype=np.uint8)
+    out = tmp_path / "bg.h5"
+    out.write_bytes(b"precious")
+    with pytest.raises(FileExistsError, match="already exists.*overwrite"):
+        compute_background(img, out, 5, progress=False)
+    assert out.read_bytes() == b"precious"
+    compute_background(img, out, 5, progress=False, overwrite=True)
+    np.testing.assert_array_equal(read_images(out, "events/image_bg"),
+                                  rolling_median_reference(img, 5))  # fmt: skip
+    assert not partial_path(out).exists()
+
+
+class Boom(RuntimeError):
+    pass
+
+
+def explode_in_block(block, block_id=None, bad=3):
+    if block_id[0] == bad:
+        raise Boom("simulated failure in the middle of the run")
+    return block
+
+
+def test_failed_run_leaves_the_old_output_and_no_temporary(tmp_path):
+    img = np.random.default_rng(6).integers(0, 255, (400, 6, 6), dtype=np.uint8)
+    out = tmp_path / "bg.h5"
+    compute_background(img, out, 5, progress=False)
+    before = out.read_bytes()
+    failing = da.from_array(img, chunks=(40, 6, 6)).map_blocks(explode_in_block, dtype=img.dtype)
+    with pytest.raises(Boom):
+        compute_background(failing, out, 5, progress=False, overwrite=True, event_chunk=40)
+    assert out.read_bytes() == before
+    assert not partial_path(out).exists()
+
+
+def test_zarr_resume_recomputes_only_the_missing_blocks(tmp_path):
+    # frames of 32 KiB: the output chunk is 32 events, so there are many blocks
+    img = np.random.default_rng(8).integers(0, 255, (400, 128, 256), dtype=np.uint8)
+    out = tmp_path / "bg.zarr"
+    failing = da.from_array(img, chunks=(40, 128, 256)).map_blocks(explode_in_block,
+                                                                   dtype=img.dtype)  # fmt: skip
+    with pytest.raises(Boom):
+        compute_background(failing, out, 5, progress=False, resume=True, event_chunk=40,
+                           scheduler="synchronous")  # fmt: skip
+    assert not out.exists()
+    assert partial_path(out).is_dir(), "resume=True keeps the partial output"
+    good = da.from_array(img, chunks=(40, 128, 256))
+    summary = compute_background(good, out, 5, progress=False, resume=True, event_chunk=40)
+    assert 0 < summary.blocks_resumed < summary.blocks
+    np.testing.assert_array_equal(read_images(out, "events/image_bg"),
+                                  rolling_median_reference(img, 5))  # fmt: skip
+    assert not partial_path(out).exists()
+    assert not (out / ".rollmed-progress").exists()
+
+
+def test_resume_refuses_a_partial_output_of_another_job(tmp_path):
+    img = np.random.default_rng(8).integers(0, 255, (400, 6, 6), dtype=np.uint8)
+    out = tmp_path / "bg.zarr"
+    failing = da.from_array(img, chunks=(40, 6, 6)).map_blocks(explode_in_block, dtype=img.dtype)
+    with pytest.raises(Boom):
+        compute_background(failing, out, 5, progress=False, resume=True, event_chunk=40)
+    with pytest.raises(ValueError, match="other parameters"):
+        compute_background(img, out, 7, progress=False, resume=True, event_chunk=40)
