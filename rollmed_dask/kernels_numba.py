@@ -388,8 +388,7 @@ def _median_float(bits, k, out, sign, mmask, full, kneg0, kpos0, kinf, knan, win
     r = k // 2
     n_amb = 0
     cap = amb.shape[0]
-    kv = win[:0].copy()  # an empty array of the key dtype ...
-    kv = np.empty(2, dtype=kv.dtype)  # ... gives a 2-slot scratch of it, see below
+    kv = np.empty(2, dtype=win.dtype)  # scratch in the key dtype, see below
     for p0 in range(0, n_pix, _BLOCK_SORTED):
         nb = min(_BLOCK_SORTED, n_pix - p0)
         for b in range(nb):

@@ -33,11 +33,18 @@ _ROW_COPIES = 4
 
 def parse_bytes(value) -> int:
     """Accept ``268435456``, ``"256MiB"``, ``"1 GB"``; dask's own parser."""
-    if isinstance(value, str):
-        from dask.utils import parse_bytes as dask_parse_bytes
+    from dask.utils import parse_bytes as dask_parse_bytes
 
-        return int(dask_parse_bytes(value))
-    return int(value)
+    try:
+        size = int(dask_parse_bytes(value) if isinstance(value, str) else value)
+    except (ValueError, TypeError):
+        size = -1
+    if size <= 0:
+        raise ValueError(
+            f"memory_budget={value!r} is not a size; pass a number of bytes or a string "
+            f"such as '256MiB' or '1GB'"
+        )
+    return size
 
 
 def plan_pixel_tiles(image_shape: tuple, storage_chunks: tuple | None) -> tuple[int, int]:

@@ -1,0 +1,163 @@
+"""The command line through real subprocesses: the job, the example, every user error.
+
+A user mistake must end in exactly one line on stderr, exit status 2, no
+traceback, and nothing written.
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+
+import h5py
+import numpy as np
+import pytest
+from conftest import read_images
+
+from rollmed_dask import rolling_median_reference
+
+
+def run_cli(*args, cwd=None, timeout=300):
+    return subprocess.run(
+        [sys.executable, "-m", "rollmed_dask", *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def assert_one_line_error(result, *fragments):
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("rollmed-dask: error: ")
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def test_help_explains_the_tool():
+    result = run_cli("--help")
+    assert result.returncode == 0
+    for words in ["rolling-median", "--kernel-size", "--in-place", "--resume", "--workers",
+                  "--slurm", "--memory-budget", "--example", "sorted(img[j:j+K])[K//2]"]:  # fmt: skip
+        assert words in result.stdout
+
+
+def test_console_script_is_installed():
+    script = shutil.which("rollmed-dask", path=os.path.dirname(sys.executable))
+    assert script is not None, "pip install must provide the rollmed-dask command"
+    result = subprocess.run([script, "--help"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and "usage: rollmed-dask" in result.stdout
+
+
+def test_job_with_progress_and_summary(small_rtdc, tmp_path):
+    out = tmp_path / "bg.rtdc"
+    result = run_cli(small_rtdc, out, "-k", "20", "--memory-budget", "8MiB")
+    assert result.returncode == 0, result.stderr
+    assert "ev/s" in result.stderr, "a progress bar with a rate"
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"wrote hdf5 {out}:events/image_bg (300 x 80 x 320 uint8, K=20")
+    expected = rolling_median_reference(read_images(small_rtdc), 20)
+    np.testing.assert_array_equal(read_images(out, "events/image_bg"), expected)
+
+
+def test_quiet_zarr_with_dcnum_spelling(small_rtdc, tmp_path):
+    out = tmp_path / "bg.zarr"
+    result = run_cli(small_rtdc, out, "--kernel_size", "12", "--batch_size", "500", "-q")
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    expected = rolling_median_reference(read_images(small_rtdc), 12)
+    np.testing.assert_array_equal(read_images(out, "events/image_bg"), expected)
+    import zarr
+
+    attrs = zarr.open_group(str(out), mode="r")["events/image_bg"].attrs
+    assert attrs["dcnum ppid background"] == "rollmed:k=12^b=500"
+
+
+def test_in_place(rtdc_copy):
+    result = run_cli(rtdc_copy, rtdc_copy, "-k", "10", "--in-place", "-q")
+    assert result.returncode == 0, result.stderr
+    expected = rolling_median_reference(read_images(rtdc_copy), 10)
+    np.testing.assert_array_equal(read_images(rtdc_copy, "events/image_bg"), expected)
+
+
+def test_example_runs_without_user_data(tmp_path):
+    result = run_cli("--example", tmp_path / "demo", "--example-events", "400", "-k", "50")
+    assert result.returncode == 0, result.stderr
+    sample, background = tmp_path / "demo" / "example.rtdc", tmp_path / "demo" / "example_bg.rtdc"
+    expected = rolling_median_reference(read_images(sample), 50)
+    np.testing.assert_array_equal(read_images(background, "events/image_bg"), expected)
+    assert "wrote the sample" in result.stderr
+
+
+@pytest.fixture
+def stacks(tmp_path):
+    """Small HDF5 files with the ways a stack can be wrong."""
+    path = tmp_path / "cases.h5"
+    with h5py.File(path, "w") as h5:
+        h5["events/image"] = np.zeros((20, 4, 4), dtype=np.uint8)
+        h5["flat/image"] = np.zeros((20, 16), dtype=np.uint8)
+        h5["deep/image"] = np.zeros((20, 4, 4, 3), dtype=np.uint8)
+        h5["empty/image"] = np.zeros((0, 4, 4), dtype=np.uint8)
+        h5["bool/image"] = np.zeros((20, 4, 4), dtype=bool)
+        h5["complex/image"] = np.zeros((20, 4, 4), dtype=np.complex64)
+    return path
+
+
+ERROR_CASES = {
+    "missing input": (["{tmp}/nope.rtdc", "{tmp}/out.rtdc"], ["does not exist"]),
+    "directory input": (["{tmp}", "{tmp}/out.rtdc"], ["not a Zarr store"]),
+    "not hdf5": (["{tmp}/text.rtdc", "{tmp}/out.rtdc"], ["is not an HDF5 file"]),
+    "missing dataset": (["{cases}", "{tmp}/out.rtdc", "--dataset", "events/nope"],
+                        ["'events/nope' is neither in", "existing datasets: ['events/image']"]),
+    "ndim 2": (["{cases}", "{tmp}/out.rtdc", "--dataset", "flat/image"], ["ndim=2"]),
+    "ndim 4": (["{cases}", "{tmp}/out.rtdc", "--dataset", "deep/image"], ["ndim=4"]),
+    "no events": (["{cases}", "{tmp}/out.rtdc", "--dataset", "empty/image"], ["no events"]),
+    "bool": (["{cases}", "{tmp}/out.rtdc", "--dataset", "bool/image"], ["dtype bool"]),
+    "complex": (["{cases}", "{tmp}/out.rtdc", "--dataset", "complex/image"],
+                ["dtype complex64"]),
+    "k zero": (["{cases}", "{tmp}/out.rtdc", "-k", "0"], ["kernel_size=0 must be at least 1"]),
+    "k negative": (["{cases}", "{tmp}/out.rtdc", "-k", "-4"], ["kernel_size=-4"]),
+    "k too large": (["{cases}", "{tmp}/out.rtdc", "-k", "20"],
+                    ["kernel_size=20 must be smaller than the number of events (20)",
+                     "at most 19"]),
+    "output exists": (["{cases}", "{tmp}/exists.rtdc", "-k", "3"], ["already exists", "--overwrite"]),
+    "no output folder": (["{cases}", "{tmp}/missing/out.rtdc", "-k", "3"],
+                         ["output folder", "does not exist"]),
+    "output is input": (["{cases}", "{cases}", "-k", "3"], ["is the input file", "--in-place"]),
+    "event chunk below k": (["{cases}", "{tmp}/out.rtdc", "-k", "5", "--event-chunk", "2"],
+                            ["event_chunk=2 is shorter than kernel_size=5"]),
+    "bad budget": (["{cases}", "{tmp}/out.rtdc", "-k", "3", "--memory-budget", "lots"],
+                   ["memory_budget='lots' is not a size", "256MiB"]),
+    "two schedulers": (["{cases}", "{tmp}/out.rtdc", "--workers", "2", "--scheduler", "threads"],
+                       ["choose one of"]),
+    "unreachable scheduler": (["{cases}", "{tmp}/out.rtdc", "-k", "3",
+                               "--scheduler", "tcp://127.0.0.1:9"],
+                              ["cannot reach a dask scheduler"]),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(ERROR_CASES))
+def test_user_errors_are_one_line_exit_2_and_write_nothing(case, stacks, tmp_path):
+    args, fragments = ERROR_CASES[case]
+    (tmp_path / "text.rtdc").write_text("not hdf5")
+    (tmp_path / "exists.rtdc").write_bytes(b"keep me")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    args = [a.format(tmp=tmp_path, cases=stacks) for a in args]
+    result = run_cli(*args, timeout=120)
+    assert_one_line_error(result, *fragments)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before, "nothing written"
+    assert (tmp_path / "exists.rtdc").read_bytes() == b"keep me"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [(["-k", "2.5"], "invalid int value: '2.5'"), ([], "INPUT and OUTPUT are required")],
+)
+def test_argparse_errors_also_exit_2(args, message, stacks, tmp_path):
+    result = run_cli(*([stacks, tmp_path / "o.h5"] if args else []), *args)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr and message in result.stderr
