@@ -44,70 +44,143 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("input", nargs="?", type=pathlib.Path,
-                   help="input .rtdc/HDF5 file or Zarr store")  # fmt: skip
-    p.add_argument("output", nargs="?", type=pathlib.Path,
-                   help="output file: .rtdc/.h5 (HDF5) or .zarr (Zarr)")  # fmt: skip
-    p.add_argument("--example", metavar="DIR", type=pathlib.Path,
-                   help="write a synthetic sample .rtdc into DIR and process it; "
-                        "no data of yours needed")  # fmt: skip
-    p.add_argument("--example-events", type=int, default=3000, metavar="N",
-                   help="events in the --example sample (default: %(default)s)")  # fmt: skip
+    p.add_argument(
+        "input", nargs="?", type=pathlib.Path, help="input .rtdc/HDF5 file or Zarr store"
+    )
+    p.add_argument(
+        "output",
+        nargs="?",
+        type=pathlib.Path,
+        help="output file: .rtdc/.h5 (HDF5) or .zarr (Zarr)",
+    )
+    p.add_argument(
+        "--example",
+        metavar="DIR",
+        type=pathlib.Path,
+        help="write a synthetic sample .rtdc into DIR and process it; no data of yours needed",
+    )
+    p.add_argument(
+        "--example-events",
+        type=int,
+        default=3000,
+        metavar="N",
+        help="events in the --example sample (default: %(default)s)",
+    )
 
     g = p.add_argument_group("the background")
-    g.add_argument("-k", "--kernel-size", "--kernel_size", dest="kernel_size", type=int,
-                   default=100, metavar="K",
-                   help="events per window, 1 <= K < N (default: %(default)s)")  # fmt: skip
-    g.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int,
-                   default=10000, metavar="B",
-                   help="recorded in the dcnum pipeline id rollmed:k=K^b=B; does not "
-                        "change the result (default: %(default)s)")  # fmt: skip
-    g.add_argument("--engine", choices=("auto", "numba", "scipy", "numpy"), default="auto",
-                   help="per-block kernel, all bit-identical (default: %(default)s)")  # fmt: skip
+    g.add_argument(
+        "-k",
+        "--kernel-size",
+        "--kernel_size",
+        dest="kernel_size",
+        type=int,
+        default=100,
+        metavar="K",
+        help="events per window, 1 <= K < N (default: %(default)s)",
+    )
+    g.add_argument(
+        "--batch-size",
+        "--batch_size",
+        dest="batch_size",
+        type=int,
+        default=10000,
+        metavar="B",
+        help="recorded in the dcnum pipeline id rollmed:k=K^b=B; does not "
+        "change the result (default: %(default)s)",
+    )
+    g.add_argument(
+        "--engine",
+        choices=("auto", "numba", "scipy", "numpy"),
+        default="auto",
+        help="per-block kernel, all bit-identical (default: %(default)s)",
+    )
 
     g = p.add_argument_group("input and output")
-    g.add_argument("--dataset", default="events/image",
-                   help="input dataset (default: %(default)s)")  # fmt: skip
-    g.add_argument("--output-dataset", default="events/image_bg",
-                   help="output dataset (default: %(default)s)")  # fmt: skip
-    g.add_argument("--format", choices=("hdf5", "zarr"),
-                   help="output format (default: from the suffix, .zarr is Zarr)")  # fmt: skip
-    g.add_argument("--compression", choices=("zstd", "gzip", "none"), default="zstd",
-                   help="output compression; zstd level 5 is what dcnum writes "
-                        "(default: %(default)s)")  # fmt: skip
-    g.add_argument("--overwrite", action="store_true",
-                   help="replace an existing OUTPUT once the new one is complete")  # fmt: skip
-    g.add_argument("--in-place", action="store_true",
-                   help="add the background to the existing HDF5 file OUTPUT (which may be "
-                        "INPUT itself), replacing an old one only when the new is complete")  # fmt: skip
-    g.add_argument("--resume", action="store_true",
-                   help="Zarr: keep a partial output if the run stops, and continue it on "
-                        "the next --resume run")  # fmt: skip
+    g.add_argument(
+        "--dataset", default="events/image", help="input dataset (default: %(default)s)"
+    )
+    g.add_argument(
+        "--output-dataset", default="events/image_bg", help="output dataset (default: %(default)s)"
+    )
+    g.add_argument(
+        "--format",
+        choices=("hdf5", "zarr"),
+        help="output format (default: from the suffix, .zarr is Zarr)",
+    )
+    g.add_argument(
+        "--compression",
+        choices=("zstd", "gzip", "none"),
+        default="zstd",
+        help="output compression; zstd level 5 is what dcnum writes (default: %(default)s)",
+    )
+    g.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing OUTPUT once the new one is complete",
+    )
+    g.add_argument(
+        "--in-place",
+        action="store_true",
+        help="add the background to the existing HDF5 file OUTPUT (which may be "
+        "INPUT itself), replacing an old one only when the new is complete",
+    )
+    g.add_argument(
+        "--resume",
+        action="store_true",
+        help="Zarr: keep a partial output if the run stops, and continue it on "
+        "the next --resume run",
+    )
 
     g = p.add_argument_group("memory")
-    g.add_argument("--memory-budget", default="256MiB", metavar="BYTES",
-                   help="memory one task may use, e.g. 128MiB, 1GB (default: %(default)s)")  # fmt: skip
-    g.add_argument("--event-chunk", type=int, metavar="L",
-                   help="events per block instead of the budget's choice (at least K)")  # fmt: skip
+    g.add_argument(
+        "--memory-budget",
+        default="256MiB",
+        metavar="BYTES",
+        help="memory one task may use, e.g. 128MiB, 1GB (default: %(default)s)",
+    )
+    g.add_argument(
+        "--event-chunk",
+        type=int,
+        metavar="L",
+        help="events per block instead of the budget's choice (at least K)",
+    )
 
     g = p.add_argument_group("where it runs (default: threads on this machine)")
-    g.add_argument("--scheduler", metavar="NAME|ADDRESS",
-                   help="threads, processes, synchronous, or a distributed scheduler "
-                        "address tcp://host:port")  # fmt: skip
-    g.add_argument("--workers", type=int, metavar="N",
-                   help="start a local distributed cluster of N worker processes")  # fmt: skip
-    g.add_argument("--slurm", action="store_true",
-                   help="start workers as SLURM jobs with dask-jobqueue ([hpc] extra)")  # fmt: skip
+    g.add_argument(
+        "--scheduler",
+        metavar="NAME|ADDRESS",
+        help="threads, processes, synchronous, or a distributed scheduler address tcp://host:port",
+    )
+    g.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help="start a local distributed cluster of N worker processes",
+    )
+    g.add_argument(
+        "--slurm",
+        action="store_true",
+        help="start workers as SLURM jobs with dask-jobqueue ([hpc] extra)",
+    )
     g.add_argument("--queue", help="SLURM partition (default: your dask-jobqueue config)")
     g.add_argument("--cores", type=int, default=1, help="cores per SLURM job (default: 1)")
     g.add_argument("--memory", default="4GB", help="memory per SLURM job (default: 4GB)")
-    g.add_argument("--walltime", default="01:00:00",
-                   help="walltime per SLURM job (default: 01:00:00)")  # fmt: skip
+    g.add_argument(
+        "--walltime", default="01:00:00", help="walltime per SLURM job (default: 01:00:00)"
+    )
     g.add_argument("--jobs", type=int, default=1, help="SLURM jobs to start (default: 1)")
-    g.add_argument("--job-extra", action="append", default=[], metavar="DIRECTIVE",
-                   help="extra #SBATCH directive, e.g. --job-extra=--account=abc (repeatable)")  # fmt: skip
-    g.add_argument("--scheduler-host", metavar="HOST",
-                   help="address the SLURM workers use to reach the scheduler")  # fmt: skip
+    g.add_argument(
+        "--job-extra",
+        action="append",
+        default=[],
+        metavar="DIRECTIVE",
+        help="extra #SBATCH directive, e.g. --job-extra=--account=abc (repeatable)",
+    )
+    g.add_argument(
+        "--scheduler-host",
+        metavar="HOST",
+        help="address the SLURM workers use to reach the scheduler",
+    )
 
     g = p.add_argument_group("output on the terminal")
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bar, no summary")
@@ -123,9 +196,15 @@ def _check_args(args, parser) -> None:
         return
     if args.input is None or args.output is None:
         parser.error("INPUT and OUTPUT are required (or use --example DIR)")
-    chosen = [name for name, on in (("--scheduler", args.scheduler),
-                                    ("--workers", args.workers),
-                                    ("--slurm", args.slurm)) if on]  # fmt: skip
+    chosen = [
+        name
+        for name, on in (
+            ("--scheduler", args.scheduler),
+            ("--workers", args.workers),
+            ("--slurm", args.slurm),
+        )
+        if on
+    ]
     if len(chosen) > 1:
         raise UsageError(f"choose one of {' / '.join(chosen)}, not several")
     if args.workers is not None and args.workers < 1:
@@ -140,9 +219,14 @@ def _start_cluster(args):
         return cluster.start_local_cluster(args.workers)
     if args.slurm:
         return cluster.start_slurm_cluster(
-            queue=args.queue, cores=args.cores, memory=args.memory, walltime=args.walltime,
-            jobs=args.jobs, job_extra=args.job_extra, scheduler_host=args.scheduler_host,
-        )  # fmt: skip
+            queue=args.queue,
+            cores=args.cores,
+            memory=args.memory,
+            walltime=args.walltime,
+            jobs=args.jobs,
+            job_extra=args.job_extra,
+            scheduler_host=args.scheduler_host,
+        )
     return None
 
 
@@ -163,14 +247,23 @@ def _run(args) -> int:
         if client is not None and not args.quiet:
             print(f"dashboard: {client.dashboard_link}", file=sys.stderr)
         summary = compute_background(
-            args.input, args.output, args.kernel_size,
-            dataset=args.dataset, output_dataset=args.output_dataset, format=args.format,
-            compression=args.compression, engine=args.engine,
+            args.input,
+            args.output,
+            args.kernel_size,
+            dataset=args.dataset,
+            output_dataset=args.output_dataset,
+            format=args.format,
+            compression=args.compression,
+            engine=args.engine,
             scheduler=client if client is not None else args.scheduler,
-            progress=not args.quiet, overwrite=args.overwrite, resume=args.resume,
-            in_place=args.in_place, memory_budget=args.memory_budget,
-            event_chunk=args.event_chunk, batch_size=args.batch_size,
-        )  # fmt: skip
+            progress=not args.quiet,
+            overwrite=args.overwrite,
+            resume=args.resume,
+            in_place=args.in_place,
+            memory_budget=args.memory_budget,
+            event_chunk=args.event_chunk,
+            batch_size=args.batch_size,
+        )
     finally:
         if client is not None:
             from .cluster import close_client
@@ -182,8 +275,15 @@ def _run(args) -> int:
 
 
 # What a user can cause; anything else is a bug and keeps its traceback.
-USER_ERRORS = (ValueError, KeyError, OSError, ImportError, TimeoutError, NotImplementedError,
-               SlurmError)  # fmt: skip
+USER_ERRORS = (
+    ValueError,
+    KeyError,
+    OSError,
+    ImportError,
+    TimeoutError,
+    NotImplementedError,
+    SlurmError,
+)
 
 
 def main(argv=None) -> int:
@@ -194,8 +294,7 @@ def main(argv=None) -> int:
         _check_args(args, parser)
         return _run(args)
     except KeyboardInterrupt:
-        print("rollmed-dask: interrupted; existing files were left as they were",
-              file=sys.stderr)  # fmt: skip
+        print("rollmed-dask: interrupted; existing files were left as they were", file=sys.stderr)
         return EXIT_INTERRUPTED
     except USER_ERRORS as exc:
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc

@@ -56,8 +56,15 @@ class BackgroundRollMed:
     1.0
     """
 
-    def __init__(self, input_data, output_path, kernel_size=100, batch_size=10000,
-                 compress=True, num_cpus=None):  # fmt: skip
+    def __init__(
+        self,
+        input_data,
+        output_path,
+        kernel_size=100,
+        batch_size=10000,
+        compress=True,
+        num_cpus=None,
+    ):
         self.check_user_kwargs(kernel_size=kernel_size, batch_size=batch_size)
         if isinstance(input_data, str | os.PathLike):
             input_data = pathlib.Path(input_data)

@@ -184,8 +184,14 @@ def compute_background(
     elif not (resume and fmt == "zarr" and partial_path(target).exists()):
         check_target(target, overwrite)
     chunk_events = rtdc.default_chunk_events((height, width), src.dtype)
-    bg = rolling_median(src, k, engine=engine, memory_budget=memory_budget,
-                        event_chunk=event_chunk, align_events=chunk_events)  # fmt: skip
+    bg = rolling_median(
+        src,
+        k,
+        engine=engine,
+        memory_budget=memory_budget,
+        event_chunk=event_chunk,
+        align_events=chunk_events,
+    )
     bg = bg.rechunk({1: height, 2: width})  # sinks take full frames
     starts = _block_starts(bg.chunks[0])
     params = {
@@ -200,12 +206,20 @@ def compute_background(
     }
     sink_kwargs = dict(chunk_events=chunk_events, job_params=params, resume=resume)
     if fmt == "zarr":
-        sink = ZarrSink(target, output_dataset, src.shape, src.dtype,
-                        compression=compression, **sink_kwargs)  # fmt: skip
+        sink = ZarrSink(
+            target, output_dataset, src.shape, src.dtype, compression=compression, **sink_kwargs
+        )
     else:
-        sink = HDF5Sink(target, output_dataset, src.shape, src.dtype, compression=compression,
-                        input_path=src.path if _is_hdf5_input(src) else None,
-                        in_place=in_place, **sink_kwargs)  # fmt: skip
+        sink = HDF5Sink(
+            target,
+            output_dataset,
+            src.shape,
+            src.dtype,
+            compression=compression,
+            input_path=src.path if _is_hdf5_input(src) else None,
+            in_place=in_place,
+            **sink_kwargs,
+        )
     resolved = resolve_scheduler(scheduler)
     try:
         sink.open()
@@ -223,8 +237,9 @@ def compute_background(
         if in_place and resolved.client is not None:
             # worker processes hold read handles on the file about to be written
             resolved.client.run(close_cached_files, os.fspath(target.resolve()))
-        log = rtdc.run_log_lines(params, input_path=src.path, output_path=target,
-                                 time_start=started)  # fmt: skip
+        log = rtdc.run_log_lines(
+            params, input_path=src.path, output_path=target, time_start=started
+        )
         sink.commit(rtdc.bg_ppid_attrs(k, batch_size), log)
     except BaseException:
         sink.abort()
@@ -232,11 +247,19 @@ def compute_background(
     finally:
         resolved.close()
     return BackgroundSummary(
-        target=str(target), format=fmt, dataset=output_dataset, events=n_events,
-        image_shape=(height, width), dtype=str(src.dtype), kernel_size=k, engine=engine,
-        blocks=len(starts), blocks_resumed=len(done), seconds=time.perf_counter() - t0,
+        target=str(target),
+        format=fmt,
+        dataset=output_dataset,
+        events=n_events,
+        image_shape=(height, width),
+        dtype=str(src.dtype),
+        kernel_size=k,
+        engine=engine,
+        blocks=len(starts),
+        blocks_resumed=len(done),
+        seconds=time.perf_counter() - t0,
         scheduler=resolved.description,
-    )  # fmt: skip
+    )
 
 
 def _check_in_place_target(target: pathlib.Path, fmt: str, dataset: str, overwrite: bool):
@@ -308,8 +331,14 @@ class _progress_bar:
             from tqdm.auto import tqdm
 
             desc = "rolling median"
-            self.bar = tqdm(total=self.total, initial=self.initial, unit="ev",
-                            unit_scale=True, desc=desc, dynamic_ncols=True)  # fmt: skip
+            self.bar = tqdm(
+                total=self.total,
+                initial=self.initial,
+                unit="ev",
+                unit_scale=True,
+                desc=desc,
+                dynamic_ncols=True,
+            )
             if self.initial:
                 self.bar.write(f"resuming: {self.initial} events already written")
         return self

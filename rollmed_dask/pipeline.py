@@ -94,8 +94,8 @@ def plan_event_chunks(
 
     Examples
     --------
-    >>> plan_event_chunks(1000, 10, 25600, unit=40, memory_budget="8MiB")
-    (40, 40, 40, 40, 40, 40, 40, 40, 40, 40, 40, 40, 40, 40, 40, 40, 40, 40, 40, 40, 40, 40, 40, 40, 40)
+    >>> plan_event_chunks(1000, 10, 25600, unit=40, memory_budget="16MiB")
+    (120, 120, 120, 120, 120, 120, 120, 120, 40)
     """
     budget = parse_bytes(memory_budget)
     if event_chunk is None:
@@ -164,9 +164,14 @@ def as_dask_array(source, chunks):
         return array.rechunk(chunks)
     name = "rollmed-input-" + tokenize(array if isinstance(array, np.ndarray) else repr(array))
     return da.from_array(
-        array, chunks=chunks, name=name, lock=False, asarray=True, fancy=False,
+        array,
+        chunks=chunks,
+        name=name,
+        lock=False,
+        asarray=True,
+        fancy=False,
         meta=np.empty((0, 0, 0), dtype=source.dtype),
-    )  # fmt: skip
+    )
 
 
 def _median_block(block, *, kernel_size, event_chunk, n_events, n_blocks, engine, block_id):
@@ -233,7 +238,7 @@ def rolling_median_dask(x, kernel_size: int, engine: str = "auto"):
         chunks=x.chunks,
         dtype=x.dtype,
         meta=np.empty((0, 0, 0), dtype=x.dtype),
-        name="rolling-median-" + engine,
+        name="rolling_median",
     )
 
 
@@ -289,7 +294,7 @@ def rolling_median(
     >>> img = np.random.default_rng(0).integers(0, 255, (500, 8, 8), dtype=np.uint8)
     >>> bg = rolling_median(img, kernel_size=20)
     >>> bg
-    dask.array<rolling-median-numba, shape=(500, 8, 8), dtype=uint8, chunksize=(500, 8, 8), chunktype=numpy.ndarray>
+    dask.array<rolling_median, shape=(500, 8, 8), dtype=uint8, chunksize=(500, 8, 8), chunktype=numpy.ndarray>
     >>> from rollmed_dask.core import rolling_median_reference
     >>> bool((bg.compute() == rolling_median_reference(img, 20)).all())
     True

@@ -41,11 +41,12 @@ class Resolved:
     client: object = None
     owns_client: bool = False
 
-    @property
-    def description(self) -> str:
+    def __post_init__(self):
+        # kept as text: an owned client is closed before the summary is made
         if self.client is not None:
-            return f"distributed scheduler at {self.client.scheduler.address}"
-        return f"local {self.local} scheduler"
+            self.description = f"distributed scheduler at {self.client.scheduler.address}"
+        else:
+            self.description = f"local {self.local} scheduler"
 
     @property
     def dashboard_link(self) -> str | None:

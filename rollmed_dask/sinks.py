@@ -110,8 +110,18 @@ class HDF5Sink(Sink):
 
     format = "hdf5"
 
-    def __init__(self, target, dataset, shape, dtype, *, compression="zstd",
-                 input_path=None, in_place=False, **kwargs):  # fmt: skip
+    def __init__(
+        self,
+        target,
+        dataset,
+        shape,
+        dtype,
+        *,
+        compression="zstd",
+        input_path=None,
+        in_place=False,
+        **kwargs,
+    ):
         super().__init__(target, dataset, shape, dtype, **kwargs)
         self.compression = compression
         self.input_path = input_path
@@ -292,8 +302,9 @@ class ZarrSink(Sink):
 
         root = zarr.open_group(store=str(self.tmp), mode="r+")
         array = root[self.dataset]
-        array.attrs.update({**{k: _plain(v) for k, v in rtdc.IMAGE_ATTRS.items()},
-                            **dataset_attrs})  # fmt: skip
+        array.attrs.update(
+            {**{k: _plain(v) for k, v in rtdc.IMAGE_ATTRS.items()}, **dataset_attrs}
+        )
         root.attrs.update({"rollmed-dask log": {rtdc.run_log_name(): log_lines}})
         _remove(self.tmp / PROGRESS_DIR)
         move_into_place(self.tmp, self.target)

@@ -1,7 +1,17 @@
-"""Shared fixtures: small real .rtdc files, and readers for what the tool wrote."""
+"""Shared fixtures: small real .rtdc files, readers for what the tool wrote, and the
+local SLURM.
 
+The SLURM tests need the one-node SLURM of ``scripts/local-slurm.sh``. When it
+is not up, the ``slurm`` fixture starts it if ``CI`` is set (or
+``ROLLMED_START_SLURM=1``) and we are root; if SLURM still cannot be reached the
+tests fail under CI and are skipped elsewhere, saying how to start it.
+"""
+
+import os
 import pathlib
 import shutil
+import subprocess
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -36,3 +46,65 @@ def read_images(path, dataset="events/image") -> np.ndarray:
         return zarr.open_group(str(path), mode="r")[dataset][:]
     with h5py.File(path, "r") as h5:
         return h5[dataset][:]
+
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "scripts" / "local-slurm.sh"
+START_HINT = "run `sudo bash scripts/local-slurm.sh start`"
+USABLE = ("idle", "mixed")
+
+
+def _in_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def _node():
+    """``(state, memory_mb, cpus)`` of the first node, or ``(None, why, None)``."""
+    if shutil.which("sinfo") is None:
+        return None, "sinfo is not installed", None
+    try:
+        proc = subprocess.run(
+            ["sinfo", "-h", "-N", "-o", "%T|%m|%c"],
+            capture_output=True,
+            text=True,
+            timeout=15,
+            stdin=subprocess.DEVNULL,
+        )
+    except subprocess.TimeoutExpired:
+        return None, "sinfo did not answer within 15 s", None
+    line = proc.stdout.strip().splitlines()[:1]
+    if proc.returncode != 0 or not line:
+        return None, f"sinfo failed: {(proc.stderr or proc.stdout).strip()}", None
+    state, mem, cpus = line[0].split("|")
+    return state, int(mem), int(cpus)
+
+
+def _start_slurm() -> str:
+    """Run scripts/local-slurm.sh start; return its output (for messages)."""
+    cmd = ["bash", str(SCRIPT), "start"]
+    if os.geteuid() != 0:
+        cmd = ["sudo", "-n", *cmd]
+    try:
+        proc = subprocess.run(
+            cmd, capture_output=True, text=True, timeout=240, stdin=subprocess.DEVNULL
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"{' '.join(cmd)} did not finish: {exc}"
+    return f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stdout}{proc.stderr}"
+
+
+@pytest.fixture(scope="session")
+def slurm():
+    """The local SLURM node as ``{"memory_mb": ..., "cpus": ...}``; starts it in CI."""
+    state, mem, cpus = _node()
+    attempt = ""
+    if state not in USABLE and (_in_ci() or os.environ.get("ROLLMED_START_SLURM") == "1"):
+        attempt = "\n" + _start_slurm()
+        state, mem, cpus = _node()
+    if state not in USABLE:
+        why = mem if state is None else f"the node is {state}, not idle"
+        message = f"no usable local SLURM ({why}); {START_HINT}{attempt}"
+        if _in_ci():
+            pytest.fail(message, pytrace=False)
+        pytest.skip(message)
+    return {"memory_mb": mem, "cpus": cpus}

@@ -41,8 +41,17 @@ def assert_one_line_error(result, *fragments):
 def test_help_explains_the_tool():
     result = run_cli("--help")
     assert result.returncode == 0
-    for words in ["rolling-median", "--kernel-size", "--in-place", "--resume", "--workers",
-                  "--slurm", "--memory-budget", "--example", "sorted(img[j:j+K])[K//2]"]:  # fmt: skip
+    for words in [
+        "rolling-median",
+        "--kernel-size",
+        "--in-place",
+        "--resume",
+        "--workers",
+        "--slurm",
+        "--memory-budget",
+        "--example",
+        "sorted(img[j:j+K])[K//2]",
+    ]:
         assert words in result.stdout
 
 
@@ -111,33 +120,47 @@ ERROR_CASES = {
     "missing input": (["{tmp}/nope.rtdc", "{tmp}/out.rtdc"], ["does not exist"]),
     "directory input": (["{tmp}", "{tmp}/out.rtdc"], ["not a Zarr store"]),
     "not hdf5": (["{tmp}/text.rtdc", "{tmp}/out.rtdc"], ["is not an HDF5 file"]),
-    "missing dataset": (["{cases}", "{tmp}/out.rtdc", "--dataset", "events/nope"],
-                        ["'events/nope' is neither in", "existing datasets: ['events/image']"]),
+    "missing dataset": (
+        ["{cases}", "{tmp}/out.rtdc", "--dataset", "events/nope"],
+        ["'events/nope' is neither in", "existing datasets: ['events/image']"],
+    ),
     "ndim 2": (["{cases}", "{tmp}/out.rtdc", "--dataset", "flat/image"], ["ndim=2"]),
     "ndim 4": (["{cases}", "{tmp}/out.rtdc", "--dataset", "deep/image"], ["ndim=4"]),
     "no events": (["{cases}", "{tmp}/out.rtdc", "--dataset", "empty/image"], ["no events"]),
     "bool": (["{cases}", "{tmp}/out.rtdc", "--dataset", "bool/image"], ["dtype bool"]),
-    "complex": (["{cases}", "{tmp}/out.rtdc", "--dataset", "complex/image"],
-                ["dtype complex64"]),
+    "complex": (["{cases}", "{tmp}/out.rtdc", "--dataset", "complex/image"], ["dtype complex64"]),
     "k zero": (["{cases}", "{tmp}/out.rtdc", "-k", "0"], ["kernel_size=0 must be at least 1"]),
     "k negative": (["{cases}", "{tmp}/out.rtdc", "-k", "-4"], ["kernel_size=-4"]),
-    "k too large": (["{cases}", "{tmp}/out.rtdc", "-k", "20"],
-                    ["kernel_size=20 must be smaller than the number of events (20)",
-                     "at most 19"]),
-    "output exists": (["{cases}", "{tmp}/exists.rtdc", "-k", "3"], ["already exists", "--overwrite"]),
-    "no output folder": (["{cases}", "{tmp}/missing/out.rtdc", "-k", "3"],
-                         ["output folder", "does not exist"]),
+    "k too large": (
+        ["{cases}", "{tmp}/out.rtdc", "-k", "20"],
+        ["kernel_size=20 must be smaller than the number of events (20)", "at most 19"],
+    ),
+    "output exists": (
+        ["{cases}", "{tmp}/exists.rtdc", "-k", "3"],
+        ["already exists", "--overwrite"],
+    ),
+    "no output folder": (
+        ["{cases}", "{tmp}/missing/out.rtdc", "-k", "3"],
+        ["output folder", "does not exist"],
+    ),
     "output is input": (["{cases}", "{cases}", "-k", "3"], ["is the input file", "--in-place"]),
-    "event chunk below k": (["{cases}", "{tmp}/out.rtdc", "-k", "5", "--event-chunk", "2"],
-                            ["event_chunk=2 is shorter than kernel_size=5"]),
-    "bad budget": (["{cases}", "{tmp}/out.rtdc", "-k", "3", "--memory-budget", "lots"],
-                   ["memory_budget='lots' is not a size", "256MiB"]),
-    "two schedulers": (["{cases}", "{tmp}/out.rtdc", "--workers", "2", "--scheduler", "threads"],
-                       ["choose one of"]),
-    "unreachable scheduler": (["{cases}", "{tmp}/out.rtdc", "-k", "3",
-                               "--scheduler", "tcp://127.0.0.1:9"],
-                              ["cannot reach a dask scheduler"]),
-}  # fmt: skip
+    "event chunk below k": (
+        ["{cases}", "{tmp}/out.rtdc", "-k", "5", "--event-chunk", "2"],
+        ["event_chunk=2 is shorter than kernel_size=5"],
+    ),
+    "bad budget": (
+        ["{cases}", "{tmp}/out.rtdc", "-k", "3", "--memory-budget", "lots"],
+        ["memory_budget='lots' is not a size", "256MiB"],
+    ),
+    "two schedulers": (
+        ["{cases}", "{tmp}/out.rtdc", "--workers", "2", "--scheduler", "threads"],
+        ["choose one of"],
+    ),
+    "unreachable scheduler": (
+        ["{cases}", "{tmp}/out.rtdc", "-k", "3", "--scheduler", "tcp://127.0.0.1:9"],
+        ["cannot reach a dask scheduler"],
+    ),
+}
 
 
 @pytest.mark.parametrize("case", list(ERROR_CASES))

@@ -9,12 +9,10 @@ tests fail under CI and are skipped elsewhere, saying how to start it.
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import time
 import uuid
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -25,64 +23,6 @@ from rollmed_dask.cluster import (
     start_local_cluster,
     start_slurm_cluster,
 )
-
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "scripts" / "local-slurm.sh"
-START_HINT = "run `sudo bash scripts/local-slurm.sh start`"
-USABLE = ("idle", "mixed")
-
-
-def _in_ci() -> bool:
-    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
-
-
-def _node():
-    """``(state, memory_mb, cpus)`` of the first node, or ``(None, why, None)``."""
-    if shutil.which("sinfo") is None:
-        return None, "sinfo is not installed", None
-    try:
-        proc = subprocess.run(
-            ["sinfo", "-h", "-N", "-o", "%T|%m|%c"],
-            capture_output=True, text=True, timeout=15, stdin=subprocess.DEVNULL,
-        )  # fmt: skip
-    except subprocess.TimeoutExpired:
-        return None, "sinfo did not answer within 15 s", None
-    line = proc.stdout.strip().splitlines()[:1]
-    if proc.returncode != 0 or not line:
-        return None, f"sinfo failed: {(proc.stderr or proc.stdout).strip()}", None
-    state, mem, cpus = line[0].split("|")
-    return state, int(mem), int(cpus)
-
-
-def _start_slurm() -> str:
-    """Run scripts/local-slurm.sh start; return its output (for messages)."""
-    cmd = ["bash", str(SCRIPT), "start"]
-    if os.geteuid() != 0:
-        cmd = ["sudo", "-n", *cmd]
-    try:
-        proc = subprocess.run(
-            cmd, capture_output=True, text=True, timeout=240, stdin=subprocess.DEVNULL
-        )
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        return f"{' '.join(cmd)} did not finish: {exc}"
-    return f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stdout}{proc.stderr}"
-
-
-@pytest.fixture(scope="session")
-def slurm():
-    """The local SLURM node as ``{"memory_mb": ..., "cpus": ...}``; starts it in CI."""
-    state, mem, cpus = _node()
-    attempt = ""
-    if state not in USABLE and (_in_ci() or os.environ.get("ROLLMED_START_SLURM") == "1"):
-        attempt = "\n" + _start_slurm()
-        state, mem, cpus = _node()
-    if state not in USABLE:
-        why = mem if state is None else f"the node is {state}, not idle"
-        message = f"no usable local SLURM ({why}); {START_HINT}{attempt}"
-        if _in_ci():
-            pytest.fail(message, pytrace=False)
-        pytest.skip(message)
-    return {"memory_mb": mem, "cpus": cpus}
 
 
 def _queued(name: str) -> list[str]:
@@ -189,9 +129,16 @@ def test_local_cluster_two_worker_processes(capfd):
 def test_slurm_cluster_runs_workers_as_slurm_jobs(slurm, tmp_path):
     name = f"rollmed-test-{uuid.uuid4().hex[:8]}"
     client = start_slurm_cluster(
-        cores=1, memory="1GB", walltime="00:10:00", jobs=2, min_workers=2, timeout=90,
-        scheduler_host="127.0.0.1", log_directory=str(tmp_path), job_name=name,
-    )  # fmt: skip
+        cores=1,
+        memory="1GB",
+        walltime="00:10:00",
+        jobs=2,
+        min_workers=2,
+        timeout=90,
+        scheduler_host="127.0.0.1",
+        log_directory=str(tmp_path),
+        job_name=name,
+    )
     try:
         cluster = client.cluster
         job_ids = {str(w.job_id) for w in cluster.workers.values()}
@@ -222,10 +169,15 @@ def test_slurm_job_pending_forever_is_a_clear_timeout(slurm, tmp_path):
         r"\(reason BeginTime\) — check the queue/partition/memory",
     ):
         start_slurm_cluster(
-            cores=1, memory="1GB", walltime="00:10:00", timeout=5,
+            cores=1,
+            memory="1GB",
+            walltime="00:10:00",
+            timeout=5,
             job_extra=["--begin=now+3600"],  # eligible in an hour: pending until then
-            scheduler_host="127.0.0.1", log_directory=str(tmp_path), job_name=name,
-        )  # fmt: skip
+            scheduler_host="127.0.0.1",
+            log_directory=str(tmp_path),
+            job_name=name,
+        )
     assert time.monotonic() - t0 < 60
     assert _wait_gone(name) == []  # the pending job was cancelled
 
@@ -244,9 +196,14 @@ def test_slurm_impossible_request_fails_at_once(slurm, tmp_path, case):
     t0 = time.monotonic()
     with pytest.raises(SlurmSubmitError, match=expected) as info:
         start_slurm_cluster(
-            cores=1, walltime="00:10:00", timeout=60, scheduler_host="127.0.0.1",
-            log_directory=str(tmp_path), job_name=name, **kw,
-        )  # fmt: skip
+            cores=1,
+            walltime="00:10:00",
+            timeout=60,
+            scheduler_host="127.0.0.1",
+            log_directory=str(tmp_path),
+            job_name=name,
+            **kw,
+        )
     assert isinstance(info.value, ValueError)
     assert "check the queue/partition" in str(info.value)
     assert time.monotonic() - t0 < 30

@@ -20,8 +20,9 @@ DTYPES = ["uint8", "uint16", "int16", "float32", "float64"]
 
 
 def run_dcnum(input_path, output_path, kernel_size, batch_size):
-    with DcnumRollMed(input_path, output_path, kernel_size=kernel_size,
-                      batch_size=batch_size, num_cpus=1) as job:  # fmt: skip
+    with DcnumRollMed(
+        input_path, output_path, kernel_size=kernel_size, batch_size=batch_size, num_cpus=1
+    ) as job:
         job.process()
 
 
@@ -52,11 +53,13 @@ def dcnum_result(small_rtdc, tmp_path_factory):
 
 def test_compute_background_equals_dcnum_bit_for_bit(small_rtdc, dcnum_result, tmp_path):
     out = tmp_path / "ours.rtdc"
-    summary = compute_background(small_rtdc, out, 10, batch_size=50, progress=False,
-                                 memory_budget="16MiB")  # fmt: skip
+    summary = compute_background(
+        small_rtdc, out, 10, batch_size=50, progress=False, memory_budget="16MiB"
+    )
     assert summary.blocks > 1, "the test must cross block borders"
-    np.testing.assert_array_equal(read_images(out, "events/image_bg"),
-                                  read_images(dcnum_result, "events/image_bg"))  # fmt: skip
+    np.testing.assert_array_equal(
+        read_images(out, "events/image_bg"), read_images(dcnum_result, "events/image_bg")
+    )
     assert dataset_layout(out) == dataset_layout(dcnum_result)
 
 
@@ -66,8 +69,9 @@ def test_drop_in_class_writes_the_file_dcnum_writes(small_rtdc, dcnum_result, tm
         job.process()
     assert job.get_progress() == 1.0
     assert job.get_ppid() == "rollmed:k=10^b=50"
-    np.testing.assert_array_equal(read_images(out, "events/image_bg"),
-                                  read_images(dcnum_result, "events/image_bg"))  # fmt: skip
+    np.testing.assert_array_equal(
+        read_images(out, "events/image_bg"), read_images(dcnum_result, "events/image_bg")
+    )
     assert dataset_layout(out) == dataset_layout(dcnum_result)
     with h5py.File(out, "r") as ours, h5py.File(dcnum_result, "r") as theirs:
         assert dict(ours.attrs) == dict(theirs.attrs), "the input's metadata is carried over"
@@ -78,10 +82,17 @@ def test_drop_in_class_writes_the_file_dcnum_writes(small_rtdc, dcnum_result, tm
 def test_dcnum_oracle_over_kernel_and_batch_sizes(kernel_size, batch_size, small_rtdc, tmp_path):
     theirs, ours = tmp_path / "dcnum.rtdc", tmp_path / "ours.rtdc"
     run_dcnum(small_rtdc, theirs, kernel_size, batch_size)
-    compute_background(small_rtdc, ours, kernel_size, batch_size=batch_size, progress=False,
-                       event_chunk=kernel_size + 1)  # fmt: skip
-    np.testing.assert_array_equal(read_images(ours, "events/image_bg"),
-                                  read_images(theirs, "events/image_bg"))  # fmt: skip
+    compute_background(
+        small_rtdc,
+        ours,
+        kernel_size,
+        batch_size=batch_size,
+        progress=False,
+        event_chunk=kernel_size + 1,
+    )
+    np.testing.assert_array_equal(
+        read_images(ours, "events/image_bg"), read_images(theirs, "events/image_bg")
+    )
 
 
 def test_in_place_like_dcnum(rtdc_copy, tmp_path):
@@ -90,8 +101,9 @@ def test_in_place_like_dcnum(rtdc_copy, tmp_path):
     run_dcnum(reference, reference, 10, 50)
     with BackgroundRollMed(rtdc_copy, rtdc_copy, kernel_size=10, batch_size=50) as job:
         job.process()
-    np.testing.assert_array_equal(read_images(rtdc_copy, "events/image_bg"),
-                                  read_images(reference, "events/image_bg"))  # fmt: skip
+    np.testing.assert_array_equal(
+        read_images(rtdc_copy, "events/image_bg"), read_images(reference, "events/image_bg")
+    )
     assert dataset_layout(rtdc_copy) == dataset_layout(reference)
 
 
@@ -168,8 +180,9 @@ def test_every_dtype_round_trips(dtype, suffix, tmp_path):
 @pytest.mark.parametrize("suffix", [".rtdc", ".zarr"])
 def test_local_schedulers_give_identical_bits(scheduler, suffix, small_rtdc, tmp_path):
     out = tmp_path / f"bg{suffix}"
-    compute_background(small_rtdc, out, 30, scheduler=scheduler, progress=False,
-                       memory_budget="8MiB")  # fmt: skip
+    compute_background(
+        small_rtdc, out, 30, scheduler=scheduler, progress=False, memory_budget="8MiB"
+    )
     expected = rolling_median_reference(read_images(small_rtdc), 30)
     np.testing.assert_array_equal(read_images(out, "events/image_bg"), expected)
 
@@ -193,8 +206,9 @@ def test_pixel_tiled_input_file(tmp_path):
         h5.create_dataset("events/image", data=img, chunks=(20, 8, 16), compression="gzip")
     out = tmp_path / "bg.h5"
     compute_background(source, out, 25, progress=False)
-    np.testing.assert_array_equal(read_images(out, "events/image_bg"),
-                                  rolling_median_reference(img, 25))  # fmt: skip
+    np.testing.assert_array_equal(
+        read_images(out, "events/image_bg"), rolling_median_reference(img, 25)
+    )
 
 
 def test_open_h5py_and_zarr_inputs(small_rtdc, tmp_path):
@@ -220,8 +234,9 @@ def test_existing_output_is_kept_without_overwrite_and_replaced_with_it(tmp_path
         compute_background(img, out, 5, progress=False)
     assert out.read_bytes() == b"precious"
     compute_background(img, out, 5, progress=False, overwrite=True)
-    np.testing.assert_array_equal(read_images(out, "events/image_bg"),
-                                  rolling_median_reference(img, 5))  # fmt: skip
+    np.testing.assert_array_equal(
+        read_images(out, "events/image_bg"), rolling_median_reference(img, 5)
+    )
     assert not partial_path(out).exists()
 
 
@@ -251,18 +266,21 @@ def test_zarr_resume_recomputes_only_the_missing_blocks(tmp_path):
     # frames of 32 KiB: the output chunk is 32 events, so there are many blocks
     img = np.random.default_rng(8).integers(0, 255, (400, 128, 256), dtype=np.uint8)
     out = tmp_path / "bg.zarr"
-    failing = da.from_array(img, chunks=(40, 128, 256)).map_blocks(explode_in_block,
-                                                                   dtype=img.dtype)  # fmt: skip
+    failing = da.from_array(img, chunks=(40, 128, 256)).map_blocks(
+        explode_in_block, dtype=img.dtype
+    )
     with pytest.raises(Boom):
-        compute_background(failing, out, 5, progress=False, resume=True, event_chunk=40,
-                           scheduler="synchronous")  # fmt: skip
+        compute_background(
+            failing, out, 5, progress=False, resume=True, event_chunk=40, scheduler="synchronous"
+        )
     assert not out.exists()
     assert partial_path(out).is_dir(), "resume=True keeps the partial output"
     good = da.from_array(img, chunks=(40, 128, 256))
     summary = compute_background(good, out, 5, progress=False, resume=True, event_chunk=40)
     assert 0 < summary.blocks_resumed < summary.blocks
-    np.testing.assert_array_equal(read_images(out, "events/image_bg"),
-                                  rolling_median_reference(img, 5))  # fmt: skip
+    np.testing.assert_array_equal(
+        read_images(out, "events/image_bg"), rolling_median_reference(img, 5)
+    )
     assert not partial_path(out).exists()
     assert not (out / ".rollmed-progress").exists()
 

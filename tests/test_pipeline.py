@@ -109,8 +109,9 @@ CASES = [
 def test_pipeline_matches_reference(n, k, event_chunk, engine):
     img = random_stack(np.random.default_rng(n + k), (n, 3, 4), "uint8")
     result = rolling_median(img, k, engine=engine, event_chunk=event_chunk)
-    assert result.chunks[0] == plan_event_chunks(n, k, 1, event_chunk=event_chunk,
-                                                 memory_budget=10**9)  # fmt: skip
+    assert result.chunks[0] == plan_event_chunks(
+        n, k, 1, event_chunk=event_chunk, memory_budget=10**9
+    )
     assert_eq(result, rolling_median_reference(img, k), scheduler="sync")
 
 
@@ -168,8 +169,9 @@ def test_any_chunking_gives_the_reference(n, data, dtype, engine):
     img = random_stack(np.random.default_rng(seed), (n, 3, 4), dtype)
     chunks = plan_chunks(img.shape, img.dtype, k, (1,) + tile, event_chunk=event_chunk)
     result = rolling_median_dask(as_dask_array(as_source(img), chunks), k, engine)
-    np.testing.assert_array_equal(result.compute(scheduler="sync"),
-                                  rolling_median_reference(img, k))  # fmt: skip
+    np.testing.assert_array_equal(
+        result.compute(scheduler="sync"), rolling_median_reference(img, k)
+    )
 
 
 @settings(max_examples=200, deadline=None)

@@ -1,0 +1,132 @@
+"""compute_background on real distributed clusters: LocalCluster worker processes,
+a Client passed in, a scheduler address, the active default Client, a worker
+killed in the middle of a run, and SLURM jobs through dask-jobqueue.
+
+Every mode must give the same bits as the numpy reference, in HDF5 and Zarr.
+"""
+
+import os
+import signal
+import threading
+import time
+
+import dask.array as da
+import numpy as np
+import pytest
+from conftest import read_images
+
+from rollmed_dask import compute_background, rolling_median_reference
+from rollmed_dask.cluster import close_client, start_local_cluster, start_slurm_cluster
+from rollmed_dask.sinks import partial_path
+
+pytestmark = [
+    pytest.mark.cluster,
+    # distributed may warn about slow shutdowns of the worker processes it kills
+    pytest.mark.filterwarnings("ignore::UserWarning:distributed"),
+]
+
+
+@pytest.fixture(scope="module")
+def client():
+    client = start_local_cluster(2)
+    yield client
+    close_client(client)
+
+
+@pytest.fixture(scope="module")
+def expected(small_rtdc):
+    return rolling_median_reference(read_images(small_rtdc), 25)
+
+
+@pytest.mark.parametrize("suffix", [".rtdc", ".zarr"])
+def test_client_passed_in(client, suffix, small_rtdc, expected, tmp_path):
+    out = tmp_path / f"bg{suffix}"
+    summary = compute_background(
+        small_rtdc, out, 25, scheduler=client, progress=False, memory_budget="8MiB"
+    )
+    assert "distributed" in summary.scheduler and summary.blocks > 2
+    np.testing.assert_array_equal(read_images(out, "events/image_bg"), expected)
+    worker_pids = set(client.run(os.getpid).values())
+    assert os.getpid() not in worker_pids, "the work ran in worker processes"
+
+
+def test_scheduler_address(client, small_rtdc, expected, tmp_path):
+    out = tmp_path / "bg.rtdc"
+    address = client.scheduler.address
+    summary = compute_background(small_rtdc, out, 25, scheduler=address, progress=False)
+    assert address in summary.scheduler
+    np.testing.assert_array_equal(read_images(out, "events/image_bg"), expected)
+
+
+def test_active_client_is_the_default(client, small_rtdc, expected, tmp_path):
+    with client.as_current():
+        summary = compute_background(small_rtdc, tmp_path / "bg.zarr", 25, progress=False)
+    assert "distributed" in summary.scheduler
+    np.testing.assert_array_equal(read_images(tmp_path / "bg.zarr", "events/image_bg"), expected)
+
+
+def test_functions_defined_by_the_caller_travel_to_workers(client, tmp_path):
+    # like a function defined in a notebook cell: not importable by the workers
+    def brighten(block):
+        return block + 1
+
+    img = np.random.default_rng(0).integers(0, 200, (300, 16, 16), dtype=np.uint8)
+    source = da.from_array(img, chunks=(50, 16, 16)).map_blocks(brighten, dtype=img.dtype)
+    compute_background(source, tmp_path / "bg.h5", 9, scheduler=client, progress=False)
+    np.testing.assert_array_equal(
+        read_images(tmp_path / "bg.h5", "events/image_bg"), rolling_median_reference(img + 1, 9)
+    )
+
+
+def slow_block(block):
+    time.sleep(0.3)
+    return block
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("suffix", [".rtdc", ".zarr"])
+def test_worker_killed_mid_run_still_gives_the_exact_result(suffix, tmp_path):
+    img = np.random.default_rng(1).integers(0, 255, (1200, 32, 32), dtype=np.uint8)
+    source = da.from_array(img, chunks=(40, 32, 32)).map_blocks(slow_block, dtype=img.dtype)
+    out = tmp_path / f"bg{suffix}"
+    client = start_local_cluster(2)
+    try:
+        victim = max(client.run(os.getpid).values())
+        killer = threading.Timer(2.0, os.kill, (victim, signal.SIGKILL))
+        killer.start()
+        compute_background(
+            source, out, 15, scheduler=client, progress=False, overwrite=True, event_chunk=40
+        )
+        killer.join()
+        assert victim not in client.run(os.getpid).values(), "a worker really died"
+    finally:
+        close_client(client)
+    np.testing.assert_array_equal(
+        read_images(out, "events/image_bg"), rolling_median_reference(img, 15)
+    )
+    assert not partial_path(out).exists()
+
+
+@pytest.mark.slurm
+@pytest.mark.timeout(400)
+def test_slurm_jobs_give_identical_bits(slurm, small_rtdc, expected, tmp_path):
+    client = start_slurm_cluster(
+        cores=1,
+        memory="1GB",
+        walltime="00:10:00",
+        jobs=2,
+        scheduler_host="127.0.0.1",
+        log_directory=str(tmp_path / "logs"),
+        timeout=180,
+    )
+    try:
+        job_ids = set(client.run(lambda: os.environ.get("SLURM_JOB_ID")).values())
+        assert None not in job_ids, "every worker runs inside a SLURM job"
+        for suffix in [".rtdc", ".zarr"]:
+            out = tmp_path / f"bg{suffix}"
+            compute_background(
+                small_rtdc, out, 25, scheduler=client, progress=False, memory_budget="8MiB"
+            )
+            np.testing.assert_array_equal(read_images(out, "events/image_bg"), expected)
+    finally:
+        close_client(client)
