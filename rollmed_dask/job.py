@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from . import rtdc
 from .core import check_kernel_size, select_engine
-from .pipeline import DEFAULT_MEMORY_BUDGET, rolling_median
+from .pipeline import DEFAULT_MEMORY_BUDGET, parse_bytes, rolling_median
 from .scheduling import resolve_scheduler, stream_blocks
 from .sinks import HDF5Sink, ZarrSink, check_target, partial_path
 from .sources import Source, as_source, close_cached_files
@@ -162,16 +162,15 @@ def compute_background(
     (300, 16, 32)
     """
     t0 = time.perf_counter()
-    started = time.time()
     target = pathlib.Path(target)
     fmt = output_format(target, format)
     if compression not in COMPRESSIONS:
         raise ValueError(
             f"compression={compression!r} is not known; pass one of {', '.join(COMPRESSIONS)}"
         )
+    parse_bytes(memory_budget)
     src: Source = as_source(source, dataset)
-    n_events, height, width = src.shape
-    k = check_kernel_size(kernel_size, n_events)
+    k = check_kernel_size(kernel_size, src.shape[0])
     engine = select_engine(engine, src.dtype)
     if in_place:
         _check_in_place_target(target, fmt, output_dataset, overwrite)
@@ -183,6 +182,52 @@ def compute_background(
         )
     elif not (resume and fmt == "zarr" and partial_path(target).exists()):
         check_target(target, overwrite)
+    resolved = resolve_scheduler(scheduler)
+    try:
+        return _run_job(
+            src,
+            target,
+            fmt,
+            k,
+            engine,
+            resolved,
+            output_dataset=output_dataset,
+            compression=compression,
+            in_place=in_place,
+            resume=resume,
+            progress=progress,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            memory_budget=fit_budget_to_workers(memory_budget, resolved),
+            event_chunk=event_chunk,
+            t0=t0,
+        )
+    finally:
+        resolved.close()
+
+
+def _run_job(
+    src,
+    target,
+    fmt,
+    k,
+    engine,
+    resolved,
+    *,
+    output_dataset,
+    compression,
+    in_place,
+    resume,
+    progress,
+    batch_size,
+    num_workers,
+    memory_budget,
+    event_chunk,
+    t0,
+):
+    """Graph, sink, streaming and commit of a validated job."""
+    started = time.time()
+    n_events, height, width = src.shape
     chunk_events = rtdc.default_chunk_events((height, width), src.dtype)
     bg = rolling_median(
         src,
@@ -196,7 +241,7 @@ def compute_background(
     starts = _block_starts(bg.chunks[0])
     params = {
         "input": str(src.path) if src.path else type(src.array).__name__,
-        "dataset": dataset,
+        "dataset": src.dataset,
         "events": n_events,
         "image_shape": [height, width],
         "dtype": str(src.dtype),
@@ -204,39 +249,42 @@ def compute_background(
         "block_events": bg.chunks[0][0],
         "compression": compression,
     }
-    sink_kwargs = dict(chunk_events=chunk_events, job_params=params, resume=resume)
+    common = dict(
+        chunk_events=chunk_events, job_params=dict(params), resume=resume, compression=compression
+    )
     if fmt == "zarr":
-        sink = ZarrSink(
-            target, output_dataset, src.shape, src.dtype, compression=compression, **sink_kwargs
-        )
+        sink = ZarrSink(target, output_dataset, src.shape, src.dtype, **common)
     else:
+        input_path = src.path if _is_hdf5_input(src) else None
         sink = HDF5Sink(
             target,
             output_dataset,
             src.shape,
             src.dtype,
-            compression=compression,
-            input_path=src.path if _is_hdf5_input(src) else None,
+            input_path=input_path,
             in_place=in_place,
-            **sink_kwargs,
+            **common,
         )
-    resolved = resolve_scheduler(scheduler)
     try:
         sink.open()
         done = sink.done_starts()
         tasks = _block_tasks(bg, starts, sink.prepare, skip=done)
         resumed_events = sum(_block_length(starts, n_events, s) for s in done)
-        with _progress_bar(n_events, resumed_events, progress, resolved) as bar:
+        with _progress_bar(n_events, resumed_events, progress) as bar:
 
             def on_result(payload):
                 bar.update(sink.write(payload))
 
             stream_blocks(tasks, on_result, resolved, num_workers)
-        seconds = time.perf_counter() - t0
-        params.update(engine=engine, scheduler=resolved.description, seconds=round(seconds, 3))
         if in_place and resolved.client is not None:
             # worker processes hold read handles on the file about to be written
             resolved.client.run(close_cached_files, os.fspath(target.resolve()))
+        params.update(
+            engine=engine,
+            scheduler=resolved.description,
+            memory_budget=memory_budget,
+            blocks_resumed=len(done),
+        )
         log = rtdc.run_log_lines(
             params, input_path=src.path, output_path=target, time_start=started
         )
@@ -244,8 +292,6 @@ def compute_background(
     except BaseException:
         sink.abort()
         raise
-    finally:
-        resolved.close()
     return BackgroundSummary(
         target=str(target),
         format=fmt,
@@ -260,6 +306,27 @@ def compute_background(
         seconds=time.perf_counter() - t0,
         scheduler=resolved.description,
     )
+
+
+# Of a worker's memory limit per thread, the share one block task may plan on:
+# dask holds a block's neighbours and the finished output besides the task itself.
+_WORKER_MEMORY_SHARE = 0.25
+
+
+def fit_budget_to_workers(memory_budget, resolved) -> int:
+    """The memory budget, lowered to what the smallest distributed worker allows.
+
+    A worker whose memory limit is exceeded is killed by its nanny; planning
+    blocks to a quarter of the limit per thread keeps it well clear.
+    """
+    budget = parse_bytes(memory_budget)
+    if resolved.client is None:
+        return budget
+    workers = resolved.client.scheduler_info(n_workers=-1)["workers"].values()
+    limits = [w["memory_limit"] / max(w["nthreads"], 1) for w in workers if w["memory_limit"]]
+    if limits:
+        budget = min(budget, int(min(limits) * _WORKER_MEMORY_SHARE))
+    return budget
 
 
 def _check_in_place_target(target: pathlib.Path, fmt: str, dataset: str, overwrite: bool):
@@ -321,9 +388,8 @@ def _block_tasks(bg, starts, prepare, skip) -> list:
 class _progress_bar:
     """tqdm on stderr in events, with events/s and ETA; a no-op when disabled."""
 
-    def __init__(self, total: int, initial: int, enabled: bool, resolved):
+    def __init__(self, total: int, initial: int, enabled: bool):
         self.total, self.initial, self.enabled = total, initial, enabled
-        self.resolved = resolved
         self.bar = None
 
     def __enter__(self):

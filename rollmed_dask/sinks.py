@@ -75,6 +75,18 @@ def check_target(target: pathlib.Path, overwrite: bool) -> None:
         raise PermissionError(f"cannot write into the output folder {str(parent)!r}")
 
 
+def _remove_at_exit(path: pathlib.Path) -> None:
+    """Remove ``path`` again when the interpreter exits.
+
+    After an interrupt, a worker thread may still be finishing its block and
+    write a Zarr chunk into the temporary just removed. Python joins worker
+    threads before it runs ``atexit`` handlers, so this removal comes last.
+    """
+    import atexit
+
+    atexit.register(lambda: path.exists() and _remove(path))
+
+
 class Sink:
     """The shared part of the sinks: target, temporary path, resume bookkeeping."""
 
@@ -94,6 +106,7 @@ class Sink:
         """Remove the temporary output, unless it is kept to be resumed."""
         if not self.resume:
             _remove(self.tmp)
+            _remove_at_exit(self.tmp)
 
     def done_starts(self) -> set[int]:
         """Event offsets of blocks a previous, interrupted run completed."""
@@ -222,7 +235,17 @@ def install_dataset(tmp_file, target_file, dataset: str, log_name: str, log_line
         if name in group:
             del group[name]
         group.move(staging, name)
-        rtdc.write_log(dst, log_name, log_lines)
+        rtdc.write_log(dst, _free_log_name(dst, log_name), log_lines)
+
+
+def _free_log_name(h5, name: str) -> str:
+    """``name``, or ``name-2``, ``name-3``... if runs in the same second logged before."""
+    logs = h5.get("logs", {})
+    candidate, n = name, 1
+    while candidate in logs:
+        n += 1
+        candidate = f"{name}-{n}"
+    return candidate
 
 
 def _pass_block(block, start):

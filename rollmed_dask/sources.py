@@ -175,7 +175,15 @@ def open_path(path, dataset: str) -> Source:
         )
     from .rtdc import find_image_dataset
 
-    location = find_image_dataset(path, dataset)
+    try:
+        location = find_image_dataset(path, dataset)
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        raise ValueError(
+            f"cannot read {str(path)!r} as HDF5 ({exc}); the file may be truncated or "
+            f"damaged: copy it again from the original"
+        ) from None
     reader = HDF5Reader(location.path, location.dataset, location.mapping)
     _check_stack(reader.shape, reader.dtype, f"dataset {dataset!r} in {str(path)!r}")
     return Source(reader, reader.chunks, path=path, dataset=dataset)
