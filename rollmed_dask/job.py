@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -406,7 +407,7 @@ class _progress_bar:
                 dynamic_ncols=True,
             )
             if self.initial:
-                self.bar.write(f"resuming: {self.initial} events already written")
+                self.bar.write(f"resuming: {self.initial} events already written", file=sys.stderr)
         return self
 
     def update(self, n):

@@ -10,59 +10,63 @@ How it is fast
 Every kernel walks a *window* along the event axis: one value enters, one
 leaves, and the median is updated incrementally instead of re-sorting the
 window. Pixels are independent, so they are processed in blocks of
-neighbouring pixels, looping over events in the outer loop ("event-major"):
-the reads of one frame row are contiguous, and the per-pixel state of a block
-stays in the CPU caches. Which state is kept depends on how many distinct
-values a block of pixels can hold, decided per block from its min and max:
+neighbouring pixels with the loop over events outside ("event-major"): the
+reads of one frame row are contiguous, and the per-pixel state of a block
+stays in the CPU caches. The state depends on how many distinct values the
+block can hold, decided per block from its min and max:
 
-* value range < 256 (always for uint8/int8): a 256-bin running histogram per
-  pixel plus the current median bin and the count of values below it. An
-  entering or leaving value moves that count by one, so the median bin moves
-  by a few (usually zero) bins per event: O(1) amortised, no scan.
-* value range < 65536 (uint16/int16, or wider integers with narrow data): the
-  same with a three-level histogram (65536 fine bins, 4096 groups of 16,
-  256 groups of 256), so empty stretches are skipped 16 or 256 bins at a time.
-* anything else (wide integer ranges, all floats): a sorted window per pixel,
-  updated by binary search and a shift of the values between the leaving and
-  the entering position (O(K) moves, but short, contiguous ones).
+* value range < 256 (always for 8-bit data): a 256-bin running histogram per
+  pixel, the current median bin and the count of values below it. A value
+  entering or leaving moves that count by at most one, so the median bin moves
+  by a few (usually zero) bins per event: O(1) amortised, never a full scan.
+* value range < 65536 (16-bit data, or wider integers with narrow data): the
+  same with a three-level histogram (65536 bins, 4096 groups of 16, 256 groups
+  of 256), so that empty stretches are skipped 16 or 256 bins at a time.
+* wider ranges (32/64-bit integers, floats): a sorted window per pixel. The
+  positions of the leaving and the entering value are found by counting
+  (vectorised, branch-free), the values between them move by one place.
 
-Floats are sorted as unsigned integer *keys* with the order of ``np.sort``:
--0.0 before +0.0 and every NaN after +inf. That order refines numpy's (which
-sees -0.0 == +0.0 and all NaNs as equal), so the chosen element is always in
-the same equivalence class as numpy's. Inside such a class numpy's choice is
-not specified: its SIMD sort is unstable, and on this CPU (AVX-512) it even
-rewrites every NaN to the canonical quiet NaN. So the kernel flags the rare
-windows where the bits could differ (median is a zero and the window holds
-both -0.0 and +0.0; median is NaN and not every NaN of the window is the
-canonical ``np.nan``) and those windows alone are recomputed with ``np.sort``,
-which makes the result identical to the numpy reference on every machine.
+All kernels work on unsigned *keys* that sort like the values: unsigned
+integers are their own keys, signed ones get their sign bit flipped, and float
+bits are mapped so that -NaN < ... NaN order becomes ``np.sort``'s (see
+:func:`_float_to_keys`). So only four key widths are compiled, whatever the
+dtype, and the kernels never compare floats.
 
-Numba compiles on the first call per dtype (never at import) and caches the
-machine code on disk (``cache=True``), so a second process starts quickly.
-All kernels release the GIL (``nogil=True``) and are single-threaded: dask
-threads run them on separate blocks in parallel.
+Floats: numpy's order sees -0.0 == +0.0 and all NaNs as equal, and inside
+such a class the bits ``np.sort`` picks are not specified (its SIMD sort is
+unstable, and on AVX-512 it even rewrites every NaN to one canonical NaN).
+The key order refines numpy's, so the selected value always equals numpy's;
+the rare windows where the *bits* could differ (median is a zero and the
+window holds both zeros; median is NaN and not every NaN of the window is
+numpy's canonical one) are found by a separate pass that runs only if the
+stack holds such values, and are recomputed with ``np.sort`` itself.
+
+Numba compiles on the first call per key width (never at import) and caches
+the machine code on disk (``cache=True``), so a second process starts
+quickly. The kernels release the GIL (``nogil=True``) and are single-threaded:
+dask threads run them on separate blocks in parallel.
 """
 
 from __future__ import annotations
+
+import operator
 
 import numba
 import numpy as np
 
 __all__ = ["median_windows_numba"]
 
-# Pixels per block of the 256-bin histogram kernel: 512 pixels x 256 bins x
-# uint16 counts = 256 KiB, which stays in L2 while a whole frame row of the
-# block is a contiguous read. Measured best among 64..2048 on the target CPU.
+# Pixels per block of the 256-bin histogram: 512 x 256 uint16 counts = 256 KiB,
+# in L2 while each frame row of the block is one contiguous read. 128..1024
+# measured within a few percent of each other.
 _BLOCK_HIST8 = 512
-# Pixels per block of the 65536-bin kernel: each pixel owns 128 KiB of fine
-# counts, so only a few fit in L2 at once.
-_BLOCK_HIST16 = 4
-# Pixels per block of the sorted-window kernel (K values per pixel).
+# Pixels per block of the 65536-bin histogram: 128 KiB of counts each, but only
+# the bins near the data are touched; more pixels per block overlap more work.
+_BLOCK_HIST16 = 8
+# Pixels per block of the sorted windows (K keys each).
 _BLOCK_SORTED = 16
 
-# Dtypes numpy sorts by value with no ties between different bit patterns.
-_INT_KINDS = "ui"
-_FLOAT_UINT = {2: np.uint16, 4: np.uint32, 8: np.uint64}
+_UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
 
 
 # --------------------------------------------------------------------------
@@ -72,11 +76,12 @@ _FLOAT_UINT = {2: np.uint16, 4: np.uint32, 8: np.uint64}
 
 @numba.njit(nogil=True, cache=True)
 def _block_hist256(src, k, p0, nb, umn, out, hist, med, below):
-    """Medians of pixels ``p0 .. p0+nb-1`` whose values lie in ``umn .. umn+255``.
+    """Medians of pixels ``p0 .. p0+nb-1`` whose keys lie in ``umn .. umn+255``.
 
-    ``hist`` has shape (>= nb, 256) and is zeroed here. Bins are ``value - umn``
-    computed in uint64, which wraps correctly for signed and unsigned dtypes,
-    and typed uint8, so numba indexes without negative-index checks.
+    ``hist`` has shape (>= nb, 256) and is zeroed here. ``med[b]`` is the bin
+    holding rank ``K // 2`` of pixel b, ``below[b]`` the count of window values
+    in lower bins. Bins are typed uint8, so numba indexes without its
+    negative-index fix-up.
     """
     m_events = src.shape[0]
     r = k // 2
@@ -107,9 +112,9 @@ def _block_hist256(src, k, p0, nb, umn, out, hist, med, below):
             c = below[b] + np.intp(vi < m) - np.intp(vo < m)
             hist[b, vo] -= 1
             hist[b, vi] += 1
-            # Bin m still holds rank r unless c moved past it: test both
-            # sides with one (rarely taken) branch, as a mispredicted branch
-            # per event would cost more than the whole update.
+            # Bin m keeps rank r unless c moved past it. Both sides are tested
+            # in one rarely taken branch: a mispredicted branch per event
+            # would cost about as much as the whole update.
             if (c > r) | (c + hist[b, m] <= r):
                 if c > r:
                     while c > r:
@@ -183,7 +188,7 @@ def _h16_down(fine, mid, coarse, b, m, c, r):
 
 @numba.njit(nogil=True, cache=True)
 def _block_hist16(src, k, p0, nb, umn, out, fine, mid, coarse, med, below):
-    """Medians of pixels ``p0 .. p0+nb-1`` whose values lie in ``umn .. umn+65535``.
+    """Medians of pixels ``p0 .. p0+nb-1`` whose keys lie in ``umn .. umn+65535``.
 
     ``fine`` (shape (>= nb, 65536)) must be all zero on entry and is left all
     zero: clearing 128 KiB per pixel would cost more than the medians, so the
@@ -235,28 +240,42 @@ def _block_hist16(src, k, p0, nb, umn, out, fine, mid, coarse, med, below):
 
 
 @numba.njit(nogil=True, cache=True, inline="always")
-def _lower_bound(w, lo, hi, x):
-    """First index in ``lo .. hi`` with ``w[index] >= x`` (``hi`` if none)."""
-    n = hi - lo
-    while n > 0:
-        half = n >> 1
-        if w[lo + half] < x:
-            lo += half + 1
-            n -= half + 1
-        else:
-            n = half
-    return lo
+def _sift_down(w, base, root, n):
+    while True:
+        child = 2 * root + 1
+        if child >= n:
+            return
+        if child + 1 < n and w[base + child] < w[base + child + 1]:
+            child += 1
+        if w[base + root] >= w[base + child]:
+            return
+        w[base + root], w[base + child] = w[base + child], w[base + root]
+        root = child
+
+
+@numba.njit(nogil=True, cache=True)
+def _heapsort(w, base, n):
+    """Sort ``w[base : base+n]`` in place.
+
+    Used once per pixel and block to start a window. A dozen lines instead of
+    ``ndarray.sort()``, whose quicksort more than doubled the compile time.
+    """
+    for root in range(n // 2 - 1, -1, -1):
+        _sift_down(w, base, root, n)
+    for end in range(n - 1, 0, -1):
+        w[base], w[base + end] = w[base + end], w[base]
+        _sift_down(w, base, 0, end)
 
 
 @numba.njit(nogil=True, cache=True, inline="always")
 def _slide(w, base, k, vo, vi):
     """Replace one ``vo`` by ``vi`` in the sorted ``w[base : base+k]``.
 
-    Both positions are found by counting the values below ``vo`` and ``vi``
-    over the whole window rather than by binary search: the count loop has no
-    data-dependent branches and vectorises, and measured faster than a
-    (branchless) binary search for K up to 500. The values in between then
-    move by one place, a contiguous copy.
+    Both positions are found by counting the keys below ``vo`` and ``vi`` over
+    the whole window rather than by binary search: the count loop has no
+    data-dependent branches and vectorises, and measured 2x faster than an
+    interleaved branch-free binary search at K = 100 (equal at K = 500). The
+    keys in between then move by one place, a contiguous copy.
     """
     if vi == vo:
         return
@@ -282,15 +301,15 @@ def _slide(w, base, k, vo, vi):
 
 
 @numba.njit(nogil=True, cache=True)
-def _block_sorted_int(src, k, p0, nb, out, win):
-    """Medians of pixels ``p0 .. p0+nb-1`` of an integer stack by sorted windows."""
+def _block_sorted(src, k, p0, nb, out, win):
+    """Medians of pixels ``p0 .. p0+nb-1`` by a sorted window of K keys each."""
     m_events = src.shape[0]
     r = k // 2
     for b in range(nb):
         base = b * k
         for i in range(k):
             win[base + i] = src[i, p0 + b]
-        win[base : base + k].sort()
+        _heapsort(win, base, k)
         out[0, p0 + b] = win[base + r]
     for i in range(k, m_events):
         row_in = src[i, p0 : p0 + nb]
@@ -302,30 +321,55 @@ def _block_sorted_int(src, k, p0, nb, out, win):
             orow[b] = win[base + r]
 
 
-@numba.njit(nogil=True, cache=True)
-def _median_int(src, k, out, scan, dmin, hist8, fine, mid, coarse, med, below, win):
-    """Window medians of a C-contiguous integer stack ``src`` of shape (M, P).
+# --------------------------------------------------------------------------
+# Drivers: one per key width class, so that each compiles only what it can use
+# --------------------------------------------------------------------------
 
-    Chooses a kernel per block of pixels from the block's value range; with
-    ``scan=False`` (8-bit dtypes) the range is known to fit 256 bins from
-    ``dmin`` and is not measured.
-    """
+
+@numba.njit(nogil=True, cache=True)
+def _block_span(src, p0, nb):
+    """Smallest key of pixels ``p0 .. p0+nb-1`` and the span up to the largest."""
+    mn = src[0, p0]
+    mx = src[0, p0]
+    for i in range(src.shape[0]):
+        row = src[i, p0 : p0 + nb]
+        for b in range(nb):
+            mn = min(mn, row[b])
+            mx = max(mx, row[b])
+    return np.uint64(mn), np.uint64(mx) - np.uint64(mn)
+
+
+@numba.njit(nogil=True, cache=True)
+def _median_u8(src, k, out, hist8, med, below):
+    """Window medians of uint8 keys: the 256-bin histogram everywhere."""
     n_pix = src.shape[1]
-    m_events = src.shape[0]
     for p0 in range(0, n_pix, _BLOCK_HIST8):
         nb = min(_BLOCK_HIST8, n_pix - p0)
-        mn = dmin
-        mx = dmin
-        if scan:
-            mn = src[0, p0]
-            mx = src[0, p0]
-            for i in range(m_events):
-                for b in range(nb):
-                    v = src[i, p0 + b]
-                    mn = min(mn, v)
-                    mx = max(mx, v)
-        umn = np.uint64(mn)
-        span = np.uint64(mx) - umn
+        _block_hist256(src, k, p0, nb, np.uint64(0), out, hist8, med, below)
+
+
+@numba.njit(nogil=True, cache=True)
+def _median_u16(src, k, out, hist8, fine, mid, coarse, med, below):
+    """Window medians of uint16 keys: 256 or 65536 bins, per block of pixels."""
+    n_pix = src.shape[1]
+    for p0 in range(0, n_pix, _BLOCK_HIST8):
+        nb = min(_BLOCK_HIST8, n_pix - p0)
+        umn, span = _block_span(src, p0, nb)
+        if span < np.uint64(256):
+            _block_hist256(src, k, p0, nb, umn, out, hist8, med, below)
+        else:
+            for q0 in range(p0, p0 + nb, _BLOCK_HIST16):
+                nq = min(_BLOCK_HIST16, p0 + nb - q0)
+                _block_hist16(src, k, q0, nq, umn, out, fine, mid, coarse, med, below)
+
+
+@numba.njit(nogil=True, cache=True)
+def _median_wide(src, k, out, hist8, fine, mid, coarse, med, below, win):
+    """Window medians of uint32/uint64 keys: histogram if the block's span allows."""
+    n_pix = src.shape[1]
+    for p0 in range(0, n_pix, _BLOCK_HIST8):
+        nb = min(_BLOCK_HIST8, n_pix - p0)
+        umn, span = _block_span(src, p0, nb)
         if span < np.uint64(256):
             _block_hist256(src, k, p0, nb, umn, out, hist8, med, below)
         elif span < np.uint64(65536):
@@ -335,100 +379,173 @@ def _median_int(src, k, out, scan, dmin, hist8, fine, mid, coarse, med, below, w
         else:
             for q0 in range(p0, p0 + nb, _BLOCK_SORTED):
                 nq = min(_BLOCK_SORTED, p0 + nb - q0)
-                _block_sorted_int(src, k, q0, nq, out, win)
+                _block_sorted(src, k, q0, nq, out, win)
 
 
-# --------------------------------------------------------------------------
-# Floats: sorted windows of order-preserving integer keys
-# --------------------------------------------------------------------------
-
-
-@numba.njit(nogil=True, cache=True, inline="always")
-def _to_key(u, sign, mmask, full):
-    """Map float bits ``u`` to an unsigned key that sorts like ``np.sort``.
-
-    The IEEE trick (flip all bits of negatives, set the sign bit of the
-    others) orders -NaN < -inf < ... < -0.0 < +0.0 < ... < +inf < +NaN;
-    subtracting the mantissa mask (wrapping) rotates the negative NaNs from
-    the bottom to the top, after +NaN, so that every NaN sorts last. The map is
-    a bijection, so keys convert back to the exact input bits.
-
-    Numba computes in uint64 whatever the width; ``full`` (all ones in the
-    key's width) truncates the result, so that it compares correctly with the
-    keys stored in the window.
-    """
-    if u & sign:
-        kk = ~u
+def _median_keys(keys: np.ndarray, k: int) -> np.ndarray:
+    """Window medians of a C-contiguous (M, P) array of unsigned keys."""
+    out = np.empty((keys.shape[0] - k + 1, keys.shape[1]), dtype=keys.dtype)
+    count_t = np.uint16 if k < 2**16 else np.uint32
+    hist8 = np.empty((_BLOCK_HIST8, 256), dtype=count_t)
+    med = np.empty(_BLOCK_HIST8, dtype=np.intp)
+    below = np.empty(_BLOCK_HIST8, dtype=np.intp)
+    if keys.dtype.itemsize == 1:
+        _median_u8(keys, k, out, hist8, med, below)
+        return out
+    # calloc'ed: the pages of bins no data falls in are never touched
+    fine = np.zeros((_BLOCK_HIST16, 65536), dtype=count_t)
+    mid = np.empty((_BLOCK_HIST16, 4096), dtype=np.intp)
+    coarse = np.empty((_BLOCK_HIST16, 256), dtype=np.intp)
+    if keys.dtype.itemsize == 2:
+        _median_u16(keys, k, out, hist8, fine, mid, coarse, med, below)
     else:
-        kk = u | sign
-    return (kk - mmask) & full
+        win = np.empty(_BLOCK_SORTED * k, dtype=keys.dtype)
+        _median_wide(keys, k, out, hist8, fine, mid, coarse, med, below, win)
+    return out
 
 
-@numba.njit(nogil=True, cache=True, inline="always")
-def _from_key(key, sign, mmask):
-    kk = key + mmask
-    if kk & sign:
-        return kk ^ sign
-    return ~kk
+# --------------------------------------------------------------------------
+# Float keys and the windows whose bits numpy may choose differently
+# --------------------------------------------------------------------------
 
 
 @numba.njit(nogil=True, cache=True)
-def _median_float(bits, k, out, sign, mmask, full, kneg0, kpos0, kinf, knan, win, amb):
-    """Window medians of a C-contiguous float stack viewed as unsigned ``bits``.
+def _float_to_keys(bits, sign, mmask, keys):
+    """Map float bits (1-D, unsigned view) to keys that sort like ``np.sort``.
 
-    Writes the median bits to ``out`` and records in ``amb`` (flat indices
-    ``o * P + p``, as many as fit) the windows whose bit pattern numpy could
-    choose differently; returns how many there are.
-
-    ``kneg0``/``kpos0`` are the keys of -0.0/+0.0, ``kinf`` the key of +inf
-    (every larger key is a NaN) and ``knan`` the key of the canonical NaN.
+    The IEEE trick (flip all bits of negatives, set the sign bit of the
+    others) orders -NaN < -inf < ... < -0.0 < +0.0 < ... < +inf < +NaN.
+    Subtracting the mantissa mask (wrapping) then rotates the negative NaNs
+    from the bottom to the top, after +NaN, so that every NaN sorts last. The
+    map is a bijection, so keys convert back to the exact input bits. Numba
+    computes in uint64; storing into ``keys`` truncates to the key width.
     """
-    m_events = bits.shape[0]
-    n_pix = bits.shape[1]
-    r = k // 2
-    n_amb = 0
-    cap = amb.shape[0]
-    kv = np.empty(2, dtype=win.dtype)  # scratch in the key dtype, see below
-    for p0 in range(0, n_pix, _BLOCK_SORTED):
-        nb = min(_BLOCK_SORTED, n_pix - p0)
-        for b in range(nb):
-            base = b * k
-            for t in range(k):
-                win[base + t] = _to_key(bits[t, p0 + b], sign, mmask, full)
-            win[base : base + k].sort()
-        for i in range(k - 1, m_events):
+    for t in range(bits.shape[0]):
+        u = bits[t]
+        kk = ~u if u & sign else u | sign
+        keys[t] = kk - mmask
+
+
+@numba.njit(nogil=True, cache=True)
+def _keys_to_float(keys, sign, mmask, bits):
+    """Inverse of :func:`_float_to_keys`; ``bits`` may be ``keys`` itself."""
+    for t in range(keys.shape[0]):
+        kk = keys[t] + mmask
+        bits[t] = kk ^ sign if kk & sign else ~kk
+
+
+@numba.njit(nogil=True, cache=True)
+def _float_specials(bits, sign, inf_bits, nan_bits):
+    """Whether the stack holds -0.0, +0.0, and NaNs other than ``nan_bits``."""
+    neg0 = False
+    pos0 = False
+    odd_nan = False
+    for t in range(bits.shape[0]):
+        u = bits[t]
+        neg0 |= u == sign
+        pos0 |= u == 0
+        odd_nan |= ((u & ~sign) > inf_bits) & (u != nan_bits)
+    return neg0, pos0, odd_nan
+
+
+@numba.njit(nogil=True, cache=True)
+def _ambiguous_windows(bits, k, out, sign, inf_bits, nan_bits, found):
+    """Flat indices ``o * P + p`` of the windows whose median bits are not unique.
+
+    A window is ambiguous if its median is a zero and it holds both -0.0 and
+    +0.0, or its median is NaN and it holds a NaN other than ``nan_bits`` (the
+    NaN ``np.sort`` returns). Running counts per pixel, one pass. Writes as
+    many indices as ``found`` holds and returns how many there are.
+    """
+    m_events, n_pix = bits.shape
+    n_neg0 = np.zeros(n_pix, dtype=np.intp)
+    n_pos0 = np.zeros(n_pix, dtype=np.intp)
+    n_odd = np.zeros(n_pix, dtype=np.intp)
+    n_found = 0
+    for i in range(m_events):
+        row = bits[i]
+        for p in range(n_pix):
+            u = row[p]
+            n_neg0[p] += u == sign
+            n_pos0[p] += u == 0
+            n_odd[p] += ((u & ~sign) > inf_bits) & (u != nan_bits)
+        if i >= k:
+            row = bits[i - k]
+            for p in range(n_pix):
+                u = row[p]
+                n_neg0[p] -= u == sign
+                n_pos0[p] -= u == 0
+                n_odd[p] -= ((u & ~sign) > inf_bits) & (u != nan_bits)
+        if i >= k - 1:
             o = i - k + 1
-            row_in = bits[i, p0 : p0 + nb]
-            row_out = bits[max(i - k, 0), p0 : p0 + nb]
-            orow = out[o, p0 : p0 + nb]
-            for b in range(nb):
-                base = b * k
-                if i >= k:
-                    # Keys come back as uint64; storing them in the scratch
-                    # narrows them to the key width, so that _slide compares
-                    # (and vectorises) in that width.
-                    kv[0] = _to_key(row_out[b], sign, mmask, full)
-                    kv[1] = _to_key(row_in[b], sign, mmask, full)
-                    _slide(win, base, k, kv[0], kv[1])
-                key = win[base + r]
-                orow[b] = _from_key(key, sign, mmask)
-                # Zero and NaN are the only classes of equal values with
-                # different bits; the check costs two compares unless hit.
-                ambiguous = False
-                if key == kneg0:
-                    j = _lower_bound(win, base + r, base + k, kpos0)
-                    ambiguous = j < base + k and win[j] == kpos0
-                elif key == kpos0:
-                    j = _lower_bound(win, base, base + r, kneg0)
-                    ambiguous = j < base + r and win[j] == kneg0
-                elif key > kinf:
-                    first = _lower_bound(win, base, base + r, kinf + np.uint64(1))
-                    ambiguous = win[first] != knan or win[base + k - 1] != knan
-                if ambiguous:
-                    if n_amb < cap:
-                        amb[n_amb] = o * n_pix + p0 + b
-                    n_amb += 1
-    return n_amb
+            orow = out[o]
+            for p in range(n_pix):
+                u = orow[p]
+                if (u & ~sign) == 0:
+                    hit = n_neg0[p] > 0 and n_pos0[p] > 0
+                elif (u & ~sign) > inf_bits:
+                    hit = n_odd[p] > 0
+                else:
+                    hit = False
+                if hit:
+                    if n_found < found.shape[0]:
+                        found[n_found] = o * n_pix + p
+                    n_found += 1
+    return n_found
+
+
+_SORTED_NAN: dict = {}
+
+
+def _sorted_nan(dtype: np.dtype) -> int | None:
+    """Bits of the NaN ``np.sort`` returns for windows of ``np.nan``, None if unsure.
+
+    numpy's SIMD sorts replace every NaN by a canonical NaN of their own (with
+    AVX-512: 0x7fc00000 for float32, but 0x7c01, not ``np.nan``'s 0x7e00, for
+    float16); scalar sorts keep the bits. Windows whose NaNs are all this one
+    need no fallback. If sizes disagree, None: every NaN median is recomputed.
+    """
+    if dtype not in _SORTED_NAN:
+        ut = _UINT[dtype.itemsize]
+        found = {
+            int(np.sort(np.full(n, np.nan, dtype=dtype)).view(ut)[0])
+            for n in (2, 3, 8, 16, 17, 64, 65, 128, 257, 1000)
+        }
+        _SORTED_NAN[dtype] = found.pop() if len(found) == 1 else None
+    return _SORTED_NAN[dtype]
+
+
+def _median_2d_float(flat: np.ndarray, k: int) -> np.ndarray:
+    ut = _UINT[flat.dtype.itemsize]
+    nbits = 8 * flat.dtype.itemsize
+    sign = ut(1 << (nbits - 1))
+    mmask = ut((1 << np.finfo(flat.dtype).nmant) - 1)
+    inf_bits = ut(int(np.array(np.inf, dtype=flat.dtype).view(ut)))
+    nan_bits = _sorted_nan(flat.dtype)
+    # No float has the bits of the sign mask with the top exponent bit clear,
+    # so an impossible NaN stands for "no NaN is safe".
+    nan_bits = ut(nan_bits) if nan_bits is not None else sign
+
+    bits = flat.view(ut)
+    keys = np.empty_like(bits)
+    _float_to_keys(bits.reshape(-1), sign, mmask, keys.reshape(-1))
+    out = _median_keys(keys, k)
+    _keys_to_float(out.reshape(-1), sign, mmask, out.reshape(-1))
+
+    neg0, pos0, odd_nan = _float_specials(bits.reshape(-1), sign, inf_bits, nan_bits)
+    if (neg0 and pos0) or odd_nan:
+        found = np.empty(1024, dtype=np.intp)
+        n = _ambiguous_windows(bits, k, out, sign, inf_bits, nan_bits, found)
+        if n > found.shape[0]:
+            found = np.empty(n, dtype=np.intp)
+            _ambiguous_windows(bits, k, out, sign, inf_bits, nan_bits, found)
+        if n:
+            # np.sort of the same K values in the same order is the reference's
+            # own computation, so its choice of bits is reproduced exactly.
+            rows, cols = np.divmod(found[:n], flat.shape[1])
+            windows = flat[rows[:, None] + np.arange(k), cols[:, None]]
+            out.view(flat.dtype)[rows, cols] = np.sort(windows, axis=-1)[:, k // 2]
+    return out.view(flat.dtype)
 
 
 # --------------------------------------------------------------------------
@@ -436,100 +553,18 @@ def _median_float(bits, k, out, sign, mmask, full, kneg0, kpos0, kinf, knan, win
 # --------------------------------------------------------------------------
 
 
-def _float_constants(dtype: np.dtype):
-    """Sign bit, mantissa mask, all-ones and the special keys of a float dtype."""
-    ut = _FLOAT_UINT[dtype.itemsize]
-    nbits = 8 * dtype.itemsize
-    finfo = np.finfo(dtype)
-    sign = ut(1 << (nbits - 1))
-    mmask = ut((1 << finfo.nmant) - 1)
-
-    def key(value) -> np.unsignedinteger:
-        u = int(np.array(value, dtype=dtype).view(ut))
-        kk = (~u if u & int(sign) else u | int(sign)) & ((1 << nbits) - 1)
-        return ut((kk - int(mmask)) % (1 << nbits))
-
-    full = np.uint64((1 << nbits) - 1)
-    return ut, sign, mmask, full, key(-0.0), key(0.0), key(np.inf), key(_sorted_nan(dtype))
-
-
-_SORTED_NAN: dict = {}
-
-
-def _sorted_nan(dtype: np.dtype):
-    """The NaN that ``np.sort`` returns for windows of ``np.nan``, or +inf if unsure.
-
-    numpy's SIMD sorts replace every NaN by one canonical NaN of their own
-    (on AVX-512: 0x7fc00000 for float32 but 0x7c01, not ``np.nan``, for
-    float16); scalar sorts keep the bits. Windows whose NaNs all equal this
-    value need no fallback. If different sizes disagree, +inf is returned:
-    it never equals a NaN key, so every NaN median is recomputed by numpy.
-    """
-    dtype = np.dtype(dtype)
-    if dtype not in _SORTED_NAN:
-        ut = _FLOAT_UINT[dtype.itemsize]
-        found = {
-            int(np.sort(np.full(n, np.nan, dtype=dtype)).view(ut)[0])
-            for n in (2, 3, 8, 16, 17, 64, 65, 128, 257, 1000)
-        }
-        value = np.array(found.pop(), dtype=ut).view(dtype) if len(found) == 1 else np.inf
-        _SORTED_NAN[dtype] = value
-    return _SORTED_NAN[dtype]
-
-
-def _median_2d_float(flat: np.ndarray, k: int) -> np.ndarray:
-    ut, sign, mmask, full, kneg0, kpos0, kinf, knan = _float_constants(flat.dtype)
-    consts = (sign, mmask, full, kneg0, kpos0, kinf, knan)
-    bits = flat.view(ut)
-    out = np.empty((flat.shape[0] - k + 1, flat.shape[1]), dtype=flat.dtype)
-    win = np.empty(_BLOCK_SORTED * k, dtype=ut)
-    amb = np.empty(1024, dtype=np.int64)
-    n_amb = _median_float(bits, k, out.view(ut), *consts, win, amb)
-    if n_amb > amb.shape[0]:  # rare: rerun with room for every flagged window
-        amb = np.empty(n_amb, dtype=np.int64)
-        _median_float(bits, k, out.view(ut), *consts, win, amb)
-    if n_amb:
-        # np.sort of the same K values in the same order is the reference's
-        # own computation, so its choice among -0.0/+0.0 or NaN payloads is
-        # reproduced exactly.
-        rows, cols = np.divmod(amb[:n_amb], flat.shape[1])
-        windows = flat[rows[:, None] + np.arange(k), cols[:, None]]
-        out[rows, cols] = np.sort(windows, axis=-1)[:, k // 2]
-    return out
-
-
-def _median_2d_int(flat: np.ndarray, k: int) -> np.ndarray:
-    out = np.empty((flat.shape[0] - k + 1, flat.shape[1]), dtype=flat.dtype)
-    count_t = np.uint16 if k < 2**16 else np.uint32
-    narrow = flat.dtype.itemsize == 1
-    dmin = np.iinfo(flat.dtype).min
-    hist8 = np.empty((_BLOCK_HIST8, 256), dtype=count_t)
-    med = np.empty(_BLOCK_HIST8, dtype=np.intp)
-    below = np.empty(_BLOCK_HIST8, dtype=np.intp)
-    n16 = 0 if narrow else _BLOCK_HIST16
-    fine = np.zeros((n16, 65536), dtype=count_t)  # calloc: pages untouched if unused
-    mid = np.empty((n16, 4096), dtype=np.int64)
-    coarse = np.empty((n16, 256), dtype=np.int64)
-    win = np.empty(0 if narrow else _BLOCK_SORTED * k, dtype=flat.dtype)
-    _median_int(
-        flat, k, out, not narrow, flat.dtype.type(dmin),
-        hist8, fine, mid, coarse, med, below, win,
-    )  # fmt: skip
-    return out
-
-
 def median_windows_numba(stack: np.ndarray, kernel_size: int) -> np.ndarray:
     """Medians of all windows of ``kernel_size`` consecutive frames, compiled.
 
-    Bit-identical to :func:`rollmed_dask.core.median_windows_numpy`, much
-    faster and with memory for the output only (plus a C-contiguous copy of
-    the input if it is not C-contiguous).
+    Bit-identical to :func:`rollmed_dask.core.median_windows_numpy` and much
+    faster, with little memory beyond the output: a key copy of the input for
+    signed and float dtypes, and a C-contiguous copy if the input is not.
 
     Parameters
     ----------
     stack : numpy.ndarray, shape (M, ...)
         M frames of any shape (none, (H, W), a pixel tile, ...), any integer
-        or real floating dtype, any memory layout.
+        or float16/float32/float64 dtype, any memory layout or byte order.
     kernel_size : int
         K, frames per window, ``1 <= K <= M``.
 
@@ -537,25 +572,24 @@ def median_windows_numba(stack: np.ndarray, kernel_size: int) -> np.ndarray:
     -------
     numpy.ndarray, shape (M - K + 1, ...)
         ``out[i] = sorted(stack[i:i+K], axis=0)[K // 2]`` per pixel: the upper
-        median for even K, never an average, same dtype as ``stack``. For
-        floats NaNs sort last, as in ``np.sort``, and where a window's median
-        could be -0.0 or +0.0, or NaNs with different bits, the bits are those
+        median for even K, never an average, with the dtype of ``stack``. For
+        floats NaNs sort last as in ``np.sort``; where several bit patterns
+        are equal candidates (-0.0/+0.0, NaN payloads) the bits are those
         ``np.sort`` returns on this machine.
 
     Raises
     ------
     ValueError
-        If K is not in ``1 .. M``, the stack has no event axis, or the dtype is
-        not an integer or real floating type.
+        If K is not in ``1 .. M``, the stack has no event axis, or its dtype
+        is not an integer or float16/32/64 type.
 
     Notes
     -----
-    The algorithm is chosen per block of pixels from its value range: a
-    256-bin running histogram (any 8-bit data, or narrow data of any integer
-    dtype), a three-level 65536-bin histogram (16-bit ranges), or a sorted
-    window per pixel (wider integers and all floats). See the module
-    docstring. The first call for a dtype compiles (or loads from numba's disk
-    cache); the kernels release the GIL and run on the calling thread.
+    Per block of pixels the kernel is chosen from the block's value range: a
+    256-bin running histogram, a three-level 65536-bin histogram, or a sorted
+    window per pixel; see the module docstring. The first call per key width
+    (8, 16, 32, 64 bit) compiles or loads numba's disk cache. The kernels
+    release the GIL and run on the calling thread.
 
     Examples
     --------
@@ -566,31 +600,41 @@ def median_windows_numba(stack: np.ndarray, kernel_size: int) -> np.ndarray:
     """
     stack = np.asarray(stack)
     if stack.ndim == 0:
-        raise ValueError("the stack has no event axis (0-d input); pass an array of shape (M, ...)")
+        raise ValueError(
+            "the stack has no event axis (0-d input); pass an array of shape (M, ...)"
+        )
     dtype = stack.dtype
-    if dtype.kind not in "uif" or (dtype.kind == "f" and dtype.itemsize not in _FLOAT_UINT):
+    if dtype.kind not in "uif" or (dtype.kind == "f" and dtype.itemsize not in (2, 4, 8)):
         raise ValueError(
             f"median_windows_numba does not support dtype {dtype}; use integer or "
             f"float16/float32/float64 images, or engine='numpy'"
         )
     m_events = stack.shape[0]
-    k = int(kernel_size)
+    try:
+        k = -1 if isinstance(kernel_size, bool) else operator.index(kernel_size)
+    except TypeError:
+        k = -1
     if not 1 <= k <= m_events:
         raise ValueError(
-            f"kernel_size={kernel_size} must be between 1 and the number of frames "
-            f"({m_events}) of this block"
+            f"kernel_size={kernel_size!r} must be a whole number between 1 and the "
+            f"number of frames ({m_events}) of this block"
         )
-    tail = stack.shape[1:]
-    out_shape = (m_events - k + 1, *tail)
-    if k == 1:  # every window is one value: np.sort returns it untouched
+    out_shape = (m_events - k + 1, *stack.shape[1:])
+    if k == 1:  # each window is one value, which np.sort returns untouched
         return stack.copy()
     if stack.size == 0:
         return np.empty(out_shape, dtype=dtype)
     native = dtype.newbyteorder("=")
-    # One compiled specialisation per dtype: C-contiguous, native byte order.
     flat = np.ascontiguousarray(stack, dtype=native).reshape(m_events, -1)
-    if dtype.kind == "f":
-        out = _median_2d_float(flat, k)
+    ut = _UINT[dtype.itemsize]
+    if dtype.kind == "u":
+        out = _median_keys(flat, k)
+    elif dtype.kind == "i":
+        # Flipping the sign bit maps signed order onto unsigned order.
+        sign = ut(1 << (8 * dtype.itemsize - 1))
+        out = _median_keys(flat.view(ut) ^ sign, k)
+        out ^= sign
+        out = out.view(native)
     else:
-        out = _median_2d_int(flat, k)
+        out = _median_2d_float(flat, k)
     return out.reshape(out_shape).astype(dtype, copy=False)

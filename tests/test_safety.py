@@ -1,0 +1,206 @@
+"""Never lose data: interrupts for real, damaged and truncated inputs, permissions,
+and workers with little memory.
+
+The interrupt tests start the CLI as a subprocess on a job that takes tens of
+seconds (the scipy engine on small blocks), send SIGINT or SIGKILL while it
+runs, and check what is on disk afterwards.
+"""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from conftest import read_images
+
+from rollmed_dask import compute_background, rolling_median_reference
+from rollmed_dask.example import write_example
+from rollmed_dask.sinks import partial_path
+
+SLOW = ["-k", "20", "--engine", "scipy", "--event-chunk", "40"]
+
+
+@pytest.fixture(scope="module")
+def long_rtdc(example_dir):
+    """3000 events: about a minute with the scipy engine on 40-event blocks."""
+    return write_example(example_dir / "long.rtdc", n_events=3000, seed=3)
+
+
+def start_cli(*args):
+    return subprocess.Popen(
+        [sys.executable, "-m", "rollmed_dask", *map(str, args)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def run_cli(*args, timeout=300):
+    return subprocess.run(
+        [sys.executable, "-m", "rollmed_dask", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def wait_until_running(proc, out: Path, seconds=60):
+    """Until the temporary output exists and a block or two are done."""
+    tmp = partial_path(out)
+    deadline = time.monotonic() + seconds
+    while not tmp.exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "the job never started writing"
+        time.sleep(0.1)
+    time.sleep(4)
+    assert proc.poll() is None, "the job must still be running when it is interrupted"
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("suffix", [".rtdc", ".zarr"])
+def test_sigint_keeps_the_old_output_and_leaves_no_temporary(suffix, long_rtdc, tmp_path):
+    out = tmp_path / f"bg{suffix}"
+    if suffix == ".rtdc":
+        out.write_bytes(b"the old output")
+    proc = start_cli(long_rtdc, out, *SLOW, "--overwrite")
+    wait_until_running(proc, out)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=30)  # Ctrl-C stops within seconds, not a minute
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr
+    assert "interrupted" in stderr.strip().splitlines()[-1]
+    if suffix == ".rtdc":
+        assert out.read_bytes() == b"the old output"
+    else:
+        assert not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ([out.name] if out.exists() else [])
+    rerun = run_cli(long_rtdc, out, "-k", "20", "--overwrite", "-q")
+    assert rerun.returncode == 0, rerun.stderr
+    expected = rolling_median_reference(read_images(long_rtdc), 20)
+    np.testing.assert_array_equal(read_images(out, "events/image_bg"), expected)
+
+
+@pytest.mark.timeout(300)
+def test_sigkill_keeps_the_old_output_and_a_rerun_is_exact(long_rtdc, tmp_path):
+    out = tmp_path / "bg.rtdc"
+    out.write_bytes(b"the old output")
+    proc = start_cli(long_rtdc, out, *SLOW, "--overwrite")
+    wait_until_running(proc, out)
+    proc.kill()
+    proc.communicate(timeout=30)
+    assert out.read_bytes() == b"the old output"
+    rerun = run_cli(long_rtdc, out, "-k", "20", "--event-chunk", "40", "--overwrite", "-q")
+    assert rerun.returncode == 0, rerun.stderr
+    expected = rolling_median_reference(read_images(long_rtdc), 20)
+    np.testing.assert_array_equal(read_images(out, "events/image_bg"), expected)
+    assert not partial_path(out).exists(), "the rerun replaced the stale temporary"
+
+
+@pytest.mark.timeout(300)
+def test_sigkill_then_resume_computes_only_what_is_missing(long_rtdc, tmp_path):
+    out = tmp_path / "bg.zarr"
+    proc = start_cli(long_rtdc, out, *SLOW, "--resume")
+    wait_until_running(proc, out)
+    proc.kill()
+    proc.communicate(timeout=30)
+    assert not out.exists()
+    # the same job (K, block length) with the fast engine: the engine never
+    # changes the bits, so the blocks already written are kept
+    rerun = run_cli(long_rtdc, out, "-k", "20", "--event-chunk", "40", "--resume")
+    assert rerun.returncode == 0, rerun.stderr
+    assert "resuming:" in rerun.stderr
+    summary = rerun.stderr.strip().splitlines()[-1]
+    resumed = int(summary.split(" resumed")[0].rsplit(", ", 1)[1])
+    assert resumed > 0, summary
+    expected = rolling_median_reference(read_images(long_rtdc), 20)
+    np.testing.assert_array_equal(read_images(out, "events/image_bg"), expected)
+    assert not partial_path(out).exists()
+
+
+def flip_bytes_in_chunk(path, dataset, chunk_index):
+    """Damage one stored chunk on disk, as a failing disk or a bad copy would."""
+    with h5py.File(path, "r") as h5:
+        info = h5[dataset].id.get_chunk_info(chunk_index)
+    with open(path, "r+b") as f:
+        f.seek(info.byte_offset + info.size // 2)
+        data = bytearray(f.read(8))
+        f.seek(info.byte_offset + info.size // 2)
+        f.write(bytes(b ^ 0xFF for b in data))
+    return info.chunk_offset[0]
+
+
+def test_damaged_chunk_is_caught_and_named(rtdc_copy, tmp_path):
+    first = flip_bytes_in_chunk(rtdc_copy, "events/image", 3)
+    assert first == 120
+    out = tmp_path / "bg.rtdc"
+    with pytest.raises(OSError, match="events 120 to 159"):
+        compute_background(rtdc_copy, out, 10, progress=False)
+    assert not out.exists() and not partial_path(out).exists()
+    result = run_cli(rtdc_copy, out, "-k", "10")
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("rollmed-dask: error:") and "events 120 to 159" in last
+    assert "checksum" in last
+    assert not out.exists()
+
+
+def test_truncated_file(rtdc_copy, tmp_path):
+    size = rtdc_copy.stat().st_size
+    with open(rtdc_copy, "r+b") as f:
+        f.truncate(size // 2)
+    result = run_cli(rtdc_copy, tmp_path / "bg.rtdc")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert "truncated or damaged" in line
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="dropping to 'nobody' needs root")
+def test_no_write_permission(small_rtdc):
+    # pytest's tmp_path lies in a folder only root may enter; nobody needs a way in
+    base = Path(tempfile.mkdtemp(prefix="rollmed-perm-"))
+    try:
+        base.chmod(0o755)
+        source = Path(shutil.copy(small_rtdc, base / "input.rtdc"))
+        source.chmod(0o644)
+        locked = base / "locked"
+        locked.mkdir(mode=0o555)
+        result = subprocess.run(
+            [sys.executable, Path(__file__).with_name("cli_as_nobody.py"), source,
+             locked / "bg.rtdc", "-k", "5"],
+            capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+        assert result.returncode == 2, result.stderr
+        (line,) = result.stderr.strip().splitlines()
+        assert line == f"rollmed-dask: error: cannot write into the output folder '{locked}'"
+        assert list(locked.iterdir()) == []
+    finally:
+        shutil.rmtree(base)
+
+
+@pytest.mark.cluster
+@pytest.mark.timeout(300)
+@pytest.mark.filterwarnings("ignore::UserWarning:distributed")
+def test_worker_with_little_memory_is_not_killed(example_dir, tmp_path):
+    from rollmed_dask.cluster import close_client, start_local_cluster
+
+    source = write_example(example_dir / "for-memory.rtdc", n_events=2000, seed=4)
+    client = start_local_cluster(1, memory_limit="400MiB")
+    try:
+        pid = client.run(os.getpid)
+        # the default budget (256 MiB a task) would not fit; it is lowered to fit
+        compute_background(source, tmp_path / "bg.zarr", 100, scheduler=client, progress=False)
+        assert client.run(os.getpid) == pid, "the worker was never restarted"
+    finally:
+        close_client(client)
+    expected = rolling_median_reference(read_images(source), 100)
+    np.testing.assert_array_equal(read_images(tmp_path / "bg.zarr", "events/image_bg"), expected)
