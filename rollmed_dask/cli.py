@@ -31,6 +31,8 @@ examples:
   rollmed-dask data.rtdc data_bg.rtdc -k 100     new .rtdc with events/image_bg
   rollmed-dask data.rtdc data.rtdc --in-place    add events/image_bg to data.rtdc
   rollmed-dask data.rtdc bg.zarr --resume        Zarr output that can be resumed
+  rollmed-dask data.rtdc bg.rtdc -b rollmed -kb kernel_size=250 -kb batch_size=5000
+                                                 ChipStream's spelling of the same job
   rollmed-dask data.rtdc bg.rtdc --workers 4     on a local cluster of 4 processes
   rollmed-dask data.rtdc bg.rtdc --slurm --cores 8 --memory 16GB --jobs 4
 """
@@ -87,6 +89,23 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="B",
         help="recorded in the dcnum pipeline id rollmed:k=K^b=B; does not "
         "change the result (default: %(default)s)",
+    )
+    g.add_argument(
+        "-b",
+        "--background-method",
+        default="rollmed",
+        metavar="METHOD",
+        help="ChipStream/dcnum spelling: 'rollmed', or a dcnum pipeline id such as "
+        "'rollmed:k=100^b=10000' (sets -k and --batch-size)",
+    )
+    g.add_argument(
+        "-kb",
+        dest="background_kwargs",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="ChipStream spelling of the method's arguments: -kb kernel_size=100 "
+        "-kb batch_size=10000 (repeatable)",
     )
     g.add_argument(
         "--engine",
@@ -191,7 +210,39 @@ class UsageError(ValueError):
     """A command-line mistake that argparse cannot see."""
 
 
+# dcnum abbreviates the keyword arguments in its pipeline ids
+_BACKGROUND_KWARGS = {
+    "kernel_size": "kernel_size",
+    "k": "kernel_size",
+    "batch_size": "batch_size",
+    "b": "batch_size",
+}
+
+
+def _apply_dcnum_spelling(args) -> None:
+    """Fold ``-b rollmed[:k=K^b=B]`` and ``-kb KEY=VALUE`` into the plain options."""
+    method, _, ppid_kwargs = args.background_method.partition(":")
+    if method != "rollmed":
+        raise UsageError(
+            f"background method {method!r} is not computed here; rollmed-dask computes "
+            f"'rollmed' (the rolling median); use dcnum or ChipStream for {method!r}"
+        )
+    pairs = [p for p in ppid_kwargs.split("^") if p] + list(args.background_kwargs)
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or key.strip() not in _BACKGROUND_KWARGS:
+            raise UsageError(
+                f"background argument {pair!r} is not understood; use kernel_size=K or "
+                f"batch_size=B (or k=K, b=B)"
+            )
+        try:
+            setattr(args, _BACKGROUND_KWARGS[key.strip()], int(value))
+        except ValueError:
+            raise UsageError(f"background argument {pair!r} needs an integer value") from None
+
+
 def _check_args(args, parser) -> None:
+    _apply_dcnum_spelling(args)
     if args.example is not None:
         return
     if args.input is None or args.output is None:

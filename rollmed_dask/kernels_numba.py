@@ -65,6 +65,9 @@ _BLOCK_HIST8 = 512
 _BLOCK_HIST16 = 8
 # Pixels per block of the sorted windows (K keys each).
 _BLOCK_SORTED = 16
+# From which K wide keys (by key bytes) take rank compression instead of
+# sorted windows; measured crossover on float data, 2000 frames.
+_RANKED_MIN_K = {4: 64, 8: 160}
 
 _UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
 
@@ -322,6 +325,78 @@ def _block_sorted(src, k, p0, nb, out, win):
 
 
 # --------------------------------------------------------------------------
+# Rank compression: wide keys through the 65536-bin histogram
+# --------------------------------------------------------------------------
+
+
+@numba.njit(nogil=True, cache=True)
+def _dense_ranks(ka, kb, ia, ib, cnt, ranks, b, uniq):
+    """Rank the keys ``ka`` of one pixel: ``ranks[i, b]`` = dense rank of ``ka[i]``.
+
+    ``uniq[b, rank]`` receives the key of each rank. LSD radix sort by bytes
+    with the indices carried along (``kb``, ``ia``, ``ib`` are scratch; ``ka``
+    is overwritten); a byte shared by all keys (such as the exponent byte of
+    similar floats) costs one counting pass and no scatter.
+    """
+    m = ka.shape[0]
+    for t in range(m):
+        ia[t] = t
+    for byte in range(ka.itemsize):
+        shift = np.uint64(8 * byte)
+        cnt[:] = 0
+        for t in range(m):
+            cnt[np.uint8(np.uint64(ka[t]) >> shift)] += 1
+        if cnt.max() == m:
+            continue
+        total = 0
+        for d in range(256):
+            c = cnt[d]
+            cnt[d] = total
+            total += c
+        for t in range(m):
+            d = np.uint8(np.uint64(ka[t]) >> shift)
+            pos = cnt[d]
+            cnt[d] = pos + 1
+            kb[pos] = ka[t]
+            ib[pos] = ia[t]
+        ka, kb = kb, ka
+        ia, ib = ib, ia
+    r = 0
+    uniq[b, 0] = ka[0]
+    for t in range(m):
+        if ka[t] != uniq[b, r]:
+            r += 1
+            uniq[b, r] = ka[t]
+        ranks[ia[t], b] = r
+
+
+@numba.njit(nogil=True, cache=True)
+def _block_ranked(src, k, p0, nb, out, fine, mid, coarse, med, below, rk):
+    """Medians of pixels ``p0 .. p0+nb-1`` via their ranks: wide keys, large K.
+
+    Each pixel's M keys are replaced by their dense ranks (< M <= 65536), the
+    65536-bin histogram finds the median ranks, and a table maps them back.
+    The cost is a radix sort per pixel plus the histogram, independent of K,
+    where the sorted window costs O(K) per event. ``rk`` holds the scratch
+    arrays (see :func:`_rank_scratch`).
+    """
+    cols, kb, ia, ib, cnt, ranks, uniq, out_r = rk
+    m_events = src.shape[0]
+    for i in range(m_events):  # transpose: each pixel's keys contiguous
+        row = src[i, p0 : p0 + nb]
+        for b in range(nb):
+            cols[b, i] = row[b]
+    for b in range(nb):
+        _dense_ranks(cols[b], kb, ia, ib, cnt, ranks, b, uniq)
+    _block_hist16(ranks, k, 0, nb, np.uint64(0), out_r, fine, mid, coarse, med, below)
+    for o in range(m_events - k + 1):
+        orow = out[o, p0 : p0 + nb]
+        rrow = out_r[o]
+        for b in range(nb):
+            orow[b] = uniq[b, rrow[b]]
+
+
+# --------------------------------------------------------------------------
 # Drivers: one per key width class, so that each compiles only what it can use
 # --------------------------------------------------------------------------
 
@@ -364,8 +439,12 @@ def _median_u16(src, k, out, hist8, fine, mid, coarse, med, below):
 
 
 @numba.njit(nogil=True, cache=True)
-def _median_wide(src, k, out, hist8, fine, mid, coarse, med, below, win):
-    """Window medians of uint32/uint64 keys: histogram if the block's span allows."""
+def _median_wide(src, k, out, hist8, fine, mid, coarse, med, below, win, ranked, rk):
+    """Window medians of uint32/uint64 keys: histogram if the block's span allows.
+
+    Blocks with a wider span use sorted windows, or with ``ranked`` (large K)
+    rank compression (:func:`_block_ranked`).
+    """
     n_pix = src.shape[1]
     for p0 in range(0, n_pix, _BLOCK_HIST8):
         nb = min(_BLOCK_HIST8, n_pix - p0)
@@ -376,10 +455,30 @@ def _median_wide(src, k, out, hist8, fine, mid, coarse, med, below, win):
             for q0 in range(p0, p0 + nb, _BLOCK_HIST16):
                 nq = min(_BLOCK_HIST16, p0 + nb - q0)
                 _block_hist16(src, k, q0, nq, umn, out, fine, mid, coarse, med, below)
+        elif ranked:
+            for q0 in range(p0, p0 + nb, _BLOCK_HIST16):
+                nq = min(_BLOCK_HIST16, p0 + nb - q0)
+                _block_ranked(src, k, q0, nq, out, fine, mid, coarse, med, below, rk)
         else:
             for q0 in range(p0, p0 + nb, _BLOCK_SORTED):
                 nq = min(_BLOCK_SORTED, p0 + nb - q0)
                 _block_sorted(src, k, q0, nq, out, win)
+
+
+def _rank_scratch(m_events: int, k: int, key_t, ranked: bool) -> tuple:
+    """Scratch arrays of :func:`_block_ranked` (empty ones if it is not used)."""
+    n = m_events if ranked else 0
+    b = _BLOCK_HIST16 if ranked else 0
+    return (
+        np.empty((b, n), dtype=key_t),  # cols: keys of each pixel, then sorted
+        np.empty(n, dtype=key_t),  # kb: radix ping-pong keys
+        np.empty(n, dtype=np.intp),  # ia, ib: event indices carried along
+        np.empty(n, dtype=np.intp),
+        np.empty(256, dtype=np.intp),  # cnt: digit counts
+        np.empty((n, b), dtype=np.uint16),  # ranks, event-major like the keys
+        np.empty((b, n), dtype=key_t),  # uniq: key of each rank
+        np.empty((max(n - k + 1, 0), b), dtype=np.uint16),  # out_r: median ranks
+    )
 
 
 def _median_keys(keys: np.ndarray, k: int) -> np.ndarray:
@@ -399,8 +498,12 @@ def _median_keys(keys: np.ndarray, k: int) -> np.ndarray:
     if keys.dtype.itemsize == 2:
         _median_u16(keys, k, out, hist8, fine, mid, coarse, med, below)
     else:
-        win = np.empty(_BLOCK_SORTED * k, dtype=keys.dtype)
-        _median_wide(keys, k, out, hist8, fine, mid, coarse, med, below, win)
+        # Sorted windows cost O(K) per event, rank compression a radix sort
+        # per pixel (one pass per key byte): it wins from about these K on.
+        ranked = keys.shape[0] <= 65536 and k >= _RANKED_MIN_K[keys.dtype.itemsize]
+        win = np.empty(0 if ranked else _BLOCK_SORTED * k, dtype=keys.dtype)
+        rk = _rank_scratch(keys.shape[0], k, keys.dtype, ranked)
+        _median_wide(keys, k, out, hist8, fine, mid, coarse, med, below, win, ranked, rk)
     return out
 
 

@@ -86,6 +86,25 @@ def test_quiet_zarr_with_dcnum_spelling(small_rtdc, tmp_path):
     assert attrs["dcnum ppid background"] == "rollmed:k=12^b=500"
 
 
+@pytest.mark.parametrize(
+    "spelling",
+    [
+        ["-b", "rollmed", "-kb", "kernel_size=14", "-kb", "batch_size=700"],
+        ["-b", "rollmed:k=14^b=700"],
+        ["--kernel-size", "14", "--batch-size", "700"],
+    ],
+)
+def test_chipstream_and_dcnum_spellings(spelling, small_rtdc, tmp_path):
+    out = tmp_path / "bg.rtdc"
+    result = run_cli(small_rtdc, out, *spelling, "-q")
+    assert result.returncode == 0, result.stderr
+    with h5py.File(out, "r") as h5:
+        assert h5["events/image_bg"].attrs["dcnum ppid background"] == "rollmed:k=14^b=700"
+        np.testing.assert_array_equal(
+            h5["events/image_bg"][:], rolling_median_reference(read_images(small_rtdc), 14)
+        )
+
+
 def test_in_place(rtdc_copy):
     result = run_cli(rtdc_copy, rtdc_copy, "-k", "10", "--in-place", "-q")
     assert result.returncode == 0, result.stderr
@@ -152,6 +171,11 @@ ERROR_CASES = {
         ["{cases}", "{tmp}/out.rtdc", "-k", "3", "--memory-budget", "lots"],
         ["memory_budget='lots' is not a size", "256MiB"],
     ),
+    "other method": (
+        ["{cases}", "{tmp}/out.rtdc", "-b", "sparsemed"],
+        ["'sparsemed' is not computed here"],
+    ),
+    "bad -kb": (["{cases}", "{tmp}/out.rtdc", "-kb", "size=3"], ["'size=3' is not understood"]),
     "two schedulers": (
         ["{cases}", "{tmp}/out.rtdc", "--workers", "2", "--scheduler", "threads"],
         ["choose one of"],

@@ -1,0 +1,925 @@
+"""Benchmark rollmed-dask against dcnum, scipy and dask-image; one command.
+
+    python benchmarks/run.py                      # the full suite (~30-40 min)
+    python benchmarks/run.py --quick              # tiny smoke run (< 1 min)
+    python benchmarks/run.py --sizes 2000 --kernels 100   # a medium sanity run
+
+Every contestant runs in a fresh process (``benchmarks/_cases.py``) on the
+same synthetic ``.rtdc`` input (``rollmed_dask.example.write_example``: uint8
+80 x 320, zstd-5 + fletcher32, chunks (40, 80, 320) as dcnum writes them) and
+writes an output file with the compression dcnum writes. Measured per case:
+the call alone (imports excluded, first call included), the whole process,
+and the peak RSS of the process tree (summed over the process and all its
+descendants, sampled every 50 ms). Afterwards every output is checked against
+the truth (see README.md) and the row records ``exact``. A table is printed
+and all rows go to a JSON file with the machine they ran on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.metadata
+import json
+import os
+import pathlib
+import platform
+import shutil
+import socket
+import subprocess
+import sys
+import time
+
+HERE = pathlib.Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+
+MiB = 2**20
+IMAGE_SHAPE = (80, 320)
+SCHEMA_VERSION = 1
+OURS = ("ours-threads", "ours-processes", "ours-scipy-engine")
+IO_FLOORS = ("io-floor-threads", "io-floor-processes")
+BASELINES = ("dcnum", "scipy", "dask-image")
+ALL_CONTESTANTS = ("kernel", "graph", *IO_FLOORS, "ours-threads", "ours-processes",
+                   "ours-scipy-engine", *BASELINES)  # fmt: skip
+DEFAULT_CONTESTANTS = tuple(c for c in ALL_CONTESTANTS if c != "ours-scipy-engine")
+# what dcnum writes for events/image_bg of a uint8 80 x 320 stack
+EXPECTED_LAYOUT = {"chunks": [40, 80, 320], "filters": [[32015, [5]], [3, []]]}
+
+
+# --------------------------------------------------------------------------
+# command line
+# --------------------------------------------------------------------------
+
+
+def _ints(text: str) -> list[int]:
+    return [int(float(v)) for v in text.split(",") if v.strip()]
+
+
+def _names(text: str) -> list[str]:
+    names = [v.strip() for v in text.split(",") if v.strip()]
+    unknown = sorted(set(names) - set(ALL_CONTESTANTS))
+    if unknown:
+        raise argparse.ArgumentTypeError(
+            f"unknown contestant(s) {', '.join(unknown)}; choose from {', '.join(ALL_CONTESTANTS)}"
+        )
+    return names
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        description="Benchmark rollmed-dask against dcnum, scipy and dask-image.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--quick", action="store_true",
+                   help="tiny smoke run: N=300, K=20, every contestant, graph at N=10^6")
+    p.add_argument("--sizes", type=_ints, default=None,
+                   help="numbers of events N, comma separated (default 20000,200000)")
+    p.add_argument("--kernels", type=_ints, default=None,
+                   help="kernel sizes K, comma separated (default 20,100,500)")
+    p.add_argument("--contestants", type=_names, default=None,
+                   help=f"subset of {','.join(ALL_CONTESTANTS)} (default: all but "
+                        f"ours-scipy-engine)")
+    p.add_argument("--skip-dcnum-above", type=int, default=None,
+                   help="run dcnum only for N up to this (default: the smallest N)")
+    p.add_argument("--dcnum-kernels", type=_ints, default=None,
+                   help="K values dcnum runs at (default 20,100: dcnum at K=500 and "
+                        "N=20000 would take ~25 min)")
+    p.add_argument("--skip-baselines-above", type=int, default=None,
+                   help="run scipy, dask-image and ours-scipy-engine only for N up to "
+                        "this (default: the smallest N)")
+    p.add_argument("--baseline-kernels", type=_ints, default=None,
+                   help="K values scipy, dask-image, ours-scipy-engine run at (default 100)")
+    p.add_argument("--graph-events", type=int, default=None,
+                   help="N of the graph-building case (default 10^7)")
+    p.add_argument("--graph-kernel", type=int, default=100)
+    p.add_argument("--workers", type=int, default=os.cpu_count(),
+                   help="threads/processes of every parallel contestant")
+    p.add_argument("--oracle-budget", type=float, default=200.0,
+                   help="seconds the exact check of one (N, K) may take by the estimate; "
+                        "above, outputs are compared with each other in full and with "
+                        "the oracle at sampled rows (the smallest N is always checked "
+                        "in full)")
+    p.add_argument("--data-dir", type=pathlib.Path, default=HERE / "data",
+                   help="inputs (reused when present with the same N) and outputs")
+    p.add_argument("--out", type=pathlib.Path, default=HERE / "results" / "latest.json")
+    p.add_argument("--case-timeout", type=float, default=3600.0,
+                   help="seconds before a case is killed and recorded as failed")
+    p.add_argument("--keep-outputs", action="store_true",
+                   help="keep output files (default: deleted once checked)")
+    a = p.parse_args(argv)
+    q = a.quick
+    a.sizes = a.sizes or ([300] if q else [20000, 200000])
+    a.kernels = a.kernels or ([20] if q else [20, 100, 500])
+    a.contestants = a.contestants or list(DEFAULT_CONTESTANTS)
+    a.sizes = sorted(set(a.sizes))
+    smallest = a.sizes[0]
+    if a.skip_dcnum_above is None:
+        a.skip_dcnum_above = smallest
+    if a.skip_baselines_above is None:
+        a.skip_baselines_above = smallest
+    a.dcnum_kernels = a.dcnum_kernels or (a.kernels if q else [20, 100])
+    a.baseline_kernels = a.baseline_kernels or (a.kernels if q else [100])
+    a.graph_events = a.graph_events or (10**6 if q else 10**7)
+    a.kernel_repeat = 1 if q else 3
+    a.kernel_check_seconds = 2.0 if q else 10.0
+    for k in a.kernels:
+        if k >= smallest:
+            p.error(f"K={k} must be smaller than the smallest N={smallest}")
+    return a
+
+
+# --------------------------------------------------------------------------
+# machine
+# --------------------------------------------------------------------------
+
+_PACKAGES = ("numpy", "scipy", "dask", "distributed", "numba", "h5py", "hdf5plugin",
+             "numcodecs", "zarr", "dcnum", "dask-image", "psutil", "rollmed-dask")  # fmt: skip
+
+
+def machine_info() -> dict:
+    import psutil
+
+    model = None
+    try:
+        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    versions = {"python": platform.python_version()}
+    for name in _PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    return {
+        "hostname": socket.gethostname(),
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "cpu_model": model,
+        "cpu_count_logical": os.cpu_count(),
+        "cpu_count_physical": psutil.cpu_count(logical=False),
+        "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "memory_total_gb": round(psutil.virtual_memory().total / 2**30, 2),
+        "memory_available_gb_at_start": round(psutil.virtual_memory().available / 2**30, 2),
+        "load_average_at_start": list(os.getloadavg()),
+        "versions": versions,
+        "git": _git_state(),
+    }
+
+
+def _git_state() -> dict | None:
+    """Commit and whether the work tree differs from it (read-only git calls)."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
+                              text=True, timeout=10).stdout.strip()  # fmt: skip
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=ROOT, capture_output=True, text=True,
+                               timeout=10).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return {"commit": head or None, "modified_tracked_files": bool(dirty)}
+
+
+# --------------------------------------------------------------------------
+# inputs
+# --------------------------------------------------------------------------
+
+
+def _layout(dset) -> dict:
+    plist = dset.id.get_create_plist()
+    filters = []
+    for i in range(plist.get_nfilters()):
+        code, _flags, values, _name = plist.get_filter(i)
+        filters.append([int(code), [int(v) for v in values]])
+    return {"chunks": list(dset.chunks) if dset.chunks else None, "filters": filters,
+            "dtype": str(dset.dtype), "shape": list(dset.shape)}  # fmt: skip
+
+
+def input_ok(path: pathlib.Path, n: int) -> bool:
+    import h5py
+    import hdf5plugin  # noqa: F401
+
+    try:
+        with h5py.File(path, "r") as h5:
+            lay = _layout(h5["events/image"])
+    except (OSError, KeyError):
+        return False
+    return (lay["shape"] == [n, *IMAGE_SHAPE] and lay["dtype"] == "uint8"
+            and lay["chunks"] == EXPECTED_LAYOUT["chunks"]
+            and lay["filters"] == EXPECTED_LAYOUT["filters"])  # fmt: skip
+
+
+def ensure_input(data_dir: pathlib.Path, n: int) -> pathlib.Path:
+    from rollmed_dask.example import write_example
+
+    path = data_dir / f"example-n{n}-seed0.rtdc"
+    if path.exists() and input_ok(path, n):
+        log(f"input: reusing {path}")
+        return path
+    tmp = path.with_name(f".{path.name}.partial")
+    log(f"input: writing {path} (N={n}) ...")
+    t0 = time.perf_counter()
+    write_example(tmp, n_events=n, image_shape=IMAGE_SHAPE, seed=0)
+    os.replace(tmp, path)
+    log(f"input: written in {time.perf_counter() - t0:.1f} s")
+    if not input_ok(path, n):
+        raise RuntimeError(f"{path} does not have the dcnum layout {EXPECTED_LAYOUT}")
+    return path
+
+
+# --------------------------------------------------------------------------
+# running one case
+# --------------------------------------------------------------------------
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def _tree_rss(proc) -> tuple[int, int]:
+    import psutil
+
+    try:
+        procs = [proc, *proc.children(recursive=True)]
+    except psutil.Error:
+        return 0, 0
+    total = 0
+    for q in procs:
+        try:
+            total += q.memory_info().rss
+        except psutil.Error:
+            pass
+    return total, len(procs)
+
+
+def _kill_tree(popen) -> None:
+    """Kill the case process and its descendants (all started by us), by pid."""
+    import psutil
+
+    try:
+        children = psutil.Process(popen.pid).children(recursive=True)
+    except psutil.Error:
+        children = []
+    popen.kill()
+    for c in children:
+        try:
+            c.kill()
+        except psutil.Error:
+            pass
+
+
+def run_case(case: str, argv: list[str], work: pathlib.Path, label: str, timeout: float) -> dict:
+    """Run ``_cases.py case argv`` in a fresh process; timings, peak tree RSS, result."""
+    import psutil
+
+    result_path = work / f"{label}.result.json"
+    log_path = work / f"{label}.log"
+    result_path.unlink(missing_ok=True)
+    cmd = [sys.executable, str(HERE / "_cases.py"), case, *map(str, argv),
+           "--result", str(result_path)]  # fmt: skip
+    env = dict(os.environ, PYTHONUNBUFFERED="1",
+               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    load0 = os.getloadavg()[0]
+    peak, peak_procs, timed_out = 0, 0, False
+    with open(log_path, "w") as logf:
+        t0 = time.perf_counter()
+        popen = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
+        proc = psutil.Process(popen.pid)
+        while popen.poll() is None:
+            rss, nprocs = _tree_rss(proc)
+            peak = max(peak, rss)
+            peak_procs = max(peak_procs, nprocs)
+            if time.perf_counter() - t0 > timeout:
+                timed_out = True
+                _kill_tree(popen)
+                popen.wait()
+                break
+            time.sleep(0.05)
+        wall = time.perf_counter() - t0
+    row = {"process_s": wall, "peak_rss_tree_mb": peak / MiB, "peak_processes": peak_procs,
+           "load_average_before": load0, "load_average_after": os.getloadavg()[0],
+           "log": str(log_path)}  # fmt: skip
+    if result_path.exists():
+        row.update(json.loads(result_path.read_text()))
+    else:
+        row.update(status="error", error=f"exit code {popen.returncode}, no result")
+    if timed_out:
+        row.update(status="error", error=f"killed after {timeout:.0f} s (--case-timeout)")
+    if row["status"] != "ok":
+        tail = log_path.read_text(errors="replace")[-3000:]
+        log(f"  {label} FAILED: {row.get('error')}\n{row.get('traceback', '') or tail}")
+    return row
+
+
+# --------------------------------------------------------------------------
+# checking outputs
+# --------------------------------------------------------------------------
+
+
+def _open(path):
+    import h5py
+    import hdf5plugin  # noqa: F401
+
+    return h5py.File(path, "r")
+
+
+def datasets_equal(a, b) -> tuple[bool, int | None]:
+    """Whether two datasets hold the same values; the first differing event if not.
+
+    Chunks whose stored bytes are identical (same chunk shape and filters) are
+    equal without decoding; the others are decoded and compared.
+    """
+    import numpy as np
+
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False, 0
+    n = a.shape[0]
+    raw = a.chunks is not None and a.chunks == b.chunks and _layout(a)["filters"] == \
+        _layout(b)["filters"] and a.chunks[1:] == a.shape[1:]  # fmt: skip
+    step = a.chunks[0] if raw else 1000
+    for s in range(0, n, step):
+        if raw:
+            try:
+                ma, ra = a.id.read_direct_chunk((s, 0, 0))
+                mb, rb = b.id.read_direct_chunk((s, 0, 0))
+                if ma == mb and ra == rb:
+                    continue
+            except (OSError, RuntimeError, KeyError):
+                pass
+        x, y = a[s : s + step], b[s : s + step]
+        if not np.array_equal(x, y):
+            bad = np.nonzero((x != y).reshape(len(x), -1).any(axis=1))[0]
+            return False, int(s + bad[0])
+    return True, None
+
+
+def _first_bad(got, want, offset: int) -> int | None:
+    import numpy as np
+
+    if got.shape == want.shape and np.array_equal(got, want):
+        return None
+    if got.shape != want.shape:
+        return offset
+    bad = np.nonzero((got != want).reshape(len(got), -1).any(axis=1))[0]
+    return int(offset + bad[0])
+
+
+def verify_full(input_path, outputs: dict, n: int, k: int, threads: int) -> dict:
+    """Stream the oracle over the whole stack, compare every output with it."""
+    import _oracle
+    import numpy as np
+
+    res = {name: {"exact": True, "check": "oracle, all rows", "first_bad_event": None}
+           for name in outputs}  # fmt: skip
+    files = {name: _open(p) for name, p in outputs.items()}
+    try:
+        dsets = {}
+        for name, f in files.items():
+            d = f["events/image_bg"]
+            if d.shape != (n, *IMAGE_SHAPE) or str(d.dtype) != "uint8":
+                res[name].update(exact=False, first_bad_event=0,
+                                 check=f"wrong shape/dtype {d.shape} {d.dtype}")  # fmt: skip
+            else:
+                dsets[name] = d
+        with _open(input_path) as fin:
+            img = fin["events/image"]
+            block = max(256, (64 * MiB) // (IMAGE_SHAPE[0] * IMAGE_SHAPE[1]))
+            last = None
+            for s in range(0, n - k, block):
+                e = min(s + block, n - k)
+                truth = _oracle.median_windows(img[s : e + k - 1], k, threads=threads)
+                last = truth[-1]
+                for name, d in dsets.items():
+                    if res[name]["exact"]:
+                        bad = _first_bad(d[s:e], truth, s)
+                        if bad is not None:
+                            res[name].update(exact=False, first_bad_event=bad)
+        tail = np.broadcast_to(last, (k, *IMAGE_SHAPE))
+        for name, d in dsets.items():
+            if res[name]["exact"]:
+                bad = _first_bad(d[n - k : n], tail, n - k)
+                if bad is not None:
+                    res[name].update(exact=False, first_bad_event=bad)
+    finally:
+        for f in files.values():
+            f.close()
+    return res
+
+
+def _sample_rows(n: int, k: int, count: int, seed: int) -> list[int]:
+    """Rows to check against the oracle: the ends, block borders (multiples of the
+    40-event storage chunk, and their neighbours) and random rows."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    last = n - k - 1
+    rows = {0, 1, last, max(0, last - 1)}
+    borders = rng.integers(1, max(2, last // 40), size=count // 2) * 40
+    rows.update(int(b + d) for b in borders for d in (-1, 0))
+    rows.update(int(r) for r in rng.integers(0, last + 1, size=count // 2))
+    return sorted(r for r in rows if 0 <= r <= last)
+
+
+def verify_sampled(input_path, outputs: dict, n: int, k: int, count: int = 48) -> dict:
+    """Oracle at sampled rows, tail repeats, and all outputs equal in full."""
+    import numpy as np
+
+    rows = _sample_rows(n, k, count, seed=n + k)
+    res = {name: {"exact": None, "first_bad_event": None, "sample_exact": True,
+                  "check": f"oracle at {len(rows)} sampled rows + tail; "}
+           for name in outputs}  # fmt: skip
+    files = {name: _open(p) for name, p in outputs.items()}
+    try:
+        with _open(input_path) as fin:
+            img = fin["events/image"]
+            for j in rows:
+                truth = np.partition(img[j : j + k], k // 2, axis=0)[k // 2]
+                for name, f in files.items():
+                    r = res[name]
+                    if r["sample_exact"] and _first_bad(
+                        f["events/image_bg"][j : j + 1], truth[None], j
+                    ) is not None:
+                        r.update(sample_exact=False, exact=False, first_bad_event=j)
+        for name, f in files.items():
+            d = f["events/image_bg"]
+            if res[name]["sample_exact"]:
+                bad = _first_bad(d[n - k : n], np.broadcast_to(d[n - k - 1], (k, *IMAGE_SHAPE)),
+                                 n - k)  # fmt: skip
+                if bad is not None:
+                    res[name].update(sample_exact=False, exact=False, first_bad_event=bad)
+        names = list(files)
+        anchor = names[0]
+        for name in names:
+            if name == anchor:
+                res[name]["check"] += "the others compared with it in full"
+                continue
+            same, bad = datasets_equal(files[anchor]["events/image_bg"],
+                                       files[name]["events/image_bg"])  # fmt: skip
+            res[name]["check"] += f"{'identical to' if same else 'DIFFERS from'} {anchor}"
+            res[name]["identical_to"] = anchor if same else None
+            if not same:
+                res[name]["first_difference"] = bad
+    finally:
+        for f in files.values():
+            f.close()
+    return res
+
+
+def verify_copy(input_path, output_path) -> dict:
+    with _open(input_path) as fin, _open(output_path) as fout:
+        same, bad = datasets_equal(fin["events/image"], fout["events/image_bg"])
+    return {"exact": same, "first_bad_event": bad, "check": "output == input (copy)"}
+
+
+def output_layout(path) -> dict | None:
+    try:
+        with _open(path) as f:
+            return _layout(f["events/image_bg"])
+    except (OSError, KeyError):
+        return None
+
+
+# --------------------------------------------------------------------------
+# the suite
+# --------------------------------------------------------------------------
+
+
+def _plan_event_chunk(k: int) -> int:
+    from rollmed_dask.pipeline import plan_chunks
+
+    return plan_chunks((10**9, *IMAGE_SHAPE), "uint8", k, (40, *IMAGE_SHAPE),
+                       align_events=40)[0][0]  # fmt: skip
+
+
+class Suite:
+    def __init__(self, a):
+        self.a = a
+        self.rows: list[dict] = []
+        self.rates: dict[tuple[str, int], tuple[int, float]] = {}  # (case, K) -> (N, ns/px-ev)
+        self.work = a.data_dir / "work"
+        self.work.mkdir(parents=True, exist_ok=True)
+
+    def want(self, name: str) -> bool:
+        return name in self.a.contestants
+
+    def add(self, row: dict) -> dict:
+        self.rows.append(row)
+        return row
+
+    def skipped(self, name, n, k, reason, scheduler=None):
+        rate = self.rates.get((name, k))
+        if rate is not None:
+            est = rate[1] * n * IMAGE_SHAPE[0] * IMAGE_SHAPE[1] * 1e-9
+            reason += f"; estimated {est:.0f} s from its {rate[1]:.0f} ns/pixel-event at N={rate[0]}"
+        log(f"skip {name} N={n} K={k}: {reason}")
+        return self.add({"case": name, "events": n, "kernel": k, "scheduler": scheduler,
+                         "status": "skipped", "reason": reason, "exact": None})  # fmt: skip
+
+    def run(self, name, case, argv, n, k, scheduler=None, label=None):
+        label = label or f"{name}-n{n}-k{k}"
+        log(f"run {label} ...")
+        row = run_case(case, argv, self.work, label, self.a.case_timeout)
+        row.update(case=name, events=n, kernel=k, scheduler=scheduler)
+        row.setdefault("exact", None)
+        if row["status"] == "ok":
+            row["ns_per_pixel_event"] = row["call_s"] / (n * IMAGE_SHAPE[0] * IMAGE_SHAPE[1]) * 1e9
+            self.rates[(name, k)] = (n, row["ns_per_pixel_event"])
+            log(f"  {label}: call {row['call_s']:.2f} s, process {row['process_s']:.2f} s, "
+                f"peak tree RSS {row['peak_rss_tree_mb']:.0f} MB")  # fmt: skip
+        return self.add(row)
+
+    # ---- cases without an output file
+
+    def kernel_rows(self, input_path, n):
+        a = self.a
+        label = f"kernel-n{n}"
+        log(f"run {label} ...")
+        row = run_case("kernel", ["--input", input_path, "--kernels", ",".join(map(str, a.kernels)),
+                                  "--threads", f"1,{a.workers}" if a.workers > 1 else "1",
+                                  "--repeat", a.kernel_repeat,
+                                  "--check-seconds", a.kernel_check_seconds],
+                       self.work, label, a.case_timeout)  # fmt: skip
+        if row["status"] != "ok":
+            row.update(case="kernel", events=n, kernel=None, exact=None)
+            return self.add(row)
+        for kr in row["extra"]["rows"]:
+            for key, val in kr.items():
+                if not key.startswith("threads_"):
+                    continue
+                threads = int(key.split("_")[1])
+                self.add({
+                    "case": "kernel", "events": kr["blocks"] * kr["block_events"],
+                    "kernel": kr["kernel"], "scheduler": f"{threads} thread(s)", "status": "ok",
+                    "call_s": min(val["seconds"]),
+                    "ns_per_pixel_event": val["ns_per_pixel_event_min"],
+                    "ns_per_pixel_event_median": val["ns_per_pixel_event_median"],
+                    "first_call_s": kr["first_call_s"], "block_events": kr["block_events"],
+                    "blocks": kr["blocks"], "exact": kr["exact"], "check": kr["check"],
+                    "sample_exact": kr["sample_exact"], "process_s": row["process_s"],
+                    "peak_rss_tree_mb": row["peak_rss_tree_mb"], "import_s": row["import_s"],
+                    "log": row["log"],
+                })  # fmt: skip
+        log(f"  {label}: done in {row['process_s']:.1f} s")
+
+    def graph_row(self):
+        a = self.a
+        out = self.work / "graph-input.rtdc"
+        row = self.run("graph", "graph", ["--output", out, "--kernel", a.graph_kernel,
+                                          "--graph-events", a.graph_events],
+                       a.graph_events, a.graph_kernel, label="graph")  # fmt: skip
+        row.pop("ns_per_pixel_event", None)
+        if row["status"] == "ok":
+            g = row["extra"]["graph"]
+            row.update(exact=row["extra"]["exact"], check=row["extra"]["check"],
+                       graph=g)  # fmt: skip
+
+    # ---- cases writing files
+
+    def out_path(self, name, n, k):
+        path = self.work / f"{name}-n{n}-k{k}.rtdc"
+        path.unlink(missing_ok=True)
+        return path
+
+    def size(self, input_path, n):
+        a = self.a
+        outputs_by_k: dict[int, dict[str, pathlib.Path]] = {k: {} for k in a.kernels}
+        rows_by_k: dict[int, dict[str, dict]] = {k: {} for k in a.kernels}
+        floor_k = a.kernels[len(a.kernels) // 2]
+        for sched in ("threads", "processes"):
+            name = f"io-floor-{sched}"
+            if not self.want(name):
+                continue
+            out = self.out_path(name, n, floor_k)
+            row = self.run(name, "io-floor", ["--input", input_path, "--output", out,
+                                              "--kernel", floor_k, "--scheduler", sched,
+                                              "--workers", a.workers],
+                           n, None, scheduler=sched, label=f"{name}-n{n}")  # fmt: skip
+            row["planned_for_kernel"] = floor_k
+            if row["status"] == "ok":
+                row["layout"] = output_layout(out)
+                row.update(verify_copy(input_path, out))
+            self._cleanup(out)
+        for k in a.kernels:
+            chunk = _plan_event_chunk(k)
+            jobs = []
+            for sched in ("threads", "processes"):
+                if self.want(f"ours-{sched}"):
+                    jobs.append((f"ours-{sched}", "ours", ["--scheduler", sched], sched))
+            if self.want("ours-scipy-engine"):
+                if n <= a.skip_baselines_above and k in a.baseline_kernels:
+                    jobs.append(("ours-scipy-engine", "ours",
+                                 ["--scheduler", "processes", "--engine", "scipy"],
+                                 "processes"))  # fmt: skip
+                else:
+                    self.skipped("ours-scipy-engine", n, k, self._baseline_reason(n, k),
+                                 "processes")  # fmt: skip
+            if self.want("dcnum"):
+                if n <= a.skip_dcnum_above and k in a.dcnum_kernels:
+                    batch = max(k + 1, min(10000, n))
+                    jobs.append(("dcnum", "dcnum", ["--batch-size", batch], "processes"))
+                elif n > a.skip_dcnum_above:
+                    self.skipped("dcnum", n, k, f"dcnum runs only for N <= {a.skip_dcnum_above} "
+                                 f"(--skip-dcnum-above): it would take too long", "processes")
+                else:
+                    self.skipped("dcnum", n, k, f"K={k} is not in --dcnum-kernels "
+                                 f"{a.dcnum_kernels}: it would take too long", "processes")
+            for name, sched in (("scipy", "1 thread"), ("dask-image", "threads")):
+                if not self.want(name):
+                    continue
+                if n <= a.skip_baselines_above and k in a.baseline_kernels:
+                    extra = ["--event-chunk", chunk] if name == "dask-image" else []
+                    jobs.append((name, name, extra, sched))
+                else:
+                    self.skipped(name, n, k, self._baseline_reason(n, k), sched)
+            for name, case, extra, sched in jobs:
+                out = self.out_path(name, n, k)
+                row = self.run(name, case, ["--input", input_path, "--output", out,
+                                            "--kernel", k, "--workers", a.workers, *extra],
+                               n, k, scheduler=sched)  # fmt: skip
+                if row["status"] == "ok":
+                    row["layout"] = output_layout(out)
+                    outputs_by_k[k][name] = out
+                    rows_by_k[k][name] = row
+                else:
+                    self._cleanup(out)
+            self.verify(input_path, n, k, outputs_by_k[k], rows_by_k[k])
+            for out in outputs_by_k[k].values():
+                self._cleanup(out)
+
+    def _baseline_reason(self, n, k):
+        a = self.a
+        if n > a.skip_baselines_above:
+            return (f"runs only for N <= {a.skip_baselines_above} (--skip-baselines-above): "
+                    f"~1 us per pixel-event")
+        return f"K={k} is not in --baseline-kernels {a.baseline_kernels}: ~1 us per pixel-event"
+
+    def verify(self, input_path, n, k, outputs, rows):
+        if not outputs:
+            return
+        import _oracle
+
+        a = self.a
+        px = n * IMAGE_SHAPE[0] * IMAGE_SHAPE[1]
+        est = px * _oracle.ns_per_pixel_event(k) * 1e-9 / max(1, min(a.workers, 2) * 0.7)
+        full = n == a.sizes[0] or est <= a.oracle_budget
+        how = "oracle on every row" if full else "sampled oracle + outputs compared in full"
+        log(f"check N={n} K={k}: {how} (estimated oracle {est:.0f} s) ...")
+        t0 = time.perf_counter()
+        if full:
+            res = verify_full(input_path, outputs, n, k, threads=a.workers)
+        else:
+            res = verify_sampled(input_path, outputs, n, k)
+        dt = time.perf_counter() - t0
+        for name, r in res.items():
+            rows[name].update(r)
+            rows[name]["check_s"] = round(dt, 2)
+            if rows[name]["exact"] is False:
+                log(f"  {name} N={n} K={k}: WRONG RESULT ({r})")
+        log(f"  checked in {dt:.1f} s")
+
+    def _cleanup(self, path):
+        if not self.a.keep_outputs and path.exists():
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+
+    # ---- ratios and targets
+
+    def ratios(self):
+        ok = [r for r in self.rows if r["status"] == "ok" and r["case"] not in ("kernel", "graph")]
+        dcnum = {(r["events"], r["kernel"]): r for r in ok if r["case"] == "dcnum"}
+        floors = {}
+        for r in ok:
+            if r["case"] in IO_FLOORS:
+                n = r["events"]
+                if n not in floors or r["call_s"] < floors[n]["call_s"]:
+                    floors[n] = r
+        for r in ok:
+            d = dcnum.get((r["events"], r["kernel"]))
+            if d is not None:
+                r["speedup_vs_dcnum"] = d["call_s"] / r["call_s"]
+                r["speedup_vs_dcnum_process"] = d["process_s"] / r["process_s"]
+            f = floors.get(r["events"])
+            if f is not None:
+                r["x_io_floor"] = r["call_s"] / f["call_s"]
+                r["io_floor_case"] = f["case"]
+
+    def targets(self) -> list[dict]:
+        ok = [r for r in self.rows if r["status"] == "ok"]
+        ours = [r for r in ok if r["case"] in ("ours-threads", "ours-processes")]
+        out = []
+
+        def add(name, measured, met, detail=""):
+            out.append({"target": name, "measured": measured, "met": met, "detail": detail})
+
+        # 1. >= 100x faster than dcnum, end to end
+        pairs = [r for r in ours if "speedup_vs_dcnum" in r]
+        if pairs:
+            best = {}
+            for r in pairs:
+                key = (r["events"], r["kernel"])
+                if key not in best or r["speedup_vs_dcnum"] > best[key]["speedup_vs_dcnum"]:
+                    best[key] = r
+            worst = min(best.values(), key=lambda r: r["speedup_vs_dcnum"])
+            add(">= 100x faster than dcnum end to end (best of ours per N, K; worst shown)",
+                f"{worst['speedup_vs_dcnum']:.0f}x ({worst['case']}, N={worst['events']}, "
+                f"K={worst['kernel']})", worst["speedup_vs_dcnum"] >= 100,
+                "; ".join(f"N={n} K={k}: {r['speedup_vs_dcnum']:.0f}x ({r['case']})"
+                          for (n, k), r in sorted(best.items())))  # fmt: skip
+        else:
+            add(">= 100x faster than dcnum end to end", "not measured", None)
+        # 2. kernel
+        kern = {(r["kernel"], r["scheduler"]): r for r in ok if r["case"] == "kernel"}
+        two = f"{self.a.workers} thread(s)"
+        k100, k500 = kern.get((100, two)), kern.get((500, two))
+        if k100:
+            add("kernel <= 2 ns per pixel-event on 2 cores at K=100",
+                f"{k100['ns_per_pixel_event']:.2f} ns", k100["ns_per_pixel_event"] <= 2.0)
+        else:
+            add("kernel <= 2 ns per pixel-event on 2 cores at K=100", "not measured", None)
+        if k100 and k500:
+            ratio = k500["ns_per_pixel_event"] / k100["ns_per_pixel_event"]
+            add("kernel at K=500 within 2x of K=100 (2 cores)",
+                f"{k500['ns_per_pixel_event']:.2f} ns = {ratio:.2f}x K=100", ratio <= 2.0)
+        else:
+            add("kernel at K=500 within 2x of K=100", "not measured", None)
+        # 3. within 1.5x of the I/O floor
+        pairs = [r for r in ours if "x_io_floor" in r]
+        if pairs:
+            best = {}
+            for r in pairs:
+                key = (r["events"], r["kernel"])
+                if key not in best or r["x_io_floor"] < best[key]["x_io_floor"]:
+                    best[key] = r
+            worst = max(best.values(), key=lambda r: r["x_io_floor"])
+            add("end to end within 1.5x of the I/O floor (best of ours per N, K; worst shown)",
+                f"{worst['x_io_floor']:.2f}x ({worst['case']}, N={worst['events']}, "
+                f"K={worst['kernel']})", worst["x_io_floor"] <= 1.5,
+                "; ".join(f"N={n} K={k}: {r['x_io_floor']:.2f}x ({r['case']})"
+                          for (n, k), r in sorted(best.items())))  # fmt: skip
+        else:
+            add("end to end within 1.5x of the I/O floor", "not measured", None)
+        # 4. memory: N=200000 < 1 GB and flat
+        big = [r for r in ours if r["events"] >= 200000]
+        if big:
+            peak = max(big, key=lambda r: r["peak_rss_tree_mb"])
+            add("peak RSS (process tree) < 1 GB at N=200000",
+                f"{peak['peak_rss_tree_mb']:.0f} MB ({peak['case']}, K={peak['kernel']})",
+                peak["peak_rss_tree_mb"] < 1024)  # fmt: skip
+        else:
+            add("peak RSS < 1 GB at N=200000", "not measured", None)
+        sizes = sorted({r["events"] for r in ours})
+        if len(sizes) > 1:
+            growth = []
+            for r in ours:
+                if r["events"] != sizes[-1]:
+                    continue
+                base = [b for b in ours if b["events"] == sizes[0] and b["case"] == r["case"]
+                        and b["kernel"] == r["kernel"]]  # fmt: skip
+                if base:
+                    growth.append((r["peak_rss_tree_mb"] / base[0]["peak_rss_tree_mb"], r))
+            if growth:
+                g, r = max(growth, key=lambda t: t[0])
+                add(f"peak RSS flat from N={sizes[0]} to N={sizes[-1]} (growth <= 1.2x)",
+                    f"{g:.2f}x worst ({r['case']}, K={r['kernel']})", g <= 1.2,
+                    "; ".join(f"{rr['case']} K={rr['kernel']}: {gg:.2f}x" for gg, rr in growth))
+        # 5. graph
+        graph = [r for r in ok if r["case"] == "graph"]
+        if graph:
+            g = graph[0]["graph"]
+            add(f"graph for N={g['events']:.0e} built in < 2 s", f"{g['build_s']:.2f} s",
+                g["build_s"] < 2.0 if g["events"] >= 10**7 else None,
+                f"materialised {g['tasks']} tasks in {g['materialize_s']:.2f} s; "
+                f"compute_background set-up on an HDF5 file {g['ooc_setup_s']:.2f} s")
+        return out
+
+
+# --------------------------------------------------------------------------
+# output
+# --------------------------------------------------------------------------
+
+
+def _fmt(v, spec):
+    return "" if v is None else format(v, spec)
+
+
+def _exact_text(r):
+    if r["status"] == "skipped":
+        return ""
+    if r.get("exact") is True:
+        return "yes"
+    if r.get("exact") is False:
+        return "NO"
+    if r.get("sample_exact"):
+        return "sampled"
+    return "n/a" if r["status"] == "ok" else ""
+
+
+def table(rows) -> str:
+    head = ["case", "N", "K", "scheduler", "call s", "process s", "ns/px-ev", "x dcnum",
+            "x io-floor", "peak RSS MB", "exact", "note"]  # fmt: skip
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    for r in rows:
+        note = ""
+        if r["status"] == "skipped":
+            note = "skipped: " + r["reason"]
+        elif r["status"] != "ok":
+            note = "FAILED: " + str(r.get("error", ""))[:120]
+        elif r["case"] == "graph":
+            g = r["graph"]
+            note = (f"build; materialise {g['materialize_s']:.2f} s ({g['tasks']} tasks); "
+                    f"HDF5 set-up {g['ooc_setup_s']:.2f} s")  # fmt: skip
+        elif r["case"] == "kernel":
+            note = (f"first call {r['first_call_s']:.2f} s; {r['blocks']} blocks x "
+                    f"{r['block_events']}; median {r['ns_per_pixel_event_median']:.2f} ns")
+        elif r["case"] in IO_FLOORS:
+            note = f"no compute; blocks planned for K={r.get('planned_for_kernel')}"
+        lay = r.get("layout")
+        if lay and (lay["chunks"] != EXPECTED_LAYOUT["chunks"]
+                    or lay["filters"] != EXPECTED_LAYOUT["filters"]):  # fmt: skip
+            note += f" layout differs from dcnum's: {lay['chunks']} {lay['filters']}"
+        if r["status"] == "ok" and r.get("exact") is None and r.get("check"):
+            note += ("; " if note else "") + r["check"]
+        cells = [
+            r["case"], str(r.get("events", "")), _fmt(r.get("kernel"), "d"),
+            r.get("scheduler") or "", _fmt(r.get("call_s"), ".2f"),
+            _fmt(r.get("process_s"), ".2f") if r["case"] != "kernel" else "",
+            _fmt(r.get("ns_per_pixel_event"), ".1f" if (r.get("ns_per_pixel_event") or 0) >= 10
+                 else ".2f"),
+            _fmt(r.get("speedup_vs_dcnum"), ".1f"), _fmt(r.get("x_io_floor"), ".2f"),
+            _fmt(r.get("peak_rss_tree_mb"), ".0f"), _exact_text(r), note,
+        ]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def targets_text(targets) -> str:
+    lines = []
+    for t in targets:
+        state = {True: "met", False: "NOT met", None: "not judged"}[t["met"]]
+        lines.append(f"- {t['target']}: {t['measured']} -> {state}")
+        if t["detail"]:
+            lines.append(f"    {t['detail']}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    a = parse_args(argv)
+    t_start = time.perf_counter()
+    a.data_dir.mkdir(parents=True, exist_ok=True)
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    info = machine_info()
+    log(f"machine: {info['cpu_model']}, {info['cpu_count_logical']} CPUs, "
+        f"{info['memory_total_gb']} GB, load {info['load_average_at_start']}")
+    import _oracle
+
+    t0 = time.perf_counter()
+    _oracle.self_check()
+    log(f"oracle agrees with rolling_median_reference ({time.perf_counter() - t0:.1f} s)")
+    inputs = {n: ensure_input(a.data_dir, n) for n in a.sizes}
+    suite = Suite(a)
+    if suite.want("kernel"):
+        suite.kernel_rows(inputs[a.sizes[0]], a.sizes[0])
+    if suite.want("graph"):
+        suite.graph_row()
+    for n in a.sizes:
+        suite.size(inputs[n], n)
+    suite.ratios()
+    targets = suite.targets()
+    info["load_average_at_end"] = list(os.getloadavg())
+    total = time.perf_counter() - t_start
+    config = {k: (str(v) if isinstance(v, pathlib.Path) else v) for k, v in vars(a).items()}
+    doc = {
+        "schema_version": SCHEMA_VERSION,
+        "created": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "command": [sys.executable, *sys.argv] if argv is None else ["run.py", *argv],
+        "machine": info,
+        "config": config,
+        "image_shape": list(IMAGE_SHAPE),
+        "inputs": {str(n): str(p) for n, p in inputs.items()},
+        "total_s": total,
+        "rows": suite.rows,
+        "targets": targets,
+    }
+    a.out.write_text(json.dumps(doc, indent=1, default=str))
+    text = table(suite.rows)
+    print(f"\nrollmed-dask benchmark, {info['cpu_model']}, {info['cpu_count_logical']} CPUs, "
+          f"{info['memory_total_gb']} GB RAM, {info['platform']}, Python "
+          f"{info['versions']['python']}; load average {info['load_average_at_start'][0]:.2f} "
+          f"at start, {info['load_average_at_end'][0]:.2f} at end; {total:.0f} s in all\n")
+    print(text)
+    print("\nx dcnum: dcnum's call time / this call time at the same N and K (higher is faster).")
+    print("x io-floor: this call time / the faster io-floor call at the same N (1.0 = I/O bound).")
+    print("\nTargets (reported, never asserted):")
+    print(targets_text(targets))
+    print(f"\nJSON: {a.out}")
+    bad = [r for r in suite.rows if r["status"] == "error" or r.get("exact") is False]
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
