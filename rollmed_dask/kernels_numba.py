@@ -67,7 +67,7 @@ _BLOCK_HIST16 = 8
 _BLOCK_SORTED = 16
 # From which K wide keys (by key bytes) take rank compression instead of
 # sorted windows; measured crossover on float data, 2000 frames.
-_RANKED_MIN_K = {4: 64, 8: 160}
+_RANKED_MIN_K = {4: 80, 8: 128}
 
 _UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
 

@@ -174,10 +174,22 @@ def test_kernel_larger_than_count_width(dtype):
     assert_identical(median_windows_numba(stack, k), median_windows_numpy(stack, k))
 
 
-@pytest.mark.parametrize("dtype", ["uint32", "int64", "float32", "float64"])
-def test_large_kernel_sorted_window(dtype):
-    stack = make_data(dtype, "wide", (620, 3, 7), seed=6)
-    check_all_k(stack, ks=(100, 257, 500, 620))
+@pytest.mark.parametrize("kind", ["wide", "ties", "special"])
+@pytest.mark.parametrize("dtype", ["uint32", "int32", "int64", "uint64", "float32", "float64"])
+def test_large_kernels(dtype, kind):
+    """Large K on wide keys: sorted windows, or rank compression from K = 80/128."""
+    stack = make_data(dtype, kind, (300, 3, 7), seed=6)
+    stack[:, 0, 0] = make_data(dtype, "wide", 300, seed=7)  # keep every block wide
+    check_all_k(stack, ks=(64, 79, 80, 100, 127, 128, 151, 300))
+
+
+def test_too_many_frames_for_ranks():
+    """With more than 65536 frames, ranks would not fit 16 bits: sorted windows."""
+    stack = make_data("uint32", "wide", (65_600, 2), seed=8)
+    k = 130
+    rows = slice(65_600 - k - 40, None)  # the reference only where it is cheap
+    expected = median_windows_numpy(stack[rows], k)
+    assert_identical(median_windows_numba(stack, k)[-expected.shape[0] :], expected)
 
 
 @pytest.mark.parametrize("dtype", ["float16", "float32", "float64"])

@@ -175,7 +175,7 @@ def test_notebook_is_stored_without_outputs(path):
     ]
     assert not dirty, (
         f"{path.name}: code cells {dirty} have outputs or execution counts; store notebooks "
-        "without outputs (e.g. `jupyter nbconvert --clear-output --inplace {path}`)"
+        "without outputs (notebooks/README.md says how to clear them)"
     )
     assert "widgets" not in nb.metadata, f"{path.name}: stored widget state"
 
