@@ -389,8 +389,12 @@ def case_graph(a):
     res["ooc_blocks"] = len(blocks)
     path.unlink()
     call = res["build_s"]
-    return import_done, rss0, call, {"graph": res, "exact": ok,
-                                     "check": "zero input: a middle block and the tail"}
+    return (
+        import_done,
+        rss0,
+        call,
+        {"graph": res, "exact": ok, "check": "zero input: a middle block and the tail"},
+    )
 
 
 CASES = {

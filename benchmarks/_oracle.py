@@ -67,8 +67,11 @@ def median_windows(stack: np.ndarray, k: int, threads: int = 1) -> np.ndarray:
         _sorted_windows(flat, k, out, 0, npx)
     else:
         with ThreadPoolExecutor(threads) as pool:
-            list(pool.map(lambda i: _sorted_windows(flat, k, out, edges[i], edges[i + 1]),
-                          range(threads)))
+            list(
+                pool.map(
+                    lambda i: _sorted_windows(flat, k, out, edges[i], edges[i + 1]), range(threads)
+                )
+            )
     return out.reshape((m - k + 1,) + stack.shape[1:])
 
 

@@ -71,42 +71,101 @@ def parse_args(argv=None):
         description="Benchmark rollmed-dask against dcnum, scipy and dask-image.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--quick", action="store_true",
-                   help="tiny smoke run: N=300, K=20, every contestant, graph at N=10^6")
-    p.add_argument("--sizes", type=_ints, default=None,
-                   help="numbers of events N, comma separated (default 20000,200000)")
-    p.add_argument("--kernels", type=_ints, default=None,
-                   help="kernel sizes K, comma separated (default 20,100,500)")
-    p.add_argument("--contestants", type=_names, default=None,
-                   help=f"subset of {','.join(ALL_CONTESTANTS)} (default: all but "
-                        f"ours-scipy-engine)")
-    p.add_argument("--skip-dcnum-above", type=int, default=None,
-                   help="run dcnum only for N up to this (default: the smallest N)")
-    p.add_argument("--dcnum-kernels", type=_ints, default=None,
-                   help="K values dcnum runs at (default 20,100: dcnum at K=500 and "
-                        "N=20000 would take ~25 min)")
-    p.add_argument("--skip-baselines-above", type=int, default=None,
-                   help="run scipy, dask-image and ours-scipy-engine only for N up to "
-                        "this (default: the smallest N)")
-    p.add_argument("--baseline-kernels", type=_ints, default=None,
-                   help="K values scipy, dask-image, ours-scipy-engine run at (default 100)")
-    p.add_argument("--graph-events", type=int, default=None,
-                   help="N of the graph-building case (default 10^7)")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="tiny smoke run: N=300, K=20, every contestant, graph at N=10^6",
+    )
+    p.add_argument(
+        "--sizes",
+        type=_ints,
+        default=None,
+        help="numbers of events N, comma separated (default 20000,200000)",
+    )
+    p.add_argument(
+        "--kernels",
+        type=_ints,
+        default=None,
+        help="kernel sizes K, comma separated (default 20,100,500)",
+    )
+    p.add_argument(
+        "--contestants",
+        type=_names,
+        default=None,
+        help=f"subset of {','.join(ALL_CONTESTANTS)} (default: all but ours-scipy-engine)",
+    )
+    p.add_argument(
+        "--skip-dcnum-above",
+        type=int,
+        default=None,
+        help="run dcnum only for N up to this (default: the smallest N)",
+    )
+    p.add_argument(
+        "--dcnum-kernels",
+        type=_ints,
+        default=None,
+        help="K values dcnum runs at (default 20,100: dcnum at K=500 and "
+        "N=20000 would take ~25 min)",
+    )
+    p.add_argument(
+        "--skip-baselines-above",
+        type=int,
+        default=None,
+        help="run scipy, dask-image and ours-scipy-engine only for N up to "
+        "this (default: the smallest N)",
+    )
+    p.add_argument(
+        "--baseline-kernels",
+        type=_ints,
+        default=None,
+        help="K values scipy, dask-image, ours-scipy-engine run at (default 100)",
+    )
+    p.add_argument(
+        "--graph-events",
+        type=int,
+        default=None,
+        help="N of the graph-building case (default 10^7)",
+    )
     p.add_argument("--graph-kernel", type=int, default=100)
-    p.add_argument("--workers", type=int, default=os.cpu_count(),
-                   help="threads/processes of every parallel contestant")
-    p.add_argument("--oracle-budget", type=float, default=200.0,
-                   help="seconds the exact check of one (N, K) may take by the estimate; "
-                        "above, outputs are compared with each other in full and with "
-                        "the oracle at sampled rows (the smallest N is always checked "
-                        "in full)")
-    p.add_argument("--data-dir", type=pathlib.Path, default=HERE / "data",
-                   help="inputs (reused when present with the same N) and outputs")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=os.cpu_count(),
+        help="threads/processes of every parallel contestant",
+    )
+    p.add_argument(
+        "--oracle-budget",
+        type=float,
+        default=200.0,
+        help="seconds the exact check of one (N, K) may take by the estimate; "
+        "above, outputs are compared with each other in full and with "
+        "the oracle at sampled rows (the smallest N is always checked "
+        "in full)",
+    )
+    p.add_argument(
+        "--data-dir",
+        type=pathlib.Path,
+        default=HERE / "data",
+        help="inputs (reused when present with the same N) and outputs",
+    )
     p.add_argument("--out", type=pathlib.Path, default=HERE / "results" / "latest.json")
-    p.add_argument("--case-timeout", type=float, default=3600.0,
-                   help="seconds before a case is killed and recorded as failed")
-    p.add_argument("--keep-outputs", action="store_true",
-                   help="keep output files (default: deleted once checked)")
+    p.add_argument(
+        "--case-timeout",
+        type=float,
+        default=3600.0,
+        help="seconds before a case is killed and recorded as failed",
+    )
+    p.add_argument(
+        "--max-rss-gb",
+        type=float,
+        default=12.0,
+        help="kill a case whose process tree uses more memory than this (a shared machine)",
+    )
+    p.add_argument(
+        "--keep-outputs",
+        action="store_true",
+        help="keep output files (default: deleted once checked)",
+    )
     a = p.parse_args(argv)
     q = a.quick
     a.sizes = a.sizes or ([300] if q else [20000, 200000])
@@ -271,7 +330,9 @@ def _kill_tree(popen) -> None:
             pass
 
 
-def run_case(case: str, argv: list[str], work: pathlib.Path, label: str, timeout: float) -> dict:
+def run_case(
+    case: str, argv: list[str], work: pathlib.Path, label: str, timeout: float, max_rss_gb: float
+) -> dict:
     """Run ``_cases.py case argv`` in a fresh process; timings, peak tree RSS, result."""
     import psutil
 
@@ -280,10 +341,13 @@ def run_case(case: str, argv: list[str], work: pathlib.Path, label: str, timeout
     result_path.unlink(missing_ok=True)
     cmd = [sys.executable, str(HERE / "_cases.py"), case, *map(str, argv),
            "--result", str(result_path)]  # fmt: skip
-    env = dict(os.environ, PYTHONUNBUFFERED="1",
-               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    env = dict(
+        os.environ,
+        PYTHONUNBUFFERED="1",
+        PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    )
     load0 = os.getloadavg()[0]
-    peak, peak_procs, timed_out = 0, 0, False
+    peak, peak_procs, killed = 0, 0, None
     with open(log_path, "w") as logf:
         t0 = time.perf_counter()
         popen = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
@@ -293,7 +357,11 @@ def run_case(case: str, argv: list[str], work: pathlib.Path, label: str, timeout
             peak = max(peak, rss)
             peak_procs = max(peak_procs, nprocs)
             if time.perf_counter() - t0 > timeout:
-                timed_out = True
+                killed = f"killed after {timeout:.0f} s (--case-timeout)"
+            elif rss > max_rss_gb * 2**30:
+                killed = (f"killed at {rss / 2**30:.1f} GB RSS of the process tree "
+                          f"(--max-rss-gb {max_rss_gb:g})")  # fmt: skip
+            if killed:
                 _kill_tree(popen)
                 popen.wait()
                 break
@@ -306,8 +374,8 @@ def run_case(case: str, argv: list[str], work: pathlib.Path, label: str, timeout
         row.update(json.loads(result_path.read_text()))
     else:
         row.update(status="error", error=f"exit code {popen.returncode}, no result")
-    if timed_out:
-        row.update(status="error", error=f"killed after {timeout:.0f} s (--case-timeout)")
+    if killed:
+        row.update(status="error", error=killed)
     if row["status"] != "ok":
         tail = log_path.read_text(errors="replace")[-3000:]
         log(f"  {label} FAILED: {row.get('error')}\n{row.get('traceback', '') or tail}")
@@ -439,9 +507,10 @@ def verify_sampled(input_path, outputs: dict, n: int, k: int, count: int = 48) -
                 truth = np.partition(img[j : j + k], k // 2, axis=0)[k // 2]
                 for name, f in files.items():
                     r = res[name]
-                    if r["sample_exact"] and _first_bad(
-                        f["events/image_bg"][j : j + 1], truth[None], j
-                    ) is not None:
+                    if (
+                        r["sample_exact"]
+                        and _first_bad(f["events/image_bg"][j : j + 1], truth[None], j) is not None
+                    ):
                         r.update(sample_exact=False, exact=False, first_bad_event=j)
         for name, f in files.items():
             d = f["events/image_bg"]
@@ -461,7 +530,14 @@ def verify_sampled(input_path, outputs: dict, n: int, k: int, count: int = 48) -
             res[name]["check"] += f"{'identical to' if same else 'DIFFERS from'} {anchor}"
             res[name]["identical_to"] = anchor if same else None
             if not same:
+                # one of the two is wrong at row `bad`: ask the oracle which
                 res[name]["first_difference"] = bad
+                with _open(input_path) as fin:
+                    j = min(bad, n - k - 1)  # tail rows repeat row N-K-1
+                    truth = np.partition(fin["events/image"][j : j + k], k // 2, axis=0)[k // 2]
+                for who in (anchor, name):
+                    if not np.array_equal(files[who]["events/image_bg"][bad], truth):
+                        res[who].update(sample_exact=False, exact=False, first_bad_event=bad)
     finally:
         for f in files.values():
             f.close()
@@ -507,7 +583,8 @@ class Suite:
         rate = self.rates.get((name, k))
         if rate is not None:
             est = rate[1] * n * IMAGE_SHAPE[0] * IMAGE_SHAPE[1] * 1e-9
-            reason += f"; estimated {est:.0f} s from its {rate[1]:.0f} ns/pixel-event at N={rate[0]}"
+            reason += (f"; estimated {est:.0f} s from its {rate[1]:.0f} ns/pixel-event "
+                       f"at N={rate[0]}")  # fmt: skip
         log(f"skip {name} N={n} K={k}: {reason}")
         return self.add({"case": name, "events": n, "kernel": k, "scheduler": scheduler,
                          "status": "skipped", "reason": reason, "exact": None})  # fmt: skip
@@ -515,7 +592,7 @@ class Suite:
     def run(self, name, case, argv, n, k, scheduler=None, label=None):
         label = label or f"{name}-n{n}-k{k}"
         log(f"run {label} ...")
-        row = run_case(case, argv, self.work, label, self.a.case_timeout)
+        row = run_case(case, argv, self.work, label, self.a.case_timeout, self.a.max_rss_gb)
         row.update(case=name, events=n, kernel=k, scheduler=scheduler)
         row.setdefault("exact", None)
         if row["status"] == "ok":
@@ -531,11 +608,11 @@ class Suite:
         a = self.a
         label = f"kernel-n{n}"
         log(f"run {label} ...")
-        row = run_case("kernel", ["--input", input_path, "--kernels", ",".join(map(str, a.kernels)),
-                                  "--threads", f"1,{a.workers}" if a.workers > 1 else "1",
-                                  "--repeat", a.kernel_repeat,
-                                  "--check-seconds", a.kernel_check_seconds],
-                       self.work, label, a.case_timeout)  # fmt: skip
+        threads = f"1,{a.workers}" if a.workers > 1 else "1"
+        argv = ["--input", input_path, "--kernels", ",".join(map(str, a.kernels)),
+                "--threads", threads, "--repeat", a.kernel_repeat,
+                "--check-seconds", a.kernel_check_seconds]  # fmt: skip
+        row = run_case("kernel", argv, self.work, label, a.case_timeout, a.max_rss_gb)
         if row["status"] != "ok":
             row.update(case="kernel", events=n, kernel=None, exact=None)
             return self.add(row)
@@ -600,11 +677,23 @@ class Suite:
                     batch = max(k + 1, min(10000, n))
                     jobs.append(("dcnum", "dcnum", ["--batch-size", batch], "processes"))
                 elif n > a.skip_dcnum_above:
-                    self.skipped("dcnum", n, k, f"dcnum runs only for N <= {a.skip_dcnum_above} "
-                                 f"(--skip-dcnum-above): it would take too long", "processes")
+                    self.skipped(
+                        "dcnum",
+                        n,
+                        k,
+                        f"dcnum runs only for N <= {a.skip_dcnum_above} "
+                        f"(--skip-dcnum-above), to keep the run short",
+                        "processes",
+                    )
                 else:
-                    self.skipped("dcnum", n, k, f"K={k} is not in --dcnum-kernels "
-                                 f"{a.dcnum_kernels}: it would take too long", "processes")
+                    self.skipped(
+                        "dcnum",
+                        n,
+                        k,
+                        f"K={k} is not in --dcnum-kernels "
+                        f"{a.dcnum_kernels}, to keep the run short",
+                        "processes",
+                    )
             for name, sched in (("scipy", "1 thread"), ("dask-image", "threads")):
                 if not self.want(name):
                     continue
@@ -636,11 +725,18 @@ class Suite:
         if not names:
             return
         good = [name for name in outputs if rows[name]["exact"] is True] or [
-            name for name in outputs if rows[name].get("sample_exact")]
+            name for name in outputs if rows[name].get("sample_exact")
+        ]
         if not good:
             for name in names:
-                self.skipped(name, n, k, "no checked output to take the result from (run "
-                             "ours-threads or another contestant as well)", name.split("-")[-1])
+                self.skipped(
+                    name,
+                    n,
+                    k,
+                    "no checked output to take the result from (run "
+                    "ours-threads or another contestant as well)",
+                    name.split("-")[-1],
+                )
             return
         known = outputs[good[0]]
         for name in names:
@@ -666,8 +762,10 @@ class Suite:
     def _baseline_reason(self, n, k):
         a = self.a
         if n > a.skip_baselines_above:
-            return (f"runs only for N <= {a.skip_baselines_above} (--skip-baselines-above): "
-                    f"~1 us per pixel-event")
+            return (
+                f"runs only for N <= {a.skip_baselines_above} (--skip-baselines-above): "
+                f"~1 us per pixel-event"
+            )
         return f"K={k} is not in --baseline-kernels {a.baseline_kernels}: ~1 us per pixel-event"
 
     def verify(self, input_path, n, k, outputs, rows):
@@ -752,14 +850,20 @@ class Suite:
         two = f"{self.a.workers} thread(s)"
         k100, k500 = kern.get((100, two)), kern.get((500, two))
         if k100:
-            add("kernel <= 2 ns per pixel-event on 2 cores at K=100",
-                f"{k100['ns_per_pixel_event']:.2f} ns", k100["ns_per_pixel_event"] <= 2.0)
+            add(
+                "kernel <= 2 ns per pixel-event on 2 cores at K=100",
+                f"{k100['ns_per_pixel_event']:.2f} ns",
+                k100["ns_per_pixel_event"] <= 2.0,
+            )
         else:
             add("kernel <= 2 ns per pixel-event on 2 cores at K=100", "not measured", None)
         if k100 and k500:
             ratio = k500["ns_per_pixel_event"] / k100["ns_per_pixel_event"]
-            add("kernel at K=500 within 2x of K=100 (2 cores)",
-                f"{k500['ns_per_pixel_event']:.2f} ns = {ratio:.2f}x K=100", ratio <= 2.0)
+            add(
+                "kernel at K=500 within 2x of K=100 (2 cores)",
+                f"{k500['ns_per_pixel_event']:.2f} ns = {ratio:.2f}x K=100",
+                ratio <= 2.0,
+            )
         else:
             add("kernel at K=500 within 2x of K=100", "not measured", None)
         # 3. within 1.5x of the I/O floor
@@ -799,17 +903,23 @@ class Suite:
                     growth.append((r["peak_rss_tree_mb"] / base[0]["peak_rss_tree_mb"], r))
             if growth:
                 g, r = max(growth, key=lambda t: t[0])
-                add(f"peak RSS flat from N={sizes[0]} to N={sizes[-1]} (growth <= 1.2x)",
-                    f"{g:.2f}x worst ({r['case']}, K={r['kernel']})", g <= 1.2,
-                    "; ".join(f"{rr['case']} K={rr['kernel']}: {gg:.2f}x" for gg, rr in growth))
+                add(
+                    f"peak RSS flat from N={sizes[0]} to N={sizes[-1]} (growth <= 1.2x)",
+                    f"{g:.2f}x worst ({r['case']}, K={r['kernel']})",
+                    g <= 1.2,
+                    "; ".join(f"{rr['case']} K={rr['kernel']}: {gg:.2f}x" for gg, rr in growth),
+                )
         # 5. graph
         graph = [r for r in ok if r["case"] == "graph"]
         if graph:
             g = graph[0]["graph"]
-            add(f"graph for N={g['events']:.0e} built in < 2 s", f"{g['build_s']:.2f} s",
+            add(
+                f"graph for N={g['events']:.0e} built in < 2 s",
+                f"{g['build_s']:.2f} s",
                 g["build_s"] < 2.0 if g["events"] >= 10**7 else None,
                 f"materialised {g['tasks']} tasks in {g['materialize_s']:.2f} s; "
-                f"compute_background set-up on an HDF5 file {g['ooc_setup_s']:.2f} s")
+                f"compute_background set-up on an HDF5 file {g['ooc_setup_s']:.2f} s",
+            )
         return out
 
 
@@ -849,8 +959,10 @@ def table(rows) -> str:
             note = (f"build; materialise {g['materialize_s']:.2f} s ({g['tasks']} tasks); "
                     f"HDF5 set-up {g['ooc_setup_s']:.2f} s")  # fmt: skip
         elif r["case"] == "kernel":
-            note = (f"first call {r['first_call_s']:.2f} s; {r['blocks']} blocks x "
-                    f"{r['block_events']}; median {r['ns_per_pixel_event_median']:.2f} ns")
+            note = (
+                f"first call {r['first_call_s']:.2f} s; {r['blocks']} blocks x "
+                f"{r['block_events']}; median {r['ns_per_pixel_event_median']:.2f} ns"
+            )
         elif r["case"] in IO_FLOORS:
             note = f"no compute: reads the input, writes the known result ({r['background_from']})"
         lay = r.get("layout")
@@ -888,8 +1000,10 @@ def main(argv=None) -> int:
     a.data_dir.mkdir(parents=True, exist_ok=True)
     a.out.parent.mkdir(parents=True, exist_ok=True)
     info = machine_info()
-    log(f"machine: {info['cpu_model']}, {info['cpu_count_logical']} CPUs, "
-        f"{info['memory_total_gb']} GB, load {info['load_average_at_start']}")
+    log(
+        f"machine: {info['cpu_model']}, {info['cpu_count_logical']} CPUs, "
+        f"{info['memory_total_gb']} GB, load {info['load_average_at_start']}"
+    )
     import _oracle
 
     t0 = time.perf_counter()
@@ -922,14 +1036,18 @@ def main(argv=None) -> int:
     }
     a.out.write_text(json.dumps(doc, indent=1, default=str))
     text = table(suite.rows)
-    print(f"\nrollmed-dask benchmark, {info['cpu_model']}, {info['cpu_count_logical']} CPUs, "
-          f"{info['memory_total_gb']} GB RAM, {info['platform']}, Python "
-          f"{info['versions']['python']}; load average {info['load_average_at_start'][0]:.2f} "
-          f"at start, {info['load_average_at_end'][0]:.2f} at end; {total:.0f} s in all\n")
+    print(
+        f"\nrollmed-dask benchmark, {info['cpu_model']}, {info['cpu_count_logical']} CPUs, "
+        f"{info['memory_total_gb']} GB RAM, {info['platform']}, Python "
+        f"{info['versions']['python']}; load average {info['load_average_at_start'][0]:.2f} "
+        f"at start, {info['load_average_at_end'][0]:.2f} at end; {total:.0f} s in all\n"
+    )
     print(text)
     print("\nx dcnum: dcnum's call time / this call time at the same N and K (higher is faster).")
-    print("x io-floor: this call time / the faster io-floor call at the same N and K "
-          "(1.0 = I/O bound).")
+    print(
+        "x io-floor: this call time / the faster io-floor call at the same N and K "
+        "(1.0 = I/O bound)."
+    )
     print("\nTargets (reported, never asserted):")
     print(targets_text(targets))
     print(f"\nJSON: {a.out}")

@@ -18,28 +18,36 @@ block can hold, decided per block from its min and max:
 * value range < 256 (always for 8-bit data): a 256-bin running histogram per
   pixel, the current median bin and the count of values below it. A value
   entering or leaving moves that count by at most one, so the median bin moves
-  by a few (usually zero) bins per event: O(1) amortised, never a full scan.
+  at most to the next occupied bin per event, usually not at all: no scan of
+  the 256 bins per event, and nearly flat in K.
 * value range < 65536 (16-bit data, or wider integers with narrow data): the
   same with a three-level histogram (65536 bins, 4096 groups of 16, 256 groups
   of 256), so that empty stretches are skipped 16 or 256 bins at a time.
-* wider ranges (32/64-bit integers, floats): a sorted window per pixel. The
-  positions of the leaving and the entering value are found by counting
-  (vectorised, branch-free), the values between them move by one place.
+* wider ranges (32/64-bit integers, floats), K below 80 (32-bit) or 128
+  (64-bit): a sorted window per pixel. The positions of the leaving and the
+  entering value are found by counting (vectorised, branch-free), the values
+  between them move by one place: O(K) per event, but cheap operations.
+* wider ranges, larger K: rank compression. Each pixel's M values are radix
+  sorted once and replaced by their dense ranks (< 65536 as long as
+  M <= 65536), which go through the 65536-bin histogram: cost flat in K.
 
 All kernels work on unsigned *keys* that sort like the values: unsigned
-integers are their own keys, signed ones get their sign bit flipped, and float
-bits are mapped so that -NaN < ... NaN order becomes ``np.sort``'s (see
+integers are their own keys, signed ones get their sign bit flipped, and
+float bits are mapped to numpy's order, NaNs last (see
 :func:`_float_to_keys`). So only four key widths are compiled, whatever the
 dtype, and the kernels never compare floats.
 
 Floats: numpy's order sees -0.0 == +0.0 and all NaNs as equal, and inside
-such a class the bits ``np.sort`` picks are not specified (its SIMD sort is
-unstable, and on AVX-512 it even rewrites every NaN to one canonical NaN).
-The key order refines numpy's, so the selected value always equals numpy's;
-the rare windows where the *bits* could differ (median is a zero and the
-window holds both zeros; median is NaN and not every NaN of the window is
-numpy's canonical one) are found by a separate pass that runs only if the
-stack holds such values, and are recomputed with ``np.sort`` itself.
+such a class the bits that ``np.sort``/``np.partition`` pick are not specified:
+their SIMD versions are unstable, and with AVX-512 ``np.sort`` even rewrites
+every NaN to one canonical NaN while ``np.partition`` keeps the bits. The key
+order refines numpy's, so the selected *value* always equals the reference's.
+The rare windows where the *bits* could differ (median is a zero and the
+window holds both zeros; median is NaN and the window holds a NaN other than
+the one the reference returns for all-``np.nan`` windows) are found by a
+separate pass, run only if the stack holds such values, and recomputed by the
+reference itself, :func:`rollmed_dask.core.median_windows_numpy`, on exactly
+those windows.
 
 Numba compiles on the first call per key width (never at import) and caches
 the machine code on disk (``cache=True``), so a second process starts
@@ -53,6 +61,8 @@ import operator
 
 import numba
 import numpy as np
+
+from .core import median_windows_numpy
 
 __all__ = ["median_windows_numba"]
 
@@ -378,7 +388,7 @@ def _block_ranked(src, k, p0, nb, out, fine, mid, coarse, med, below, rk):
     65536-bin histogram finds the median ranks, and a table maps them back.
     The cost is a radix sort per pixel plus the histogram, independent of K,
     where the sorted window costs O(K) per event. ``rk`` holds the scratch
-    arrays (see :func:`_rank_scratch`).
+    arrays (see ``_Scratch.rk``).
     """
     cols, kb, ia, ib, cnt, ranks, uniq, out_r = rk
     m_events = src.shape[0]
@@ -397,8 +407,11 @@ def _block_ranked(src, k, p0, nb, out, fine, mid, coarse, med, below, rk):
 
 
 # --------------------------------------------------------------------------
-# Drivers: one per key width class, so that each compiles only what it can use
+# Drivers: numba loops over the blocks of one algorithm; Python picks per block
 # --------------------------------------------------------------------------
+# The choice per block of 512 pixels is made in Python, so that numba compiles
+# only the algorithms a dtype's data actually reach (compiling all four for one
+# key width took 8-10 s); the few calls per frame cost nothing measurable.
 
 
 @numba.njit(nogil=True, cache=True)
@@ -415,95 +428,103 @@ def _block_span(src, p0, nb):
 
 
 @numba.njit(nogil=True, cache=True)
-def _median_u8(src, k, out, hist8, med, below):
-    """Window medians of uint8 keys: the 256-bin histogram everywhere."""
-    n_pix = src.shape[1]
-    for p0 in range(0, n_pix, _BLOCK_HIST8):
-        nb = min(_BLOCK_HIST8, n_pix - p0)
-        _block_hist256(src, k, p0, nb, np.uint64(0), out, hist8, med, below)
+def _run_hist256(src, k, p0, nb, umn, out, hist, med, below):
+    for q0 in range(p0, p0 + nb, _BLOCK_HIST8):
+        nq = min(_BLOCK_HIST8, p0 + nb - q0)
+        _block_hist256(src, k, q0, nq, umn, out, hist, med, below)
 
 
 @numba.njit(nogil=True, cache=True)
-def _median_u16(src, k, out, hist8, fine, mid, coarse, med, below):
-    """Window medians of uint16 keys: 256 or 65536 bins, per block of pixels."""
-    n_pix = src.shape[1]
-    for p0 in range(0, n_pix, _BLOCK_HIST8):
-        nb = min(_BLOCK_HIST8, n_pix - p0)
-        umn, span = _block_span(src, p0, nb)
-        if span < np.uint64(256):
-            _block_hist256(src, k, p0, nb, umn, out, hist8, med, below)
-        else:
-            for q0 in range(p0, p0 + nb, _BLOCK_HIST16):
-                nq = min(_BLOCK_HIST16, p0 + nb - q0)
-                _block_hist16(src, k, q0, nq, umn, out, fine, mid, coarse, med, below)
+def _run_hist16(src, k, p0, nb, umn, out, fine, mid, coarse, med, below):
+    for q0 in range(p0, p0 + nb, _BLOCK_HIST16):
+        nq = min(_BLOCK_HIST16, p0 + nb - q0)
+        _block_hist16(src, k, q0, nq, umn, out, fine, mid, coarse, med, below)
 
 
 @numba.njit(nogil=True, cache=True)
-def _median_wide(src, k, out, hist8, fine, mid, coarse, med, below, win, ranked, rk):
-    """Window medians of uint32/uint64 keys: histogram if the block's span allows.
-
-    Blocks with a wider span use sorted windows, or with ``ranked`` (large K)
-    rank compression (:func:`_block_ranked`).
-    """
-    n_pix = src.shape[1]
-    for p0 in range(0, n_pix, _BLOCK_HIST8):
-        nb = min(_BLOCK_HIST8, n_pix - p0)
-        umn, span = _block_span(src, p0, nb)
-        if span < np.uint64(256):
-            _block_hist256(src, k, p0, nb, umn, out, hist8, med, below)
-        elif span < np.uint64(65536):
-            for q0 in range(p0, p0 + nb, _BLOCK_HIST16):
-                nq = min(_BLOCK_HIST16, p0 + nb - q0)
-                _block_hist16(src, k, q0, nq, umn, out, fine, mid, coarse, med, below)
-        elif ranked:
-            for q0 in range(p0, p0 + nb, _BLOCK_HIST16):
-                nq = min(_BLOCK_HIST16, p0 + nb - q0)
-                _block_ranked(src, k, q0, nq, out, fine, mid, coarse, med, below, rk)
-        else:
-            for q0 in range(p0, p0 + nb, _BLOCK_SORTED):
-                nq = min(_BLOCK_SORTED, p0 + nb - q0)
-                _block_sorted(src, k, q0, nq, out, win)
+def _run_sorted(src, k, p0, nb, out, win):
+    for q0 in range(p0, p0 + nb, _BLOCK_SORTED):
+        nq = min(_BLOCK_SORTED, p0 + nb - q0)
+        _block_sorted(src, k, q0, nq, out, win)
 
 
-def _rank_scratch(m_events: int, k: int, key_t, ranked: bool) -> tuple:
-    """Scratch arrays of :func:`_block_ranked` (empty ones if it is not used)."""
-    n = m_events if ranked else 0
-    b = _BLOCK_HIST16 if ranked else 0
-    return (
-        np.empty((b, n), dtype=key_t),  # cols: keys of each pixel, then sorted
-        np.empty(n, dtype=key_t),  # kb: radix ping-pong keys
-        np.empty(n, dtype=np.intp),  # ia, ib: event indices carried along
-        np.empty(n, dtype=np.intp),
-        np.empty(256, dtype=np.intp),  # cnt: digit counts
-        np.empty((n, b), dtype=np.uint16),  # ranks, event-major like the keys
-        np.empty((b, n), dtype=key_t),  # uniq: key of each rank
-        np.empty((max(n - k + 1, 0), b), dtype=np.uint16),  # out_r: median ranks
-    )
+@numba.njit(nogil=True, cache=True)
+def _run_ranked(src, k, p0, nb, out, fine, mid, coarse, med, below, rk):
+    for q0 in range(p0, p0 + nb, _BLOCK_HIST16):
+        nq = min(_BLOCK_HIST16, p0 + nb - q0)
+        _block_ranked(src, k, q0, nq, out, fine, mid, coarse, med, below, rk)
+
+
+class _Scratch:
+    """Work arrays of the kernels for one call, allocated when first needed."""
+
+    def __init__(self, m_events: int, k: int, key_t):
+        self.m_events, self.k, self.key_t = m_events, k, key_t
+        count_t = np.uint16 if k < 2**16 else np.uint32  # counts reach K
+        self.count_t = count_t
+        self.hist8 = np.empty((_BLOCK_HIST8, 256), dtype=count_t)
+        self.med = np.empty(_BLOCK_HIST8, dtype=np.intp)
+        self.below = np.empty(_BLOCK_HIST8, dtype=np.intp)
+        self._h16 = self._win = self._rk = None
+
+    @property
+    def h16(self) -> tuple:
+        if self._h16 is None:
+            self._h16 = (
+                # calloc: only the pages of bins that data fall in get touched
+                np.zeros((_BLOCK_HIST16, 65536), dtype=self.count_t),
+                np.empty((_BLOCK_HIST16, 4096), dtype=np.intp),
+                np.empty((_BLOCK_HIST16, 256), dtype=np.intp),
+            )
+        return self._h16
+
+    @property
+    def win(self) -> np.ndarray:
+        if self._win is None:
+            self._win = np.empty(_BLOCK_SORTED * self.k, dtype=self.key_t)
+        return self._win
+
+    @property
+    def rk(self) -> tuple:
+        """Scratch of :func:`_block_ranked`."""
+        if self._rk is None:
+            m, b, key_t = self.m_events, _BLOCK_HIST16, self.key_t
+            self._rk = (
+                np.empty((b, m), dtype=key_t),  # cols: keys of each pixel, then sorted
+                np.empty(m, dtype=key_t),  # kb: radix ping-pong keys
+                np.empty(m, dtype=np.intp),  # ia, ib: event indices carried along
+                np.empty(m, dtype=np.intp),
+                np.empty(256, dtype=np.intp),  # cnt: digit counts
+                np.empty((m, b), dtype=np.uint16),  # ranks, event-major like the keys
+                np.empty((b, m), dtype=key_t),  # uniq: key of each rank
+                np.empty((m - self.k + 1, b), dtype=np.uint16),  # out_r: median ranks
+            )
+        return self._rk
 
 
 def _median_keys(keys: np.ndarray, k: int) -> np.ndarray:
     """Window medians of a C-contiguous (M, P) array of unsigned keys."""
-    out = np.empty((keys.shape[0] - k + 1, keys.shape[1]), dtype=keys.dtype)
-    count_t = np.uint16 if k < 2**16 else np.uint32
-    hist8 = np.empty((_BLOCK_HIST8, 256), dtype=count_t)
-    med = np.empty(_BLOCK_HIST8, dtype=np.intp)
-    below = np.empty(_BLOCK_HIST8, dtype=np.intp)
+    m_events, n_pix = keys.shape
+    out = np.empty((m_events - k + 1, n_pix), dtype=keys.dtype)
+    sc = _Scratch(m_events, k, keys.dtype)
     if keys.dtype.itemsize == 1:
-        _median_u8(keys, k, out, hist8, med, below)
+        _run_hist256(keys, k, 0, n_pix, np.uint64(0), out, sc.hist8, sc.med, sc.below)
         return out
-    # calloc'ed: the pages of bins no data falls in are never touched
-    fine = np.zeros((_BLOCK_HIST16, 65536), dtype=count_t)
-    mid = np.empty((_BLOCK_HIST16, 4096), dtype=np.intp)
-    coarse = np.empty((_BLOCK_HIST16, 256), dtype=np.intp)
-    if keys.dtype.itemsize == 2:
-        _median_u16(keys, k, out, hist8, fine, mid, coarse, med, below)
-    else:
-        # Sorted windows cost O(K) per event, rank compression a radix sort
-        # per pixel (one pass per key byte): it wins from about these K on.
-        ranked = keys.shape[0] <= 65536 and k >= _RANKED_MIN_K[keys.dtype.itemsize]
-        win = np.empty(0 if ranked else _BLOCK_SORTED * k, dtype=keys.dtype)
-        rk = _rank_scratch(keys.shape[0], k, keys.dtype, ranked)
-        _median_wide(keys, k, out, hist8, fine, mid, coarse, med, below, win, ranked, rk)
+    # Sorted windows cost O(K) per event, rank compression a radix sort per
+    # pixel (a pass per key byte): from about these K on, ranks are faster.
+    ranked = m_events <= 65536 and k >= _RANKED_MIN_K.get(keys.dtype.itemsize, 0)
+    for p0 in range(0, n_pix, _BLOCK_HIST8):
+        nb = min(_BLOCK_HIST8, n_pix - p0)
+        umn, span = _block_span(keys, p0, nb)
+        umn = np.uint64(umn)  # numba returns a Python int: would be typed int64
+        if span < 256:
+            _run_hist256(keys, k, p0, nb, umn, out, sc.hist8, sc.med, sc.below)
+        elif span < 65536:
+            _run_hist16(keys, k, p0, nb, umn, out, *sc.h16, sc.med, sc.below)
+        elif ranked:
+            _run_ranked(keys, k, p0, nb, out, *sc.h16, sc.med, sc.below, sc.rk)
+        else:
+            _run_sorted(keys, k, p0, nb, out, sc.win)
     return out
 
 
@@ -514,7 +535,7 @@ def _median_keys(keys: np.ndarray, k: int) -> np.ndarray:
 
 @numba.njit(nogil=True, cache=True)
 def _float_to_keys(bits, sign, mmask, keys):
-    """Map float bits (1-D, unsigned view) to keys that sort like ``np.sort``.
+    """Map float bits (1-D, unsigned view) to keys in ``np.sort``'s order.
 
     The IEEE trick (flip all bits of negatives, set the sign bit of the
     others) orders -NaN < -inf < ... < -0.0 < +0.0 < ... < +inf < +NaN.
@@ -557,7 +578,7 @@ def _ambiguous_windows(bits, k, out, sign, inf_bits, nan_bits, found):
 
     A window is ambiguous if its median is a zero and it holds both -0.0 and
     +0.0, or its median is NaN and it holds a NaN other than ``nan_bits`` (the
-    NaN ``np.sort`` returns). Running counts per pixel, one pass. Writes as
+    NaN the reference returns). Running counts per pixel, one pass. Writes as
     many indices as ``found`` holds and returns how many there are.
     """
     m_events, n_pix = bits.shape
@@ -597,25 +618,26 @@ def _ambiguous_windows(bits, k, out, sign, inf_bits, nan_bits, found):
     return n_found
 
 
-_SORTED_NAN: dict = {}
+_REFERENCE_NAN: dict = {}
 
 
-def _sorted_nan(dtype: np.dtype) -> int | None:
-    """Bits of the NaN ``np.sort`` returns for windows of ``np.nan``, None if unsure.
+def _reference_nan(dtype: np.dtype) -> int | None:
+    """Bits of the NaN the reference returns for windows of ``np.nan``; None if unsure.
 
-    numpy's SIMD sorts replace every NaN by a canonical NaN of their own (with
+    numpy's SIMD sort replaces every NaN by a canonical NaN of its own (with
     AVX-512: 0x7fc00000 for float32, but 0x7c01, not ``np.nan``'s 0x7e00, for
-    float16); scalar sorts keep the bits. Windows whose NaNs are all this one
-    need no fallback. If sizes disagree, None: every NaN median is recomputed.
+    float16); scalar sorts and ``np.partition`` keep the bits. Windows whose
+    NaNs all have these bits need no fallback. If window sizes disagree, None:
+    then every NaN median is recomputed by the reference.
     """
-    if dtype not in _SORTED_NAN:
+    if dtype not in _REFERENCE_NAN:
         ut = _UINT[dtype.itemsize]
         found = {
-            int(np.sort(np.full(n, np.nan, dtype=dtype)).view(ut)[0])
+            int(median_windows_numpy(np.full((n, 1), np.nan, dtype=dtype), n).view(ut)[0, 0])
             for n in (2, 3, 8, 16, 17, 64, 65, 128, 257, 1000)
         }
-        _SORTED_NAN[dtype] = found.pop() if len(found) == 1 else None
-    return _SORTED_NAN[dtype]
+        _REFERENCE_NAN[dtype] = found.pop() if len(found) == 1 else None
+    return _REFERENCE_NAN[dtype]
 
 
 def _median_2d_float(flat: np.ndarray, k: int) -> np.ndarray:
@@ -624,7 +646,7 @@ def _median_2d_float(flat: np.ndarray, k: int) -> np.ndarray:
     sign = ut(1 << (nbits - 1))
     mmask = ut((1 << np.finfo(flat.dtype).nmant) - 1)
     inf_bits = ut(int(np.array(np.inf, dtype=flat.dtype).view(ut)))
-    nan_bits = _sorted_nan(flat.dtype)
+    nan_bits = _reference_nan(flat.dtype)
     # No float has the bits of the sign mask with the top exponent bit clear,
     # so an impossible NaN stands for "no NaN is safe".
     nan_bits = ut(nan_bits) if nan_bits is not None else sign
@@ -643,11 +665,12 @@ def _median_2d_float(flat: np.ndarray, k: int) -> np.ndarray:
             found = np.empty(n, dtype=np.intp)
             _ambiguous_windows(bits, k, out, sign, inf_bits, nan_bits, found)
         if n:
-            # np.sort of the same K values in the same order is the reference's
-            # own computation, so its choice of bits is reproduced exactly.
+            # Column j of `windows` holds the K values of ambiguous window j in
+            # their order: the reference computes exactly what it computes for
+            # that window in the whole stack, bits included.
             rows, cols = np.divmod(found[:n], flat.shape[1])
-            windows = flat[rows[:, None] + np.arange(k), cols[:, None]]
-            out.view(flat.dtype)[rows, cols] = np.sort(windows, axis=-1)[:, k // 2]
+            windows = flat[rows + np.arange(k)[:, None], cols]
+            out.view(flat.dtype)[rows, cols] = median_windows_numpy(windows, k)[0]
     return out.view(flat.dtype)
 
 
@@ -677,8 +700,8 @@ def median_windows_numba(stack: np.ndarray, kernel_size: int) -> np.ndarray:
         ``out[i] = sorted(stack[i:i+K], axis=0)[K // 2]`` per pixel: the upper
         median for even K, never an average, with the dtype of ``stack``. For
         floats NaNs sort last as in ``np.sort``; where several bit patterns
-        are equal candidates (-0.0/+0.0, NaN payloads) the bits are those
-        ``np.sort`` returns on this machine.
+        are equal candidates (-0.0/+0.0, NaN payloads) the bits are those the
+        reference returns on this machine.
 
     Raises
     ------
@@ -723,7 +746,7 @@ def median_windows_numba(stack: np.ndarray, kernel_size: int) -> np.ndarray:
             f"number of frames ({m_events}) of this block"
         )
     out_shape = (m_events - k + 1, *stack.shape[1:])
-    if k == 1:  # each window is one value, which np.sort returns untouched
+    if k == 1:  # each window is one value, which numpy returns untouched
         return stack.copy()
     if stack.size == 0:
         return np.empty(out_shape, dtype=dtype)

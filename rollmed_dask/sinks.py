@@ -185,7 +185,7 @@ class HDF5Sink(Sink):
         from .h5chunks import write_chunks
 
         write_chunks(self.dset, start, data)
-        return min(len(data) * self.chunk_events, self.shape[0] - start)
+        return data.shape[0]
 
     def commit(self, dataset_attrs: dict, log_lines: list[str]) -> None:
         log_name = rtdc.run_log_name()

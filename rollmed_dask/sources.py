@@ -89,18 +89,30 @@ class HDF5Reader:
     def _dset(self):
         return open_h5_readonly(self.path)[self.dataset]
 
+    def _read(self, start: int, stop: int, tile: tuple) -> np.ndarray:
+        """Events [start, stop) of the stored dataset, decoded outside h5py's lock."""
+        from .h5chunks import ChunkCodec, read_block
+
+        dset = self._dset()
+        if getattr(self, "_codec", None) is None:
+            self._codec = ChunkCodec.from_dataset(dset)
+        return read_block(dset, start, stop, tile, codec=self._codec)
+
     def __getitem__(self, key):
         key = key if isinstance(key, tuple) else (key,)
+        events, tile = key[0], key[1:]
+        if not (isinstance(events, slice) and all(isinstance(t, slice) for t in tile)):
+            return self._dset()[key]  # anything but plain slices: h5py's own indexing
         if self.mapping is None:
-            return self._dset()[key]
+            start, stop, step = events.indices(self.shape[0])
+            return self._read(start, stop, tile)[::step]
         # a mapped basin: event i is dataset[mapping[i]]; read the covering
         # range once and pick the events from it
-        index = self.mapping[key[0]]
+        index = self.mapping[events]
         if index.size == 0:
-            return np.empty((0,) + self.shape[1:], dtype=self.dtype)[(slice(None),) + key[1:]]
+            return np.empty((0,) + self.shape[1:], dtype=self.dtype)[(slice(None),) + tile]
         low = int(index.min())
-        covering = self._dset()[(slice(low, int(index.max()) + 1),) + key[1:]]
-        return covering[index - low]
+        return self._read(low, int(index.max()) + 1, tile)[index - low]
 
     def __len__(self):
         return self.shape[0]

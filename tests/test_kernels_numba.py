@@ -287,9 +287,9 @@ def _pool(dtype: str) -> list:
 
 
 @st.composite
-def stacks(draw):
-    dtype = np.dtype(draw(st.sampled_from(ALL_DTYPES)))
-    m = draw(st.integers(1, 40))
+def stacks(draw, dtypes=ALL_DTYPES, frames=(1, 40)):
+    dtype = np.dtype(draw(st.sampled_from(dtypes)))
+    m = draw(st.integers(*frames))
     tail = draw(st.sampled_from([(), (1,), (3,), (2, 3)]))
     pool = _pool(dtype.name)
     # a handful of distinct values per stack: ties everywhere
@@ -297,12 +297,22 @@ def stacks(draw):
     ut = np.dtype(f"u{dtype.itemsize}") if dtype.kind != "i" else dtype
     raw = draw(hnp.arrays(ut, (m, *tail), elements=st.sampled_from(chosen)))
     stack = raw.view(dtype) if dtype.kind == "f" else raw.astype(dtype)
-    k = draw(st.integers(1, m))
+    k = draw(st.integers(max(1, min(m, frames[0] - 40)), m))
     return stack, k
 
 
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(stacks())
 def test_property_matches_reference(case):
+    stack, k = case
+    assert_identical(median_windows_numba(stack, k), median_windows_numpy(stack, k))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    stacks(dtypes=["int32", "uint32", "int64", "uint64", "float32", "float64"], frames=(80, 200))
+)
+def test_property_large_kernels(case):
+    """Large K on wide dtypes, with ties: the rank-compression path."""
     stack, k = case
     assert_identical(median_windows_numba(stack, k), median_windows_numpy(stack, k))
