@@ -793,11 +793,13 @@ class Suite:
         log(f"  checked in {dt:.1f} s")
 
     def _cleanup(self, path):
-        if not self.a.keep_outputs and path.exists():
-            if path.is_dir():
-                shutil.rmtree(path)
-            else:
-                path.unlink()
+        # the output and the hidden partial one a killed run may leave behind
+        partial = path.with_name(f".{path.name}.partial")
+        for p in (path, partial) if not self.a.keep_outputs else (partial,):
+            if p.is_dir():
+                shutil.rmtree(p)
+            elif p.exists():
+                p.unlink()
 
     # ---- ratios and targets
 

@@ -49,9 +49,10 @@ separate pass, run only if the stack holds such values, and recomputed by the
 reference itself, :func:`rollmed_dask.core.median_windows_numpy`, on exactly
 those windows.
 
-Numba compiles on the first call per key width (never at import) and caches
-the machine code on disk (``cache=True``), so a second process starts
-quickly. The kernels release the GIL (``nogil=True``) and are single-threaded:
+Numba compiles an algorithm for a key width when a call first needs it (never
+at import; the choice per block is made in Python so that nothing else is
+compiled) and caches the machine code on disk (``cache=True``), so a second
+process starts quickly. The kernels release the GIL (``nogil=True``) and are single-threaded:
 dask threads run them on separate blocks in parallel.
 """
 
@@ -647,8 +648,7 @@ def _median_2d_float(flat: np.ndarray, k: int) -> np.ndarray:
     mmask = ut((1 << np.finfo(flat.dtype).nmant) - 1)
     inf_bits = ut(int(np.array(np.inf, dtype=flat.dtype).view(ut)))
     nan_bits = _reference_nan(flat.dtype)
-    # No float has the bits of the sign mask with the top exponent bit clear,
-    # so an impossible NaN stands for "no NaN is safe".
+    # -0.0's bits are no NaN's: with them every NaN median counts as ambiguous.
     nan_bits = ut(nan_bits) if nan_bits is not None else sign
 
     bits = flat.view(ut)
@@ -711,11 +711,12 @@ def median_windows_numba(stack: np.ndarray, kernel_size: int) -> np.ndarray:
 
     Notes
     -----
-    Per block of pixels the kernel is chosen from the block's value range: a
-    256-bin running histogram, a three-level 65536-bin histogram, or a sorted
-    window per pixel; see the module docstring. The first call per key width
-    (8, 16, 32, 64 bit) compiles or loads numba's disk cache. The kernels
-    release the GIL and run on the calling thread.
+    Per block of pixels the algorithm is chosen from the block's value range
+    and K: a 256-bin running histogram, a three-level 65536-bin histogram, a
+    sorted window per pixel, or rank compression; see the module docstring.
+    The first call that reaches an algorithm for a key width (8, 16, 32, 64
+    bit) compiles it, or loads it from numba's disk cache. The kernels release
+    the GIL and run on the calling thread.
 
     Examples
     --------

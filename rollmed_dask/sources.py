@@ -143,6 +143,8 @@ class Source:
     storage_chunks: tuple | None
     path: pathlib.Path | None = None
     dataset: str | None = None
+    on_disk: bool = False
+    """True when ``array`` reads from storage and pickles small (a file path)."""
 
     @property
     def shape(self) -> tuple:
@@ -198,7 +200,7 @@ def open_path(path, dataset: str) -> Source:
         ) from None
     reader = HDF5Reader(location.path, location.dataset, location.mapping)
     _check_stack(reader.shape, reader.dtype, f"dataset {dataset!r} in {str(path)!r}")
-    return Source(reader, reader.chunks, path=path, dataset=dataset)
+    return Source(reader, reader.chunks, path=path, dataset=dataset, on_disk=_on_disk(reader))
 
 
 def _open_zarr_path(path: pathlib.Path, dataset: str) -> Source:
@@ -222,7 +224,7 @@ def _open_zarr_path(path: pathlib.Path, dataset: str) -> Source:
             )
         node = node[dataset]
     _check_stack(node.shape, node.dtype, f"Zarr array in {str(path)!r}")
-    return Source(node, tuple(node.chunks), path=path, dataset=dataset)
+    return Source(node, tuple(node.chunks), path=path, dataset=dataset, on_disk=True)
 
 
 def as_source(images, dataset: str = "events/image") -> Source:
@@ -244,13 +246,15 @@ def as_source(images, dataset: str = "events/image") -> Source:
         if isinstance(images, zarr.Group):
             return _open_zarr_group(images, dataset)
         _check_stack(images.shape, images.dtype, "the Zarr array")
-        return Source(images, tuple(images.chunks))
+        return Source(images, tuple(images.chunks), on_disk=_zarr_on_disk(images))
     if module.startswith("dask"):
         _check_stack(images.shape, images.dtype, "the dask array")
-        return Source(images, None)
+        return Source(images, _regular_chunks(images.chunks))
     if isinstance(images, HDF5Reader):
         _check_stack(images.shape, images.dtype, repr(images))
-        return Source(images, images.chunks, path=pathlib.Path(images.path))
+        return Source(
+            images, images.chunks, path=pathlib.Path(images.path), on_disk=_on_disk(images)
+        )
     array = np.asarray(images)
     _check_stack(array.shape, array.dtype, "the input array")
     return Source(array, None)
@@ -279,4 +283,29 @@ def _from_h5py_object(obj, dataset: str) -> Source:
         )
     reader = HDF5Reader(obj.file.filename, obj.name)
     _check_stack(reader.shape, reader.dtype, f"dataset {obj.name!r}")
-    return Source(reader, reader.chunks, path=pathlib.Path(reader.path), dataset=obj.name)
+    return Source(
+        reader,
+        reader.chunks,
+        path=pathlib.Path(reader.path),
+        dataset=obj.name,
+        on_disk=_on_disk(reader),
+    )
+
+
+def _on_disk(reader: HDF5Reader) -> bool:
+    # a mapped reader pickles its index array, which may be large
+    return reader.mapping is None
+
+
+def _zarr_on_disk(array) -> bool:
+    from zarr.storage import MemoryStore
+
+    return not isinstance(array.store, MemoryStore)
+
+
+def _regular_chunks(chunks) -> tuple | None:
+    """A dask array's chunk shape if all but the last chunk of each axis agree:
+    the planner then merges whole chunks, which dask rechunks fastest."""
+    if all(len(set(c[:-1])) <= 1 and c[-1] <= c[0] for c in chunks):
+        return tuple(c[0] for c in chunks)
+    return None

@@ -1,11 +1,12 @@
 """The numba window kernel is bit-identical to the numpy reference.
 
-``median_windows_numba`` picks one of three algorithms per block of pixels
-from the block's value range (256-bin histogram, 65536-bin histogram, sorted
-window) and maps every dtype to unsigned keys, so the data below are chosen
-to reach each path in every dtype: ties, narrow ranges away from zero, 16-bit
-ranges, full ranges with the dtype's extremes, and for floats -0.0, NaNs with
-any sign and payload, and infinities. Outputs are compared as raw bits.
+``median_windows_numba`` picks one of four algorithms per block of pixels
+from the block's value range and K (256-bin histogram, 65536-bin histogram,
+sorted window, rank compression) and maps every dtype to unsigned keys, so the
+data below are chosen to reach each path in every dtype: ties, narrow ranges
+away from zero, 16-bit ranges, full ranges with the dtype's extremes, large K,
+and for floats -0.0, NaNs with any sign and payload, and infinities. Outputs
+are compared as raw bits, so signed zeros and NaN payloads must match too.
 """
 
 from __future__ import annotations

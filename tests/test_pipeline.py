@@ -174,6 +174,39 @@ def test_any_chunking_gives_the_reference(n, data, dtype, engine):
     )
 
 
+@pytest.fixture(scope="module")
+def zarr_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("zarr-sources")
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    n=st.integers(2, 80),
+    data=st.data(),
+    dtype=st.sampled_from(DTYPES),
+    engine=st.sampled_from(ENGINES),
+)
+def test_sources_on_disk_read_their_own_overlap_exactly(zarr_dir, n, data, dtype, engine):
+    """Stored sources take the other graph: one task a block, reading its own overlap."""
+    import zarr
+
+    k = data.draw(st.integers(1, n - 1), label="k")
+    event_chunk = data.draw(st.one_of(st.none(), st.integers(k, max(k, n))), label="chunk")
+    store_chunks = data.draw(st.tuples(st.integers(1, 9), st.integers(1, 3), st.integers(1, 4)))
+    seed = data.draw(st.integers(0, 2**32 - 1), label="seed")
+    img = random_stack(np.random.default_rng(seed), (n, 3, 4), dtype)
+    array = zarr.create_array(
+        store=str(zarr_dir / f"s{seed}.zarr"), data=img, chunks=store_chunks, overwrite=True
+    )
+    source = as_source(array)
+    assert source.on_disk
+    result = rolling_median(source, k, engine=engine, event_chunk=event_chunk)
+    assert not any("overlap" in name for name in result.__dask_graph__().layers)
+    np.testing.assert_array_equal(
+        result.compute(scheduler="sync"), rolling_median_reference(img, k)
+    )
+
+
 @settings(max_examples=200, deadline=None)
 @given(
     n=st.integers(1, 10**7),
@@ -199,7 +232,8 @@ def test_planner_respects_memory_budget():
 def test_graph_for_ten_million_events_is_small():
     x = da.zeros((10**7, 80, 320), dtype=np.uint8, chunks=(40, 80, 320))
     result = rolling_median(x, 100)
-    assert result.numblocks[0] == len(plan_event_chunks(10**7, 100, 25600, unit=1))
+    # event chunks are whole multiples of the input's 40-frame chunks
+    assert result.chunks[0] == plan_event_chunks(10**7, 100, 25600, unit=40, min_blocks=4)
     # a handful of tasks per block, never one per frame
     assert len(result.__dask_graph__()) < 10 * result.numblocks[0] + 10**7 / 40 * 2
 
