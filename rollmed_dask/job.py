@@ -12,6 +12,8 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from . import rtdc
 from .core import check_kernel_size, select_engine
 from .pipeline import DEFAULT_MEMORY_BUDGET, parse_bytes, rolling_median
@@ -374,16 +376,27 @@ def _block_length(starts: list[int], n_events: int, start: int) -> int:
 
 
 def _block_tasks(bg, starts, prepare, skip) -> list:
-    """One Delayed per full-frame block: the block, then ``prepare`` on the worker."""
-    import dask
+    """One Delayed per full-frame block that computes the block and ``prepare``s it.
 
-    blocks = bg.to_delayed(optimize_graph=True).ravel()
-    prepare_task = dask.delayed(prepare, pure=True)
-    return [
-        prepare_task(block, start, dask_key_name=f"rollmed-block-{bg.name}-{start}")
-        for block, start in zip(blocks, starts, strict=True)
-        if start not in skip
-    ]
+    ``prepare`` joins the array graph, so dask fuses reading, the median and
+    compression into one task: only the prepared payload (compressed chunks)
+    leaves the worker, never the raw block.
+    """
+    payloads = bg.map_blocks(
+        _prepare_block,
+        prepare=prepare,
+        event_chunk=bg.chunks[0][0],
+        dtype=object,
+        meta=np.empty((0, 0, 0), dtype=object),
+        name="prepared-" + bg.name,
+    )
+    blocks = payloads.to_delayed(optimize_graph=True).ravel()
+    return [block for block, start in zip(blocks, starts, strict=True) if start not in skip]
+
+
+def _prepare_block(block, *, prepare, event_chunk, block_id=None):
+    # event chunks are uniform but for the last, so the start follows the index
+    return prepare(block, block_id[0] * event_chunk)
 
 
 class _progress_bar:
