@@ -83,11 +83,13 @@ def start_local_cluster(n_workers: int, threads_per_worker: int = 1, memory_limi
 
     Examples
     --------
-    >>> from rollmed_dask.cluster import start_local_cluster, close_client
-    >>> client = start_local_cluster(2)  # doctest: +SKIP
-    >>> len(client.nthreads())  # doctest: +SKIP
-    2
-    >>> close_client(client)  # doctest: +SKIP
+    .. code-block:: python
+
+        from rollmed_dask.cluster import start_local_cluster, close_client
+        client = start_local_cluster(2)
+        len(client.nthreads())
+        # 2
+        close_client(client)
     """
     if int(n_workers) < 1:
         raise ValueError(f"n_workers={n_workers!r}: need at least one worker")
@@ -198,18 +200,22 @@ def start_slurm_cluster(
 
     Examples
     --------
-    >>> from rollmed_dask.cluster import start_slurm_cluster, close_client
-    >>> client = start_slurm_cluster(
-    ...     queue="debug", cores=4, memory="16GB", walltime="02:00:00", jobs=8,
-    ...     job_extra=["--account=myproject"],
-    ... )  # doctest: +SKIP
-    >>> client.submit(sum, [1, 2, 3]).result()  # doctest: +SKIP
-    6
-    >>> close_client(client)  # doctest: +SKIP
+    .. code-block:: python
+
+        from rollmed_dask.cluster import start_slurm_cluster, close_client
+        client = start_slurm_cluster(
+            queue="debug", cores=4, memory="16GB", walltime="02:00:00", jobs=8,
+            job_extra=["--account=myproject"],
+        )
+        client.submit(sum, [1, 2, 3]).result()
+        # 6
+        close_client(client)
 
     On a single machine running SLURM (``scripts/local-slurm.sh``):
 
-    >>> client = start_slurm_cluster(memory="1GB", scheduler_host="127.0.0.1")  # doctest: +SKIP
+    .. code-block:: python
+
+        client = start_slurm_cluster(memory="1GB", scheduler_host="127.0.0.1")
     """
     jq = _import_jobqueue()
     import dask
@@ -280,10 +286,12 @@ def close_client(client, timeout=30) -> None:
 
     Examples
     --------
-    >>> client = start_local_cluster(1)  # doctest: +SKIP
-    >>> close_client(client)  # doctest: +SKIP
-    >>> client.status  # doctest: +SKIP
-    'closed'
+    .. code-block:: python
+
+        client = start_local_cluster(1)
+        close_client(client)
+        client.status
+        # 'closed'
     """
     _close(client, getattr(client, "cluster", None), timeout=timeout)
 

@@ -16,12 +16,14 @@ use does not grow with ``n_events``.
 
 Examples
 --------
->>> from rollmed_dask.example import write_example
->>> path = write_example("example.rtdc", n_events=500)  # doctest: +SKIP
->>> import dclab                                          # doctest: +SKIP
->>> with dclab.new_dataset(path) as ds:                   # doctest: +SKIP
-...     ds["image"].shape
-(500, 80, 320)
+.. code-block:: python
+
+    from rollmed_dask.example import write_example
+    path = write_example("example.rtdc", n_events=500)
+    import dclab
+    with dclab.new_dataset(path) as ds:
+        ds["image"].shape
+    # (500, 80, 320)
 """
 
 from __future__ import annotations
@@ -248,10 +250,12 @@ def write_example(
 
     Examples
     --------
-    >>> p = write_example("example.rtdc", n_events=200, seed=1)  # doctest: +SKIP
-    >>> with h5py.File(p) as h5:                                 # doctest: +SKIP
-    ...     h5["events/image"].chunks
-    (40, 80, 320)
+    .. code-block:: python
+
+        p = write_example("example.rtdc", n_events=200, seed=1)
+        with h5py.File(p) as h5:
+            h5["events/image"].chunks
+        # (40, 80, 320)
     """
     if isinstance(n_events, bool) or not isinstance(n_events, (int, np.integer)) or n_events < 1:
         raise ValueError(f"n_events={n_events!r} must be a positive integer")

@@ -17,13 +17,15 @@ what dcnum 0.31 writes for the same input.
 
 Examples
 --------
->>> import h5py, rollmed_dask.example as ex, rollmed_dask.rtdc as rtdc
->>> src = ex.write_example("in.rtdc", n_events=100)            # doctest: +SKIP
->>> with h5py.File("out.rtdc", "w", libver="latest") as h5:     # doctest: +SKIP
-...     rtdc.prepare_output_file(h5, src)
-...     ds = rtdc.create_image_dataset(h5["events"], "image_bg", 100, (80, 320),
-...                                    "uint8")
-...     ds.attrs.update(rtdc.bg_ppid_attrs(kernel_size=10, batch_size=50))
+.. code-block:: python
+
+    import h5py, rollmed_dask.example as ex, rollmed_dask.rtdc as rtdc
+    src = ex.write_example("in.rtdc", n_events=100)
+    with h5py.File("out.rtdc", "w", libver="latest") as h5:
+        rtdc.prepare_output_file(h5, src)
+        ds = rtdc.create_image_dataset(h5["events"], "image_bg", 100, (80, 320),
+                                       "uint8")
+        ds.attrs.update(rtdc.bg_ppid_attrs(kernel_size=10, batch_size=50))
 """
 
 from __future__ import annotations
@@ -118,8 +120,10 @@ def software_string() -> str:
 
     Examples
     --------
-    >>> software_string()  # doctest: +SKIP
-    'rollmed-dask 0.1.0'
+    .. code-block:: python
+
+        software_string()
+        # 'rollmed-dask 0.1.0'
     """
     import rollmed_dask
 
@@ -149,9 +153,11 @@ def measurement_identifier(h5: h5py.Group) -> str | None:
 
     Examples
     --------
-    >>> with h5py.File("data.rtdc", "r") as h5:  # doctest: +SKIP
-    ...     measurement_identifier(h5)
-    '3b1cbd47-6a2b-ad2c-0fcc-c3c5a9f7d2a8'
+    .. code-block:: python
+
+        with h5py.File("data.rtdc", "r") as h5:
+            measurement_identifier(h5)
+        # '3b1cbd47-6a2b-ad2c-0fcc-c3c5a9f7d2a8'
     """
     mid = _as_str(h5.attrs.get("experiment:run identifier"))
     if not mid:
@@ -272,11 +278,13 @@ def create_image_dataset(
 
     Examples
     --------
-    >>> with h5py.File("out.rtdc", "a") as h5:  # doctest: +SKIP
-    ...     ds = create_image_dataset(h5.require_group("events"), "image_bg",
-    ...                               2000, (80, 320), "uint8")
-    ...     ds.chunks
-    (40, 80, 320)
+    .. code-block:: python
+
+        with h5py.File("out.rtdc", "a") as h5:
+            ds = create_image_dataset(h5.require_group("events"), "image_bg",
+                                      2000, (80, 320), "uint8")
+            ds.chunks
+        # (40, 80, 320)
     """
     image_shape = tuple(int(s) for s in image_shape)
     if chunk_events is None:
@@ -466,10 +474,12 @@ def store_file_basin(
 
     Examples
     --------
-    >>> with h5py.File("out.rtdc", "a") as h5:  # doctest: +SKIP
-    ...     store_file_basin(h5, "in.rtdc", ["/data/in.rtdc", "in.rtdc"],
-    ...                      features=["deform", "image"])
-    '0c2f...'
+    .. code-block:: python
+
+        with h5py.File("out.rtdc", "a") as h5:
+            store_file_basin(h5, "in.rtdc", ["/data/in.rtdc", "in.rtdc"],
+                             features=["deform", "image"])
+        # '0c2f...'
     """
     mapping_name = None
     if mapping is not None:
@@ -561,8 +571,10 @@ def copy_metadata(h5_src: h5py.File, h5_dst: h5py.File) -> None:
 
     Examples
     --------
-    >>> with h5py.File("in.rtdc") as hi, h5py.File("out.rtdc", "a") as ho:  # doctest: +SKIP
-    ...     copy_metadata(hi, ho)
+    .. code-block:: python
+
+        with h5py.File("in.rtdc") as hi, h5py.File("out.rtdc", "a") as ho:
+            copy_metadata(hi, ho)
     """
     for key, value in h5_src.attrs.items():
         if key not in h5_dst.attrs:
@@ -626,10 +638,12 @@ def prepare_output_file(h5out: h5py.File, input_path) -> None:
 
     Examples
     --------
-    >>> with h5py.File("out.rtdc", "w", libver="latest") as h5:  # doctest: +SKIP
-    ...     prepare_output_file(h5, "in.rtdc")
-    ...     sorted(h5)
-    ['basins', 'logs']
+    .. code-block:: python
+
+        with h5py.File("out.rtdc", "w", libver="latest") as h5:
+            prepare_output_file(h5, "in.rtdc")
+            sorted(h5)
+        # ['basins', 'logs']
     """
     pin = pathlib.Path(input_path)
     if not pin.exists():
@@ -702,8 +716,10 @@ def write_log(h5: h5py.Group, name: str, lines, *, override: bool = False) -> h5
 
     Examples
     --------
-    >>> with h5py.File("out.rtdc", "a") as h5:  # doctest: +SKIP
-    ...     write_log(h5, "rollmed-dask-job-2024-01-01-12.00.00", ["{", "}"])
+    .. code-block:: python
+
+        with h5py.File("out.rtdc", "a") as h5:
+            write_log(h5, "rollmed-dask-job-2024-01-01-12.00.00", ["{", "}"])
     """
     if isinstance(lines, (str, bytes)):
         lines = _as_str(lines).splitlines()
@@ -1008,9 +1024,11 @@ def find_image_dataset(path, dataset: str = "events/image") -> ImageLocation:
 
     Examples
     --------
-    >>> loc = find_image_dataset("background_only.rtdc")  # doctest: +SKIP
-    >>> loc.path.name, loc.dataset, loc.mapping  # doctest: +SKIP
-    ('raw.rtdc', 'events/image', None)
+    .. code-block:: python
+
+        loc = find_image_dataset("background_only.rtdc")
+        loc.path.name, loc.dataset, loc.mapping
+        # ('raw.rtdc', 'events/image', None)
     """
     path = pathlib.Path(path)
     if not path.exists():
