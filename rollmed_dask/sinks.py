@@ -48,8 +48,9 @@ def _remove(path: pathlib.Path) -> None:
 def move_into_place(tmp: pathlib.Path, target: pathlib.Path) -> None:
     """Replace ``target`` by the complete ``tmp``; the old target survives any
     failure before the final rename."""
-    if tmp.is_dir() and target.exists():
-        # os.replace cannot replace a non-empty directory: park the old one
+    if target.exists() and (tmp.is_dir() or target.is_dir()):
+        # os.replace cannot swap a file and a directory, nor replace a non-empty
+        # directory: park the old target beside it until the new one is in place
         old = target.with_name(f".{target.name}.old")
         _remove(old)
         os.replace(target, old)

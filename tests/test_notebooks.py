@@ -180,7 +180,7 @@ def test_notebook_is_stored_without_outputs(path):
     assert "widgets" not in nb.metadata, f"{path.name}: stored widget state"
 
 
-@pytest.mark.parametrize("path", _params())
+@pytest.mark.parametrize("path", list(_params()))
 def test_notebook_runs(path, kernel_env, request):
     if path.name in NEEDS_SLURM:
         request.getfixturevalue("slurm_node")
