@@ -204,3 +204,48 @@ def test_worker_with_little_memory_is_not_killed(example_dir, tmp_path):
         close_client(client)
     expected = rolling_median_reference(read_images(source), 100)
     np.testing.assert_array_equal(read_images(tmp_path / "bg.zarr", "events/image_bg"), expected)
+
+
+@pytest.fixture
+def bad_inputs(tmp_path):
+    """Files with each way an input can be wrong, for the API-level matrix."""
+    (tmp_path / "text.rtdc").write_text("not hdf5")
+    (tmp_path / "exists.rtdc").write_bytes(b"keep me")
+    with h5py.File(tmp_path / "cases.h5", "w") as h5:
+        h5["events/image"] = np.zeros((20, 4, 4), dtype=np.uint8)
+        h5["flat/image"] = np.zeros((20, 16), dtype=np.uint8)
+        h5["deep/image"] = np.zeros((20, 4, 4, 3), dtype=np.uint8)
+        h5["empty/image"] = np.zeros((0, 4, 4), dtype=np.uint8)
+        h5["bool/image"] = np.zeros((20, 4, 4), dtype=bool)
+        h5["complex/image"] = np.zeros((20, 4, 4), dtype=np.complex64)
+    return tmp_path
+
+
+API_ERRORS = [
+    # source, target, keyword arguments, exception, message
+    ("nope.rtdc", "out.rtdc", {}, FileNotFoundError, "does not exist"),
+    (".", "out.rtdc", {}, ValueError, "not a Zarr store"),
+    ("text.rtdc", "out.rtdc", {}, ValueError, "is not an HDF5 file"),
+    ("cases.h5", "out.rtdc", {"dataset": "nope"}, KeyError, "events/image"),
+    ("cases.h5", "out.rtdc", {"dataset": "flat/image"}, ValueError, "ndim=2"),
+    ("cases.h5", "out.rtdc", {"dataset": "deep/image"}, ValueError, "ndim=4"),
+    ("cases.h5", "out.rtdc", {"dataset": "empty/image"}, ValueError, "no events"),
+    ("cases.h5", "out.rtdc", {"dataset": "bool/image"}, ValueError, "dtype bool"),
+    ("cases.h5", "out.rtdc", {"dataset": "complex/image"}, ValueError, "dtype complex64"),
+    ("cases.h5", "out.rtdc", {"kernel_size": 0}, ValueError, "at least 1"),
+    ("cases.h5", "out.rtdc", {"kernel_size": -2}, ValueError, "at least 1"),
+    ("cases.h5", "out.rtdc", {"kernel_size": 2.5}, ValueError, "whole number"),
+    ("cases.h5", "out.rtdc", {"kernel_size": 20}, ValueError, "at most 19"),
+    ("cases.h5", "missing/out.rtdc", {"kernel_size": 3}, FileNotFoundError, "output folder"),
+    ("cases.h5", "exists.rtdc", {"kernel_size": 3}, FileExistsError, "overwrite=True"),
+    ("cases.h5", "cases.h5", {"kernel_size": 3}, ValueError, "in_place=True"),
+]
+
+
+@pytest.mark.parametrize(("source", "target", "kwargs", "error", "message"), API_ERRORS)
+def test_api_bad_input_matrix(source, target, kwargs, error, message, bad_inputs):
+    before = {p.name: p.stat().st_mtime_ns for p in bad_inputs.iterdir()}
+    kwargs = {"kernel_size": 5, "progress": False, **kwargs}
+    with pytest.raises(error, match=message):
+        compute_background(bad_inputs / source, bad_inputs / target, **kwargs)
+    assert {p.name: p.stat().st_mtime_ns for p in bad_inputs.iterdir()} == before
