@@ -37,6 +37,18 @@ def rtdc_copy(small_rtdc, tmp_path) -> pathlib.Path:
     return pathlib.Path(shutil.copy(small_rtdc, tmp_path / "input.rtdc"))
 
 
+def write_bad_stacks(path) -> pathlib.Path:
+    """An HDF5 file with one dataset for each way an image stack can be wrong."""
+    with h5py.File(path, "w") as h5:
+        h5["events/image"] = np.zeros((20, 4, 4), dtype=np.uint8)
+        h5["flat/image"] = np.zeros((20, 16), dtype=np.uint8)
+        h5["deep/image"] = np.zeros((20, 4, 4, 3), dtype=np.uint8)
+        h5["empty/image"] = np.zeros((0, 4, 4), dtype=np.uint8)
+        h5["bool/image"] = np.zeros((20, 4, 4), dtype=bool)
+        h5["complex/image"] = np.zeros((20, 4, 4), dtype=np.complex64)
+    return pathlib.Path(path)
+
+
 def read_images(path, dataset="events/image") -> np.ndarray:
     """The whole dataset of an HDF5 file or a Zarr store, as numpy."""
     path = pathlib.Path(path)

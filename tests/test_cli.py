@@ -12,7 +12,7 @@ import sys
 import h5py
 import numpy as np
 import pytest
-from conftest import read_images
+from conftest import read_images, write_bad_stacks
 
 from rollmed_dask import rolling_median_reference
 
@@ -124,15 +124,7 @@ def test_example_runs_without_user_data(tmp_path):
 @pytest.fixture
 def stacks(tmp_path):
     """Small HDF5 files with the ways a stack can be wrong."""
-    path = tmp_path / "cases.h5"
-    with h5py.File(path, "w") as h5:
-        h5["events/image"] = np.zeros((20, 4, 4), dtype=np.uint8)
-        h5["flat/image"] = np.zeros((20, 16), dtype=np.uint8)
-        h5["deep/image"] = np.zeros((20, 4, 4, 3), dtype=np.uint8)
-        h5["empty/image"] = np.zeros((0, 4, 4), dtype=np.uint8)
-        h5["bool/image"] = np.zeros((20, 4, 4), dtype=bool)
-        h5["complex/image"] = np.zeros((20, 4, 4), dtype=np.complex64)
-    return path
+    return write_bad_stacks(tmp_path / "cases.h5")
 
 
 ERROR_CASES = {

@@ -18,7 +18,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from conftest import read_images
+from conftest import read_images, write_bad_stacks
 
 from rollmed_dask import compute_background, rolling_median_reference
 from rollmed_dask.example import write_example
@@ -211,13 +211,7 @@ def bad_inputs(tmp_path):
     """Files with each way an input can be wrong, for the API-level matrix."""
     (tmp_path / "text.rtdc").write_text("not hdf5")
     (tmp_path / "exists.rtdc").write_bytes(b"keep me")
-    with h5py.File(tmp_path / "cases.h5", "w") as h5:
-        h5["events/image"] = np.zeros((20, 4, 4), dtype=np.uint8)
-        h5["flat/image"] = np.zeros((20, 16), dtype=np.uint8)
-        h5["deep/image"] = np.zeros((20, 4, 4, 3), dtype=np.uint8)
-        h5["empty/image"] = np.zeros((0, 4, 4), dtype=np.uint8)
-        h5["bool/image"] = np.zeros((20, 4, 4), dtype=bool)
-        h5["complex/image"] = np.zeros((20, 4, 4), dtype=np.complex64)
+    write_bad_stacks(tmp_path / "cases.h5")
     return tmp_path
 
 
