@@ -10,7 +10,7 @@ import os
 import pathlib
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -41,7 +41,6 @@ class BackgroundSummary:
     blocks_resumed: int
     seconds: float
     scheduler: str
-    extra: dict = field(default_factory=dict)
 
     @property
     def events_per_second(self) -> float:

@@ -48,15 +48,6 @@ class Resolved:
         else:
             self.description = f"local {self.local} scheduler"
 
-    @property
-    def dashboard_link(self) -> str | None:
-        if self.client is None:
-            return None
-        try:
-            return self.client.dashboard_link
-        except Exception:  # no dashboard (bokeh missing or disabled)
-            return None
-
     def close(self) -> None:
         if self.owns_client:
             self.client.close()

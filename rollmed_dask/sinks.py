@@ -91,8 +91,6 @@ def _remove_at_exit(path: pathlib.Path) -> None:
 class Sink:
     """The shared part of the sinks: target, temporary path, resume bookkeeping."""
 
-    format = ""
-
     def __init__(self, target, dataset, shape, dtype, *, chunk_events, job_params, resume):
         self.target = pathlib.Path(target)
         self.tmp = partial_path(self.target)
@@ -121,8 +119,6 @@ class HDF5Sink(Sink):
     is one we can reproduce byte for byte (zstd, gzip, shuffle, fletcher32), and
     written with ``write_direct_chunk`` by the single writer in this process.
     """
-
-    format = "hdf5"
 
     def __init__(
         self,
@@ -172,11 +168,9 @@ class HDF5Sink(Sink):
     def prepare(self):
         from functools import partial
 
-        from .h5chunks import encode_block
-
         if self.codec is None:
             return _pass_block
-        return partial(_encode_block_task, encode_block, self.codec)
+        return partial(_encode_block_task, self.codec)
 
     def write(self, payload) -> int:
         start, data = payload
@@ -253,7 +247,9 @@ def _pass_block(block, start):
     return start, np.ascontiguousarray(block)
 
 
-def _encode_block_task(encode_block, codec, block, start):
+def _encode_block_task(codec, block, start):
+    from .h5chunks import encode_block
+
     return start, encode_block(codec, block)
 
 
@@ -266,8 +262,6 @@ class ZarrSink(Sink):
     ``resume`` trusts; the markers are removed before the store is moved into
     place.
     """
-
-    format = "zarr"
 
     def __init__(self, target, dataset, shape, dtype, *, compression="zstd", **kwargs):
         super().__init__(target, dataset, shape, dtype, **kwargs)
