@@ -49,6 +49,19 @@ def write_bad_stacks(path) -> pathlib.Path:
     return pathlib.Path(path)
 
 
+def flip_bytes_in_chunk(path, dataset, chunk_index) -> tuple:
+    """Damage one stored chunk on disk, as a failing disk or a bad copy would;
+    return the chunk's offset."""
+    with h5py.File(path, "r") as h5:
+        info = h5[dataset].id.get_chunk_info(chunk_index)
+    with open(path, "r+b") as f:
+        f.seek(info.byte_offset + info.size // 2)
+        data = bytearray(f.read(3))
+        f.seek(info.byte_offset + info.size // 2)
+        f.write(bytes(b ^ 0x5A for b in data))
+    return info.chunk_offset
+
+
 def read_images(path, dataset="events/image") -> np.ndarray:
     """The whole dataset of an HDF5 file or a Zarr store, as numpy."""
     path = pathlib.Path(path)

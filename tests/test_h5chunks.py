@@ -15,6 +15,7 @@ import h5py
 import hdf5plugin
 import numpy as np
 import pytest
+from conftest import flip_bytes_in_chunk
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -272,24 +273,13 @@ def test_pixel_tiled_chunks_read_as_frames_and_tiles(tmp_path):
 # ---------------------------------------------------------------- corruption
 
 
-def _flip_bytes_in_chunk(path, name, index):
-    with h5py.File(path, "r") as f:
-        info = f[name].id.get_chunk_info(index)
-    with open(path, "r+b") as fh:
-        fh.seek(info.byte_offset + info.size // 2)
-        chunk = bytearray(fh.read(3))
-        fh.seek(info.byte_offset + info.size // 2)
-        fh.write(bytes(b ^ 0x5A for b in chunk))
-    return info.chunk_offset
-
-
 @pytest.mark.parametrize("filters", ["fletcher32", "zstd5+fletcher32", "gzip+shuffle+fletcher32"])
 def test_corrupt_chunk_is_detected_and_located(tmp_path, filters):
     data = image_like(120, 16, 24, "uint8")
     path = tmp_path / "f.h5"
     with h5py.File(path, "w") as f:
         f.create_dataset("events/image", data=data, chunks=(40, 16, 24), **FILTERS[filters])
-    offset = _flip_bytes_in_chunk(path, "events/image", 1)
+    offset = flip_bytes_in_chunk(path, "events/image", 1)
     assert offset == (40, 0, 0)
     with h5py.File(path, "r") as f:
         dset = f["events/image"]

@@ -15,10 +15,9 @@ import tempfile
 import time
 from pathlib import Path
 
-import h5py
 import numpy as np
 import pytest
-from conftest import read_images, write_bad_stacks
+from conftest import flip_bytes_in_chunk, read_images, write_bad_stacks
 
 from rollmed_dask import compute_background, rolling_median_reference
 from rollmed_dask.example import write_example
@@ -126,20 +125,8 @@ def test_sigkill_then_resume_computes_only_what_is_missing(long_rtdc, tmp_path):
     assert not partial_path(out).exists()
 
 
-def flip_bytes_in_chunk(path, dataset, chunk_index):
-    """Damage one stored chunk on disk, as a failing disk or a bad copy would."""
-    with h5py.File(path, "r") as h5:
-        info = h5[dataset].id.get_chunk_info(chunk_index)
-    with open(path, "r+b") as f:
-        f.seek(info.byte_offset + info.size // 2)
-        data = bytearray(f.read(8))
-        f.seek(info.byte_offset + info.size // 2)
-        f.write(bytes(b ^ 0xFF for b in data))
-    return info.chunk_offset[0]
-
-
 def test_damaged_chunk_is_caught_and_named(rtdc_copy, tmp_path):
-    first = flip_bytes_in_chunk(rtdc_copy, "events/image", 3)
+    first = flip_bytes_in_chunk(rtdc_copy, "events/image", 3)[0]
     assert first == 120
     out = tmp_path / "bg.rtdc"
     with pytest.raises(OSError, match="events 120 to 159"):
