@@ -76,6 +76,33 @@ stop_pidfile() {
     rm -f "$pidfile"
 }
 
+# stop_orphans NAME: TERM daemons called NAME that no pid file records (left behind when
+# a pid file was lost); they would hold the port the new daemon needs.
+stop_orphans() {
+    local name=$1 pids
+    pids=$(pgrep -x "$name" || true)
+    [[ -z $pids ]] && return 0
+    log "stopping $name left running without a pid file (pids $(echo $pids))"
+    # shellcheck disable=SC2086
+    kill -TERM $pids 2>/dev/null || true
+    sleep 2
+    # shellcheck disable=SC2086
+    kill -KILL $pids 2>/dev/null || true
+}
+
+# daemon_running PIDFILE NAME: the daemon is up, allowing it a few seconds to write its
+# pid file. The daemons fork into the background and write the file from the grandchild,
+# so right after `slurmd` returns the file may still be missing or hold a stale pid:
+# a loaded machine failed CI on exactly that race.
+daemon_running() {
+    local pidfile=$1 name=$2 i
+    for ((i = 0; i < 100; i++)); do
+        pid_alive "$pidfile" "$name" && return 0
+        sleep 0.1
+    done
+    return 1
+}
+
 node_state() {
     # prints e.g. "idle", "mixed", "down*", "" if sinfo cannot reach slurmctld
     timeout 10 sinfo -h -N -o '%T' 2>/dev/null | head -n1 || true
@@ -263,6 +290,8 @@ do_start() {
     fi
     if ! pid_alive "$CTLD_PID" slurmctld; then
         log "starting slurmctld"
+        rm -f "$CTLD_PID"
+        stop_orphans slurmctld
         slurmctld </dev/null || {
             show_logs
             err "slurmctld failed to start"
@@ -272,6 +301,8 @@ do_start() {
     fi
     if ! pid_alive "$SLURMD_PID" slurmd; then
         log "starting slurmd"
+        rm -f "$SLURMD_PID"
+        stop_orphans slurmd
         slurmd </dev/null || {
             show_logs
             err "slurmd failed to start"
@@ -284,7 +315,7 @@ do_start() {
     while ((SECONDS < deadline)); do
         local d
         for d in "slurmctld:$CTLD_PID" "slurmd:$SLURMD_PID"; do
-            if ! pid_alive "${d#*:}" "${d%%:*}"; then
+            if ! daemon_running "${d#*:}" "${d%%:*}"; then
                 sleep 0.5 # let it finish its log
                 show_logs
                 err "${d%%:*} exited right after starting (see its log above)"
