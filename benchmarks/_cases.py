@@ -340,7 +340,7 @@ def case_graph(a):
        the lazy array (the target), then materialising its task graph;
     2. the set-up ``compute_background`` does before computing, on an HDF5
        file of N frames (unallocated chunks, made before timing): open, plan,
-       ``rolling_median``, rechunk, ``to_delayed(optimize_graph=True)``.
+       one Delayed per block.
     A middle block and the last block of the zeros graph are computed and
     checked (a median of zeros is zero).
     """
@@ -351,6 +351,8 @@ def case_graph(a):
     import numpy as np
 
     from rollmed_dask import rolling_median, rtdc
+    from rollmed_dask.job import _block_starts, _plan_stored_blocks, _stored_block_tasks
+    from rollmed_dask.pipeline import DEFAULT_MEMORY_BUDGET
     from rollmed_dask.sources import as_source
 
     import_done = time.perf_counter()
@@ -383,8 +385,8 @@ def case_graph(a):
     t0 = time.perf_counter()
     src = as_source(path, "events/image")
     chunk_events = rtdc.default_chunk_events(shape[1:], src.dtype)
-    bg2 = rolling_median(src, k, align_events=chunk_events).rechunk({1: 80, 2: 320})
-    blocks = bg2.to_delayed(optimize_graph=True).ravel()
+    starts = _block_starts(_plan_stored_blocks(src, k, chunk_events, DEFAULT_MEMORY_BUDGET, None))
+    blocks = _stored_block_tasks(src, k, "numba", starts, _second, skip=set())
     res["ooc_setup_s"] = time.perf_counter() - t0
     res["ooc_blocks"] = len(blocks)
     path.unlink()

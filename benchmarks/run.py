@@ -40,6 +40,8 @@ SCHEMA_VERSION = 1
 OURS = ("ours-threads", "ours-processes", "ours-scipy-engine")
 IO_FLOORS = ("io-floor-threads", "io-floor-processes")
 BASELINES = ("dcnum", "scipy", "dask-image")
+KERNEL_MAX_EVENTS = 20000
+FLAT_FROM_EVENTS = 20000
 ALL_CONTESTANTS = ("kernel", "graph", *IO_FLOORS, "ours-threads", "ours-processes",
                    "ours-scipy-engine", *BASELINES)  # fmt: skip
 DEFAULT_CONTESTANTS = tuple(c for c in ALL_CONTESTANTS if c != "ours-scipy-engine")
@@ -66,10 +68,19 @@ def _names(text: str) -> list[str]:
     return names
 
 
+class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows real defaults; a default of None is described in the help text itself."""
+
+    def _get_help_string(self, action):
+        if action.default is None or isinstance(action.default, bool):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
         description="Benchmark rollmed-dask against dcnum, scipy and dask-image.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_DefaultsFormatter,
     )
     p.add_argument(
         "--quick",
@@ -126,7 +137,7 @@ def parse_args(argv=None):
         default=None,
         help="N of the graph-building case (default 10^7)",
     )
-    p.add_argument("--graph-kernel", type=int, default=100)
+    p.add_argument("--graph-kernel", type=int, default=100, help="K of the graph-building case")
     p.add_argument(
         "--workers",
         type=int,
@@ -148,7 +159,12 @@ def parse_args(argv=None):
         default=HERE / "data",
         help="inputs (reused when present with the same N) and outputs",
     )
-    p.add_argument("--out", type=pathlib.Path, default=HERE / "results" / "latest.json")
+    p.add_argument(
+        "--out",
+        type=pathlib.Path,
+        default=HERE / "results" / "latest.json",
+        help="where the JSON of the run goes",
+    )
     p.add_argument(
         "--case-timeout",
         type=float,
@@ -888,25 +904,30 @@ class Suite:
         big = [r for r in ours if r["events"] >= 200000]
         if big:
             peak = max(big, key=lambda r: r["peak_rss_tree_mb"])
-            add("peak RSS (process tree) < 1 GB at N=200000",
+            add("peak RSS (process tree) < 1 GB at N=200000 (worst of ours)",
                 f"{peak['peak_rss_tree_mb']:.0f} MB ({peak['case']}, K={peak['kernel']})",
-                peak["peak_rss_tree_mb"] < 1024)  # fmt: skip
+                peak["peak_rss_tree_mb"] < 1024,
+                "; ".join(f"{r['case']} K={r['kernel']}: {r['peak_rss_tree_mb']:.0f} MB"
+                          for r in big))  # fmt: skip
         else:
             add("peak RSS < 1 GB at N=200000", "not measured", None)
         sizes = sorted({r["events"] for r in ours})
         if len(sizes) > 1:
+            # the issue's range: from N=20000 up; below it, blocks are shorter
+            # than the budget allows and memory is not yet at its plateau
+            n0 = min((n for n in sizes[:-1] if n >= FLAT_FROM_EVENTS), default=sizes[0])
             growth = []
             for r in ours:
                 if r["events"] != sizes[-1]:
                     continue
-                base = [b for b in ours if b["events"] == sizes[0] and b["case"] == r["case"]
+                base = [b for b in ours if b["events"] == n0 and b["case"] == r["case"]
                         and b["kernel"] == r["kernel"]]  # fmt: skip
                 if base:
                     growth.append((r["peak_rss_tree_mb"] / base[0]["peak_rss_tree_mb"], r))
             if growth:
                 g, r = max(growth, key=lambda t: t[0])
                 add(
-                    f"peak RSS flat from N={sizes[0]} to N={sizes[-1]} (growth <= 1.2x)",
+                    f"peak RSS flat from N={n0} to N={sizes[-1]} (growth <= 1.2x)",
                     f"{g:.2f}x worst ({r['case']}, K={r['kernel']})",
                     g <= 1.2,
                     "; ".join(f"{rr['case']} K={rr['kernel']}: {gg:.2f}x" for gg, rr in growth),
@@ -1014,7 +1035,10 @@ def main(argv=None) -> int:
     inputs = {n: ensure_input(a.data_dir, n) for n in a.sizes}
     suite = Suite(a)
     if suite.want("kernel"):
-        suite.kernel_rows(inputs[a.sizes[0]], a.sizes[0])
+        # blocks as long as the pipeline plans them need a large enough input;
+        # the stack is held in memory, so at most N=20000 (512 MB)
+        n_kernel = max((n for n in a.sizes if n <= KERNEL_MAX_EVENTS), default=min(a.sizes))
+        suite.kernel_rows(inputs[n_kernel], n_kernel)
     if suite.want("graph"):
         suite.graph_row()
     for n in a.sizes:

@@ -16,7 +16,13 @@ import numpy as np
 
 from . import rtdc
 from .core import check_kernel_size, select_engine
-from .pipeline import DEFAULT_MEMORY_BUDGET, parse_bytes, rolling_median
+from .pipeline import (
+    DEFAULT_MEMORY_BUDGET,
+    RollingMedianView,
+    parse_bytes,
+    plan_chunks,
+    rolling_median,
+)
 from .scheduling import resolve_scheduler, stream_blocks
 from .sinks import HDF5Sink, ZarrSink, check_target, partial_path
 from .sources import Source, as_source, close_cached_files
@@ -231,16 +237,21 @@ def _run_job(
     started = time.time()
     n_events, height, width = src.shape
     chunk_events = rtdc.default_chunk_events((height, width), src.dtype)
-    bg = rolling_median(
-        src,
-        k,
-        engine=engine,
-        memory_budget=memory_budget,
-        event_chunk=event_chunk,
-        align_events=chunk_events,
-    )
-    bg = bg.rechunk({1: height, 2: width})  # sinks take full frames
-    starts = _block_starts(bg.chunks[0])
+    if src.on_disk:
+        bg = None
+        event_chunks = _plan_stored_blocks(src, k, chunk_events, memory_budget, event_chunk)
+    else:
+        bg = rolling_median(
+            src,
+            k,
+            engine=engine,
+            memory_budget=memory_budget,
+            event_chunk=event_chunk,
+            align_events=chunk_events,
+        )
+        bg = bg.rechunk({1: height, 2: width})  # sinks take full frames
+        event_chunks = bg.chunks[0]
+    starts = _block_starts(event_chunks)
     params = {
         "input": str(src.path) if src.path else type(src.array).__name__,
         "dataset": src.dataset,
@@ -248,7 +259,7 @@ def _run_job(
         "image_shape": [height, width],
         "dtype": str(src.dtype),
         "kernel_size": k,
-        "block_events": bg.chunks[0][0],
+        "block_events": event_chunks[0],
         "compression": compression,
     }
     common = dict(
@@ -270,7 +281,10 @@ def _run_job(
     try:
         sink.open()
         done = sink.done_starts()
-        tasks = _block_tasks(bg, starts, sink.prepare, skip=done)
+        if bg is None:
+            tasks = _stored_block_tasks(src, k, engine, starts, sink.prepare, skip=done)
+        else:
+            tasks = _block_tasks(bg, starts, sink.prepare, skip=done)
         resumed_events = sum(_block_length(starts, n_events, s) for s in done)
         with _progress_bar(n_events, resumed_events, progress) as bar:
 
@@ -372,6 +386,55 @@ def _block_starts(event_chunks) -> list[int]:
 def _block_length(starts: list[int], n_events: int, start: int) -> int:
     i = starts.index(start)
     return (starts[i + 1] if i + 1 < len(starts) else n_events) - start
+
+
+def _plan_stored_blocks(src, k, chunk_events, memory_budget, event_chunk) -> tuple[int, ...]:
+    """Event blocks of a stored source; each task reads and computes whole frames."""
+    n_events, height, width = src.shape
+    storage = (src.storage_chunks[0], height, width) if src.storage_chunks else None
+    chunks = plan_chunks(
+        src.shape,
+        src.dtype,
+        k,
+        storage,
+        align_events=chunk_events,
+        memory_budget=memory_budget,
+        event_chunk=event_chunk,
+        min_blocks=2 * (os.cpu_count() or 1),
+    )
+    return chunks[0]
+
+
+def _stored_block_tasks(src, k, engine, starts, prepare, skip) -> list:
+    """One Delayed per block of a stored source that reads, computes and ``prepare``s it.
+
+    Each task reads its own overlap through a :class:`RollingMedianView`, so
+    only the prepared payload leaves the worker. Built with ``dask.delayed``
+    rather than ``dask.array``: a file job then never imports dask.array (0.2 to
+    0.5 s of every CLI run, measured) and makes no rechunk or fusion pass. The
+    view is one key of the graph that every task depends on: it holds the
+    reader, and a mapped basin's reader holds an index as long as the stack.
+    """
+    from dask.base import tokenize
+    from dask.delayed import delayed
+
+    view = RollingMedianView(src.array, k, engine)
+    # prepare in the token: two jobs on one input (say HDF5 and Zarr output)
+    # on one distributed client must not share keys
+    token = tokenize(repr(src.array), k, engine, starts, prepare)
+    shared_view = delayed(view, name=f"rolling_median-view-{token}", traverse=False)
+    ends = starts[1:] + [src.shape[0]]
+    return [
+        delayed(_stored_block, pure=True)(
+            shared_view, start, end, prepare, dask_key_name=f"rolling_median-{token}-{i}"
+        )
+        for i, (start, end) in enumerate(zip(starts, ends, strict=True))
+        if start not in skip
+    ]
+
+
+def _stored_block(view, start: int, end: int, prepare):
+    return prepare(view[start:end], start)
 
 
 def _block_tasks(bg, starts, prepare, skip) -> list:

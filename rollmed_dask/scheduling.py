@@ -11,8 +11,7 @@ block finishes, on every scheduler, so a single writer can store them while the
 workers go on, and no result is held longer than it takes to write it:
 
 - local schedulers: a dask ``Callback`` sees each block's result in the main
-  thread; each block task has a tiny dependent task, so the scheduler frees the
-  block once the writer has it;
+  thread, hands it to the writer and drops the scheduler's reference to it;
 - distributed: ``as_completed`` over the block futures, each released after
   writing.
 """
@@ -116,11 +115,6 @@ def resolve_scheduler(scheduler=None) -> Resolved:
     )
 
 
-def _discard(_result) -> None:
-    """The dependent of every block task: lets the local scheduler free the block."""
-    return None
-
-
 def stream_blocks(tasks: list, on_result, resolved: Resolved, num_workers=None) -> None:
     """Compute ``tasks`` (dask Delayed) and pass each result to ``on_result``.
 
@@ -145,13 +139,35 @@ def _stream_local(tasks, on_result, scheduler: str, num_workers) -> None:
         def _posttask(self, key, result, dsk, state, worker_id):
             if key in block_keys:
                 on_result(result)
+                # The writer has the block: drop the scheduler's reference, which
+                # it would otherwise keep as a result of the compute until the end.
+                state["cache"][key] = None
 
-    releases = [dask.delayed(_discard, pure=True)(task) for task in tasks]
-    kwargs = {"num_workers": num_workers} if num_workers else {}
+    kwargs = {"num_workers": num_workers} if num_workers and scheduler != "synchronous" else {}
+    if scheduler == "processes":
+        # dask sends tasks to a process in batches of 6 by default: the process
+        # would hold six finished blocks and the writer receive them at once
+        kwargs["chunksize"] = 1
     with _Writer():
-        # The array part of the graph was optimised when the blocks were made
-        # (to_delayed); optimising again could fuse block and release tasks.
-        dask.compute(*releases, scheduler=scheduler, optimize_graph=False, **kwargs)
+        # Block tasks are made ready to run (fused by to_delayed, or one
+        # delayed call each); optimising again would only cost time.
+        dask.compute(*tasks, scheduler=_local_get(scheduler), optimize_graph=False, **kwargs)
+
+
+def _local_get(scheduler: str):
+    """The get function of a local scheduler.
+
+    Passed to dask as a function, not by name: given a name, dask imports
+    ``distributed`` to look for a Client (0.2 s per run), which
+    ``resolve_scheduler`` has already done without importing it.
+    """
+    if scheduler == "threads":
+        from dask.threaded import get
+    elif scheduler == "processes":
+        from dask.multiprocessing import get
+    else:
+        from dask.local import get_sync as get
+    return get
 
 
 def _stream_distributed(tasks, on_result, client) -> None:

@@ -5,6 +5,8 @@ Real HDF5 and Zarr files on disk, real dask schedulers, dcnum 0.31 itself.
 
 import hashlib
 import json
+import subprocess
+import sys
 
 import dask.array as da
 import h5py
@@ -185,6 +187,23 @@ def test_local_schedulers_give_identical_bits(scheduler, suffix, small_rtdc, tmp
     )
     expected = rolling_median_reference(read_images(small_rtdc), 30)
     np.testing.assert_array_equal(read_images(out, "events/image_bg"), expected)
+
+
+def test_file_job_imports_neither_dask_array_nor_distributed(small_rtdc, tmp_path):
+    # every CLI run would pay for them (0.2-0.5 s each, measured)
+    code = (
+        "import sys\n"
+        "from rollmed_dask import compute_background\n"
+        f"compute_background({str(small_rtdc)!r}, {str(tmp_path / 'bg.rtdc')!r}, 30, "
+        "scheduler='threads', progress=False)\n"
+        "print(sorted(m for m in ('dask.array', 'distributed') if m in sys.modules))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=300
+    )
+    assert out.stdout.strip() == "[]"
+    expected = rolling_median_reference(read_images(small_rtdc), 30)
+    np.testing.assert_array_equal(read_images(tmp_path / "bg.rtdc", "events/image_bg"), expected)
 
 
 @pytest.mark.parametrize("compression", ["gzip", "none"])
