@@ -90,6 +90,21 @@ stop_orphans() {
     kill -KILL $pids 2>/dev/null || true
 }
 
+# start_daemon PIDFILE NAME: start NAME (a daemon that forks itself) unless it runs.
+start_daemon() {
+    local pidfile=$1 name=$2
+    pid_alive "$pidfile" "$name" && return 0
+    log "starting $name"
+    rm -f "$pidfile"
+    stop_orphans "$name"
+    "$name" </dev/null || {
+        show_logs
+        err "$name failed to start"
+        exit 1
+    }
+    touch "$RUN_DIR/$name.started"
+}
+
 # daemon_running PIDFILE NAME: the daemon is up, allowing it a few seconds to write its
 # pid file. The daemons fork into the background and write the file from the grandchild,
 # so right after `slurmd` returns the file may still be missing or hold a stale pid:
@@ -288,28 +303,8 @@ do_start() {
         stop_pidfile "$SLURMD_PID" slurmd
         stop_pidfile "$CTLD_PID" slurmctld
     fi
-    if ! pid_alive "$CTLD_PID" slurmctld; then
-        log "starting slurmctld"
-        rm -f "$CTLD_PID"
-        stop_orphans slurmctld
-        slurmctld </dev/null || {
-            show_logs
-            err "slurmctld failed to start"
-            exit 1
-        }
-        touch "$RUN_DIR/slurmctld.started"
-    fi
-    if ! pid_alive "$SLURMD_PID" slurmd; then
-        log "starting slurmd"
-        rm -f "$SLURMD_PID"
-        stop_orphans slurmd
-        slurmd </dev/null || {
-            show_logs
-            err "slurmd failed to start"
-            exit 1
-        }
-        touch "$RUN_DIR/slurmd.started"
-    fi
+    start_daemon "$CTLD_PID" slurmctld
+    start_daemon "$SLURMD_PID" slurmd
 
     local deadline=$((SECONDS + TIMEOUT)) state="" resumed=0
     while ((SECONDS < deadline)); do
