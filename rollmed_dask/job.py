@@ -19,6 +19,7 @@ from .core import check_kernel_size, select_engine
 from .pipeline import (
     DEFAULT_MEMORY_BUDGET,
     RollingMedianView,
+    default_min_blocks,
     parse_bytes,
     plan_chunks,
     rolling_median,
@@ -238,7 +239,6 @@ def _run_job(
     n_events, height, width = src.shape
     chunk_events = rtdc.default_chunk_events((height, width), src.dtype)
     if src.on_disk:
-        bg = None
         event_chunks = _plan_stored_blocks(src, k, chunk_events, memory_budget, event_chunk)
     else:
         bg = rolling_median(
@@ -281,7 +281,7 @@ def _run_job(
     try:
         sink.open()
         done = sink.done_starts()
-        if bg is None:
+        if src.on_disk:
             tasks = _stored_block_tasks(src, k, engine, starts, sink.prepare, skip=done)
         else:
             tasks = _block_tasks(bg, starts, sink.prepare, skip=done)
@@ -400,7 +400,7 @@ def _plan_stored_blocks(src, k, chunk_events, memory_budget, event_chunk) -> tup
         align_events=chunk_events,
         memory_budget=memory_budget,
         event_chunk=event_chunk,
-        min_blocks=2 * (os.cpu_count() or 1),
+        min_blocks=default_min_blocks(),
     )
     return chunks[0]
 

@@ -32,6 +32,11 @@ DEFAULT_MEMORY_BUDGET = 256 * MiB
 _ROW_COPIES = 4
 
 
+def default_min_blocks() -> int:
+    """Blocks a short stack is split into at least: two per core, so every core has work."""
+    return 2 * (os.cpu_count() or 1)
+
+
 def parse_bytes(value) -> int:
     """Accept ``268435456``, ``"256MiB"``, ``"1 GB"``; dask's own parser."""
     from dask.utils import parse_bytes as dask_parse_bytes
@@ -373,7 +378,7 @@ def rolling_median(
         align_events=align_events,
         memory_budget=memory_budget,
         event_chunk=event_chunk,
-        min_blocks=2 * (os.cpu_count() or 1),
+        min_blocks=default_min_blocks(),
     )
     if not source.on_disk:
         return rolling_median_dask(as_dask_array(source, chunks), k, engine)
