@@ -18,6 +18,7 @@ workers go on, and no result is held longer than it takes to write it:
 
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import dataclass
 
@@ -119,7 +120,9 @@ def stream_blocks(tasks: list, on_result, resolved: Resolved, num_workers=None) 
     """Compute ``tasks`` (dask Delayed) and pass each result to ``on_result``.
 
     ``on_result`` runs in the calling process, one block at a time, in order of
-    completion.
+    completion. On a local scheduler it returns, or raises (an error, Ctrl-C),
+    only once no task is running any more: a task may write into the sink's
+    temporary output, which the caller removes right after a failure.
     """
     if not tasks:
         return
@@ -143,15 +146,30 @@ def _stream_local(tasks, on_result, scheduler: str, num_workers) -> None:
                 # it would otherwise keep as a result of the compute until the end.
                 state["cache"][key] = None
 
-    kwargs = {"num_workers": num_workers} if num_workers and scheduler != "synchronous" else {}
-    if scheduler == "processes":
-        # dask sends tasks to a process in batches of 6 by default: the process
-        # would hold six finished blocks and the writer receive them at once
+    kwargs = {}
+    pool = None
+    if scheduler == "threads":
+        from concurrent.futures import ThreadPoolExecutor
+
+        # Our own pool rather than dask's shared one, so that it can be waited
+        # for: on Ctrl-C dask returns at once while its threads still write.
+        pool = ThreadPoolExecutor(num_workers or os.cpu_count() or 1)
+        kwargs["pool"] = pool
+    elif scheduler == "processes":
+        # dask's process pool is its own and waited for on errors; it sends
+        # tasks in batches of 6 by default: a process would hold six finished
+        # blocks and the writer receive them at once
         kwargs["chunksize"] = 1
-    with _Writer():
-        # Block tasks are made ready to run (fused by to_delayed, or one
-        # delayed call each); optimising again would only cost time.
-        dask.compute(*tasks, scheduler=_local_get(scheduler), optimize_graph=False, **kwargs)
+        if num_workers:
+            kwargs["num_workers"] = num_workers
+    try:
+        with _Writer():
+            # Block tasks are made ready to run (fused by to_delayed, or one
+            # delayed call each); optimising again would only cost time.
+            dask.compute(*tasks, scheduler=_local_get(scheduler), optimize_graph=False, **kwargs)
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _local_get(scheduler: str):

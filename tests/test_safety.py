@@ -64,6 +64,37 @@ def wait_until_running(proc, out: Path, seconds=60):
     assert proc.poll() is None, "the job must still be running when it is interrupted"
 
 
+class _TaskRecord:
+    def __init__(self):
+        self.started, self.finished = [], []
+
+
+def _timed_block(i, record):
+    record.started.append(i)
+    time.sleep(0.2 + 0.4 * i)  # block 1 still runs when block 0 reaches the writer
+    record.finished.append(i)
+    return i
+
+
+def test_a_failed_stream_returns_only_when_no_block_task_runs():
+    # Right after a failure the sink removes its temporary output: a task still
+    # writing into it would recreate it, or break the removal (seen in CI:
+    # "Directory not empty" on Ctrl-C during a Zarr run).
+    from dask import delayed
+
+    from rollmed_dask.scheduling import resolve_scheduler, stream_blocks
+
+    record = _TaskRecord()
+    tasks = [delayed(_timed_block)(i, record) for i in range(2)]
+
+    def failing_writer(_payload):
+        raise RuntimeError("the writer failed")
+
+    with pytest.raises(RuntimeError, match="the writer failed"):
+        stream_blocks(tasks, failing_writer, resolve_scheduler("threads"), num_workers=2)
+    assert sorted(record.finished) == sorted(record.started) == [0, 1]
+
+
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("suffix", [".rtdc", ".zarr"])
 def test_sigint_keeps_the_old_output_and_leaves_no_temporary(suffix, long_rtdc, tmp_path):
