@@ -115,33 +115,127 @@ def median_windows_numpy(stack: np.ndarray, kernel_size: int) -> np.ndarray:
 
 
 def median_windows_scipy(stack: np.ndarray, kernel_size: int) -> np.ndarray:
-    """Window kernel with ``scipy.ndimage.median_filter``.
+    """Window kernel with ``scipy.ndimage.median_filter``, made exact.
 
     ``origin=-(K // 2)`` makes output row i the median of rows i .. i+K-1; scipy's
     median of an even size is its element ``K // 2`` of the sorted window, the
     upper median, as the contract wants. Rows past ``M - K`` touch the padding
     and are dropped.
+
+    scipy selects in float64, so only dtypes that float64 holds exactly are
+    accepted (see :func:`check_engine_dtype`); float16, which scipy refuses,
+    goes through float32, which holds every float16. scipy's comparisons see
+    NaN as neither smaller nor larger than anything, so NaNs enter as +inf,
+    which sorts where ``np.partition`` puts NaN, last. The value selected is
+    then the reference's except in windows whose median is +inf (it may be a
+    NaN) or a zero (-0.0 and +0.0 compare equal, and the bits chosen depend on
+    the algorithm): those windows, and only those, are recomputed by the
+    reference itself.
     """
     from scipy import ndimage
 
+    check_engine_dtype("scipy", stack.dtype)
     k = kernel_size
+    is_float16 = stack.dtype.kind == "f" and stack.dtype.itemsize == 2
+    work = stack.astype(np.float32) if is_float16 else stack
+    has_nan = False
+    if work.dtype.kind == "f":
+        nan = np.isnan(work)
+        has_nan = bool(nan.any())
+        if has_nan:
+            work = np.where(nan, np.inf, work)
     size = (k,) + (1,) * (stack.ndim - 1)
     origin = (-(k // 2),) + (0,) * (stack.ndim - 1)
-    filtered = ndimage.median_filter(stack, size=size, origin=origin, mode="nearest")
-    return filtered[: stack.shape[0] - k + 1]
+    filtered = ndimage.median_filter(work, size=size, origin=origin, mode="nearest")
+    out = filtered[: stack.shape[0] - k + 1].astype(stack.dtype)
+    if stack.dtype.kind == "f":
+        _recompute_ambiguous(stack, out, k, has_nan)
+    return out
+
+
+# Windows recomputed by the reference per batch: bounds the gathered copy.
+_RECOMPUTE_BATCH = 2**22
+
+
+def _recompute_ambiguous(stack: np.ndarray, out: np.ndarray, k: int, has_nan: bool) -> None:
+    """Recompute, with the reference, the windows whose median bits scipy cannot know.
+
+    Candidates are medians of +inf when the stack holds a NaN, and zeros when it
+    holds both -0.0 and +0.0. Each candidate window is gathered as one column
+    of K values in their order, so the reference computes exactly what it
+    computes for that window in the whole stack, bits included.
+    """
+    zero = stack == 0
+    signed = np.signbit(stack)
+    candidates = np.zeros(out.shape, dtype=bool)
+    if has_nan:
+        candidates |= np.isposinf(out)
+    if (zero & signed).any() and (zero & ~signed).any():
+        candidates |= out == 0
+    flat = stack.reshape(stack.shape[0], -1)
+    found = np.flatnonzero(candidates.reshape(len(out), -1))
+    fixed = out.reshape(len(out), -1)
+    step = max(1, _RECOMPUTE_BATCH // k)
+    for first in range(0, len(found), step):
+        rows, cols = np.divmod(found[first : first + step], flat.shape[1])
+        windows = flat[rows + np.arange(k)[:, None], cols]
+        fixed[rows, cols] = median_windows_numpy(windows, k)[0]
 
 
 def numba_supports(dtype) -> bool:
-    """Whether the compiled numba kernels handle this dtype."""
-    return np.dtype(dtype).kind in "uif"
+    """Whether the compiled numba kernels handle this dtype (not longdouble)."""
+    dtype = np.dtype(dtype)
+    return dtype.kind in "ui" or (dtype.kind == "f" and dtype.itemsize in (2, 4, 8))
+
+
+def scipy_supports(dtype) -> bool:
+    """Whether scipy's median filter is exact for this dtype.
+
+    scipy.ndimage selects in float64: integers of up to 32 bits and floats of up
+    to 64 bits are exact, 64-bit integers above 2**53 are rounded, longdouble
+    is refused.
+    """
+    dtype = np.dtype(dtype)
+    return dtype.itemsize <= 4 if dtype.kind in "ui" else dtype.kind == "f" and dtype.itemsize <= 8
+
+
+def check_engine_dtype(engine: str, dtype) -> None:
+    """Refuse a dtype an engine cannot compute exactly, saying what to use instead."""
+    dtype = np.dtype(dtype)
+    if engine == "scipy" and not scipy_supports(dtype):
+        why = (
+            "scipy.ndimage selects in float64, which rounds integers above 2**53"
+            if dtype.kind in "ui"
+            else "scipy.ndimage does not support it"
+        )
+        others = "'numba' or 'numpy'" if numba_supports(dtype) else "'numpy'"
+        raise ValueError(
+            f"engine='scipy' is not exact for dtype {dtype} ({why}); "
+            f"pass engine='auto' (or {others})"
+        )
+    if engine == "numba" and not numba_supports(dtype):
+        raise ValueError(
+            f"engine='numba' has no kernel for dtype {dtype}; pass engine='auto' (or 'numpy')"
+        )
 
 
 def select_engine(engine: str, dtype) -> str:
-    """Resolve ``engine="auto"`` and reject unknown names with the valid ones."""
+    """Resolve ``engine="auto"``, reject unknown names and dtypes an engine cannot
+    compute exactly.
+
+    "auto" is numba wherever it has a kernel, else the numpy reference itself
+    (longdouble).
+
+    Examples
+    --------
+    >>> select_engine("auto", "uint8"), select_engine("auto", "longdouble")
+    ('numba', 'numpy')
+    """
     if engine not in ENGINES:
         raise ValueError(f"engine={engine!r} is not known; pass one of {', '.join(ENGINES)}")
     if engine == "auto":
-        return "numba" if numba_supports(dtype) else "scipy"
+        return "numba" if numba_supports(dtype) else "numpy"
+    check_engine_dtype(engine, dtype)
     return engine
 
 

@@ -170,23 +170,58 @@ def _split(size: int, step: int) -> tuple[int, ...]:
 
 
 def as_dask_array(source, chunks):
-    """The source as a dask array with the planned chunks."""
+    """The source as a dask array with the given chunks, named by what it holds."""
     import dask.array as da
     from dask.base import tokenize
+
+    from .sources import data_token
 
     array = source.array
     if isinstance(array, da.Array):
         return array.rechunk(chunks)
-    name = "rollmed-input-" + tokenize(array if isinstance(array, np.ndarray) else repr(array))
     return da.from_array(
         array,
         chunks=chunks,
-        name=name,
+        name="rollmed-input-" + tokenize(data_token(array), chunks),
         lock=False,
         asarray=True,
         fancy=False,
         meta=np.empty((0, 0, 0), dtype=source.dtype),
     )
+
+
+def merge_short_chunks(chunks, kernel_size: int, length: int) -> tuple[int, ...]:
+    """Event chunks of a dask input: kept where at least K long, short ones joined.
+
+    A run of chunks shorter than K (dask would rechunk them silently under an
+    overlap of depth K) is joined into blocks of ``length`` events or more, or
+    into its long neighbour if it stays shorter than K; chunks of K or more
+    stay as they are, so the input is not copied into a chunking of our own.
+
+    Examples
+    --------
+    >>> merge_short_chunks((30, 4, 4, 30, 4), 10, 100)
+    (30, 42)
+    >>> merge_short_chunks((5, 5, 5, 40, 40), 10, 12)
+    (15, 40, 40)
+    >>> merge_short_chunks((40, 40, 40), 10, 100)
+    (40, 40, 40)
+    """
+    out, group = [], 0
+    for chunk in chunks:
+        if chunk >= kernel_size and (group == 0 or group >= kernel_size):
+            out.extend([group, chunk] if group else [chunk])
+            group = 0
+            continue
+        group += chunk
+        if group >= length:
+            out.append(group)
+            group = 0
+    if group >= kernel_size or (group and not out):
+        out.append(group)
+    elif group:
+        out[-1] += group
+    return tuple(out)
 
 
 def background_rows(read, start: int, stop: int, n_events: int, kernel_size: int, engine: str):
@@ -209,16 +244,15 @@ def background_rows(read, start: int, stop: int, n_events: int, kernel_size: int
     return out
 
 
-def _median_block(block, *, kernel_size, event_chunk, n_events, n_blocks, engine, block_id):
+def _median_block(block, *, kernel_size, n_events, engine, block_info):
     """Output rows of one ``map_overlap`` block from its overlapped input ``block``.
 
-    The input starts K rows before the block (none for the first block) and
-    ends K-1 rows after it (none for the last).
+    Dask says where the block lies (its chunks need not be uniform). The input
+    starts K rows before the block (none for the first block) and ends K-1 rows
+    after it (none for the last).
     """
-    i = block_id[0]
-    start = i * event_chunk
-    stop = n_events if i == n_blocks - 1 else start + event_chunk
-    base = start - (kernel_size if i > 0 else 0)
+    start, stop = block_info[None]["array-location"][0]
+    base = start - kernel_size if start > 0 else 0
     return background_rows(
         lambda a, b: block[a - base : b - base], start, stop, n_events, kernel_size, engine
     )
@@ -265,10 +299,12 @@ class RollingMedianView:
 
 
 def rolling_median_dask(x, kernel_size: int, engine: str = "auto"):
-    """Exact rolling median of a dask array already chunked by ``plan_chunks``.
+    """Exact rolling median of a dask array whose event chunks are at least K long.
 
-    Every event chunk must be at least ``kernel_size`` long and all but the last
-    of equal length; ``plan_event_chunks`` guarantees both.
+    Any chunking dask allows, uniform or not; ``map_overlap`` with
+    ``allow_rechunk=False`` refuses a chunk shorter than K rather than
+    rechunking it behind our back. The graph's names are tokenized from the
+    input and the parameters, as dask's own are.
     """
     import dask.array as da
 
@@ -276,20 +312,12 @@ def rolling_median_dask(x, kernel_size: int, engine: str = "auto"):
     k = check_kernel_size(kernel_size, n_events)
     engine = select_engine(engine, x.dtype)
     event_chunks = x.chunks[0]
-    event_chunk = event_chunks[0]
-    if min(event_chunks) < k or any(c != event_chunk for c in event_chunks[:-1]):
+    if len(event_chunks) > 1 and min(event_chunks) < k:
         raise ValueError(
-            f"event chunks {event_chunks[:3]}... must be uniform and at least "
+            f"event chunks {event_chunks[:3]}... must each be at least "
             f"kernel_size={k} long; let plan_chunks choose them"
         )
-    func = partial(
-        _median_block,
-        kernel_size=k,
-        event_chunk=event_chunk,
-        n_events=n_events,
-        n_blocks=len(event_chunks),
-        engine=engine,
-    )
+    func = partial(_median_block, kernel_size=k, n_events=n_events, engine=engine)
     depth = {0: (k, k - 1), 1: 0, 2: 0} if len(event_chunks) > 1 else {0: 0, 1: 0, 2: 0}
     return da.map_overlap(
         func,
@@ -301,8 +329,24 @@ def rolling_median_dask(x, kernel_size: int, engine: str = "auto"):
         chunks=x.chunks,
         dtype=x.dtype,
         meta=np.empty((0, 0, 0), dtype=x.dtype),
-        name="rolling_median",
+        token="rolling_median",
     )
+
+
+def _dask_input_chunks(source, kernel_size, memory_budget, min_blocks):
+    """A dask input's own chunks, with event chunks shorter than K joined."""
+    x = source.array
+    unit = source.storage_chunks[0] if source.storage_chunks else 1
+    row_bytes = max(x.chunks[1]) * max(x.chunks[2]) * x.dtype.itemsize
+    length = plan_event_chunks(
+        x.shape[0],
+        kernel_size,
+        row_bytes,
+        unit=unit,
+        memory_budget=memory_budget,
+        min_blocks=min_blocks,
+    )[0]
+    return (merge_short_chunks(x.chunks[0], kernel_size, length),) + x.chunks[1:]
 
 
 def rolling_median(
@@ -365,11 +409,14 @@ def rolling_median(
     import dask.array as da
     from dask.base import tokenize
 
-    from .sources import as_source
+    from .sources import as_source, data_token
 
     source = as_source(images, dataset)
     k = check_kernel_size(kernel_size, source.shape[0])
     engine = select_engine(engine, source.dtype)
+    if isinstance(source.array, da.Array) and event_chunk is None and align_events == 1:
+        chunks = _dask_input_chunks(source, k, memory_budget, default_min_blocks())
+        return rolling_median_dask(source.array.rechunk(chunks), k, engine)
     chunks = plan_chunks(
         source.shape,
         source.dtype,
@@ -386,7 +433,7 @@ def rolling_median(
     return da.from_array(
         view,
         chunks=chunks,
-        name="rolling_median-" + tokenize(repr(source.array), k, engine, chunks),
+        name="rolling_median-" + tokenize(data_token(source.array), k, engine, chunks),
         lock=False,
         asarray=False,
         fancy=False,

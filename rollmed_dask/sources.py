@@ -7,6 +7,7 @@ pickles as (path, dataset name) and opens the file lazily, once per process.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pathlib
 import threading
@@ -27,40 +28,68 @@ def _h5py():
     return h5py
 
 
-_open_files: dict[str, tuple] = {}
+# Open read handles, shared by the reads in progress in this process and closed
+# when the last of them ends: an idle handle would keep the file locked by HDF5
+# (no one, in this process or another, could open it for writing) and would
+# read a file replaced on disk as it was. Opening costs about 1 ms, a block's
+# read tens to hundreds.
+_open_files: dict[tuple, list] = {}
 _open_files_lock = threading.Lock()
 
 
-def _signature(path: str) -> tuple:
+def file_state(path: str) -> tuple:
+    """What changes when a file is rewritten or replaced: inode, size, mtime."""
     stat = os.stat(path)
-    return stat.st_mtime_ns, stat.st_size, stat.st_ino
+    return stat.st_ino, stat.st_size, stat.st_mtime_ns
 
 
+@contextlib.contextmanager
 def open_h5_readonly(path: str):
-    """One read-only h5py.File per path and process, shared by all readers.
+    """A read-only h5py.File of ``path`` for the duration of a ``with`` block.
 
-    Opened with h5py's default flags, so it coexists with a handle the user
-    holds on the same file (HDF5 refuses a second open with other locking
-    flags). A handle is reopened when the file changed on disk, so a
-    long-lived worker never reads a stale view after an in-place write.
+    Reads in progress at the same time share one handle; the last one to end
+    closes it. A file changed on disk gets a new handle. Opened with h5py's
+    default flags, so it coexists with a handle the user holds on the file
+    (HDF5 refuses a second open with other locking flags).
+
+    Examples
+    --------
+    >>> import h5py, numpy as np, tempfile, pathlib
+    >>> path = str(pathlib.Path(tempfile.mkdtemp()) / "x.h5")
+    >>> with h5py.File(path, "w") as h5:
+    ...     h5["x"] = np.arange(3)
+    >>> with open_h5_readonly(path) as h5:
+    ...     h5["x"][:]
+    array([0, 1, 2])
+    >>> bool(h5.id.valid)  # closed: the user may now rewrite the file
+    False
     """
+    key = (path, file_state(path))
     with _open_files_lock:
-        signature = _signature(path)
-        h5, seen = _open_files.get(path, (None, None))
-        if h5 is None or not h5.id.valid or seen != signature:
-            if h5 is not None and h5.id.valid:
-                h5.close()
-            h5 = _h5py().File(path, "r")
-            _open_files[path] = (h5, signature)
-        return h5
+        entry = _open_files.get(key)
+        if entry is None:
+            entry = _open_files[key] = [_h5py().File(path, "r"), 0]
+        entry[1] += 1
+    try:
+        yield entry[0]
+    finally:
+        with _open_files_lock:
+            entry[1] -= 1
+            if entry[1] == 0:
+                del _open_files[key]
+                entry[0].close()
 
 
 def close_cached_files(path: str | None = None) -> None:
-    """Close cached read handles (all, or those of one path) in this process."""
+    """Close the read handles (all, or those of one path) that this process holds.
+
+    Handles live only while a read is in progress, so after a computation there
+    are none; this closes any still open, for callers about to write the file.
+    """
     with _open_files_lock:
-        for key in [path] if path is not None else list(_open_files):
-            h5, _ = _open_files.pop(key, (None, None))
-            if h5 is not None and h5.id.valid:
+        for key in [key for key in _open_files if path is None or key[0] == path]:
+            h5, _ = _open_files.pop(key)
+            if h5.id.valid:
                 h5.close()
 
 
@@ -77,32 +106,32 @@ class HDF5Reader:
         self.path = os.fspath(pathlib.Path(path).resolve())
         self.dataset = dataset
         self.mapping = None if mapping is None else np.asarray(mapping, dtype=np.int64)
-        dset = self._dset()
-        self.shape = tuple(dset.shape)
+        with open_h5_readonly(self.path) as h5:
+            dset = h5[self.dataset]
+            self.shape = tuple(dset.shape)
+            self.dtype = dset.dtype
+            # storage chunks say nothing about the order of mapped events
+            self.chunks = dset.chunks if self.mapping is None else None
         if self.mapping is not None:
             self.shape = (len(self.mapping),) + self.shape[1:]
-        self.dtype = dset.dtype
         self.ndim = len(self.shape)
-        # storage chunks say nothing about the order of mapped events
-        self.chunks = dset.chunks if self.mapping is None else None
-
-    def _dset(self):
-        return open_h5_readonly(self.path)[self.dataset]
 
     def _read(self, start: int, stop: int, tile: tuple) -> np.ndarray:
         """Events [start, stop) of the stored dataset, decoded outside h5py's lock."""
         from .h5chunks import ChunkCodec, read_block
 
-        dset = self._dset()
-        if getattr(self, "_codec", None) is None:
-            self._codec = ChunkCodec.from_dataset(dset)
-        return read_block(dset, start, stop, tile, codec=self._codec)
+        with open_h5_readonly(self.path) as h5:
+            dset = h5[self.dataset]
+            if getattr(self, "_codec", None) is None:
+                self._codec = ChunkCodec.from_dataset(dset)
+            return read_block(dset, start, stop, tile, codec=self._codec)
 
     def __getitem__(self, key):
         key = key if isinstance(key, tuple) else (key,)
         events, tile = key[0], key[1:]
         if not (isinstance(events, slice) and all(isinstance(t, slice) for t in tile)):
-            return self._dset()[key]  # anything but plain slices: h5py's own indexing
+            with open_h5_readonly(self.path) as h5:  # anything but plain slices: h5py's own
+                return h5[self.dataset][key]
         if self.mapping is None:
             start, stop, step = events.indices(self.shape[0])
             return self._read(start, stop, tile)[::step]
@@ -119,6 +148,19 @@ class HDF5Reader:
 
     def __reduce__(self):
         return (type(self), (self.path, self.dataset, self.mapping))
+
+    def __dask_tokenize__(self):
+        # the file's state, not only its path: a file rewritten on disk must
+        # not share graph keys (and so cached results) with its old contents
+        from dask.base import tokenize
+
+        return (
+            "HDF5Reader",
+            self.path,
+            file_state(self.path),
+            self.dataset,
+            tokenize(self.mapping),
+        )
 
     def __repr__(self):
         return f"HDF5Reader({self.path!r}, {self.dataset!r}, shape={self.shape}, {self.dtype})"
@@ -255,9 +297,48 @@ def as_source(images, dataset: str = "events/image") -> Source:
         return Source(
             images, images.chunks, path=pathlib.Path(images.path), on_disk=_on_disk(images)
         )
+    if _is_lazy_array(images):
+        # xarray and the like: read block by block, never loaded whole
+        _check_stack(images.shape, images.dtype, f"the {type(images).__name__}")
+        return Source(images, None)
     array = np.asarray(images)
     _check_stack(array.shape, array.dtype, "the input array")
     return Source(array, None)
+
+
+def _is_lazy_array(obj) -> bool:
+    return not isinstance(obj, np.ndarray) and all(
+        hasattr(obj, name) for name in ("shape", "dtype", "__getitem__")
+    )
+
+
+def data_token(array) -> str:
+    """A token of the data ``array`` holds, for graph names (dask's ``tokenize``).
+
+    Numpy arrays are hashed by content, dask arrays by name, HDF5 files by path,
+    dataset and file state (:meth:`HDF5Reader.__dask_tokenize__`). A Zarr array in
+    a local store is identified by its path, metadata and the state of its
+    metadata file: rewriting it (``overwrite=True``) changes the token, writing
+    chunks in place does not (stat-ing every chunk would cost more than a
+    graph). Anything dask cannot hash deterministically, such as a Zarr
+    array in memory, gets a token of its own on every call.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> data_token(np.zeros(3)) == data_token(np.zeros(3)) != data_token(np.ones(3))
+    True
+    """
+    from dask.base import tokenize
+
+    if type(array).__module__.startswith("zarr"):
+        from zarr.storage import LocalStore
+
+        if isinstance(array.store, LocalStore):
+            folder = pathlib.Path(array.store.root, array.path).resolve()
+            meta = folder / ("zarr.json" if (folder / "zarr.json").exists() else ".zarray")
+            return tokenize("zarr", str(folder), repr(array.metadata), file_state(str(meta)))
+    return tokenize(array)
 
 
 def _open_zarr_group(group, dataset: str) -> Source:
