@@ -418,10 +418,13 @@ def _stored_block_tasks(src, k, engine, starts, prepare, skip) -> list:
     from dask.base import tokenize
     from dask.delayed import delayed
 
+    from .sources import data_token
+
     view = RollingMedianView(src.array, k, engine)
-    # prepare in the token: two jobs on one input (say HDF5 and Zarr output)
-    # on one distributed client must not share keys
-    token = tokenize(repr(src.array), k, engine, starts, prepare)
+    # The input's state in the token: a file rewritten on disk must not share
+    # keys with its old contents. prepare in the token: two jobs on one input
+    # (say HDF5 and Zarr output) on one distributed client must not share keys.
+    token = tokenize(data_token(src.array), k, engine, starts, prepare)
     shared_view = delayed(view, name=f"rolling_median-view-{token}", traverse=False)
     ends = starts[1:] + [src.shape[0]]
     return [
@@ -450,7 +453,7 @@ def _block_tasks(bg, starts, prepare, skip) -> list:
         event_chunk=bg.chunks[0][0],
         dtype=object,
         meta=np.empty((0, 0, 0), dtype=object),
-        name="prepared-" + bg.name,
+        token="prepared",  # tokenized with bg and prepare: two jobs never share keys
     )
     blocks = payloads.to_delayed(optimize_graph=True).ravel()
     return [block for block, start in zip(blocks, starts, strict=True) if start not in skip]
