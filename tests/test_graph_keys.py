@@ -8,7 +8,6 @@ for a file before and after it is rewritten on disk.
 import os
 
 import dask
-import dask.array as da
 import h5py
 import numpy as np
 import pytest

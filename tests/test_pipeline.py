@@ -150,6 +150,45 @@ def test_chunks_shorter_than_k_are_refused_not_rechunked():
     x = da.from_array(img, chunks=(5, 2, 2))
     with pytest.raises(ValueError, match="at least kernel_size=10"):
         rolling_median_dask(x, 10)
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    n=st.integers(2, 90),
+    data=st.data(),
+    engine=st.sampled_from(ENGINES),
+)
+def test_irregular_dask_chunks_are_kept_and_exact(n, data, engine):
+    """Any dask chunking: chunks of K or more stay, only shorter runs are joined."""
+    k = data.draw(st.integers(1, n - 1), label="k")
+    cuts = data.draw(st.sets(st.integers(1, n - 1)), label="cuts")
+    events = tuple(np.diff([0, *sorted(cuts), n]).tolist())
+    pixels = data.draw(st.sampled_from([(3, 4), (1, 4), (2, 2), ((1, 2), (3, 1))]), label="tile")
+    seed = data.draw(st.integers(0, 2**32 - 1), label="seed")
+    img = random_stack(np.random.default_rng(seed), (n, 3, 4), "uint16", high=9)
+    x = da.from_array(img, chunks=(events, *pixels))
+    result = rolling_median(x, k, engine=engine)
+    assert result.chunks[1:] == x.chunks[1:], "pixel chunks as they came"
+    bounds = np.cumsum((0,) + events)
+    merged = np.cumsum((0,) + result.chunks[0])
+    assert set(merged) <= set(bounds), "input chunks are only ever joined, never cut"
+    for start, stop in zip(merged[:-1], merged[1:], strict=True):
+        inside = events[list(bounds).index(start) : list(bounds).index(stop)]
+        assert len(inside) == 1 or min(inside) < k, "long chunks are joined only to short ones"
+    if len(result.chunks[0]) > 1:
+        assert min(result.chunks[0]) >= k
+    np.testing.assert_array_equal(
+        result.compute(scheduler="sync"), rolling_median_reference(img, k)
+    )
+
+
+def test_dask_chunks_long_enough_are_not_rechunked():
+    img = random_stack(np.random.default_rng(8), (100, 4, 6), "uint8")
+    x = da.from_array(img, chunks=((30, 12, 41, 17), (1, 3), (6,)))
+    result = rolling_median(x, 12)
+    assert result.chunks == x.chunks
+    assert not any("rechunk" in name for name in result.__dask_graph__().layers)
+    np.testing.assert_array_equal(result.compute(), rolling_median_reference(img, 12))
     with pytest.raises(ValueError, match="event_chunk=5 is shorter than kernel_size=10"):
         rolling_median(img, 10, event_chunk=5)
 
