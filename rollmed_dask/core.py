@@ -1,6 +1,6 @@
 """The exact result and the per-block kernels: numpy and scipy, no dask, no I/O.
 
-The contract (DESIGN section 1), for a stack ``img`` of N events and a kernel
+The contract (README, "What it computes"), for a stack ``img`` of N events and a kernel
 size K with 1 <= K < N::
 
     bg[j] = sorted(img[j : j+K])[K // 2]     for 0 <= j < N - K   (per pixel)

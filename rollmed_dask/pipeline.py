@@ -9,7 +9,14 @@ of the stack all repeat row N-K-1, and a short last block may not contain the
 input of that row, so every block also gets K rows of its predecessor. Dask
 silently rechunks when a chunk is shorter than the depth; the planner therefore
 makes every event chunk at least K long and ``allow_rechunk=False`` turns any
-slip into an error instead of a different graph.
+slip into an error instead of a different graph. A dask input keeps its own
+chunks (only runs shorter than K are joined): each block learns where it lies
+from dask (``block_info``), so chunks need not be uniform.
+
+Graph names are tokenized from the input (numpy by content, files by path and
+state, see :func:`rollmed_dask.sources.data_token`) and every parameter, as
+dask's own are: two different results never share a key, in one
+``dask.compute``, composed, or on one ``distributed`` scheduler.
 """
 
 from __future__ import annotations
@@ -368,21 +375,27 @@ def rolling_median(
 
     Parameters
     ----------
-    images : path, h5py/zarr dataset, numpy or dask array
+    images : path, h5py/zarr dataset, numpy or dask array, or a lazy array-like
         The stack, shape (N, H, W). A path opens an HDF5 (``.rtdc``) file or a
-        Zarr store; ``dataset`` names the images in it.
+        Zarr store; ``dataset`` names the images in it. A dask array keeps its
+        chunks (runs of event chunks shorter than K are joined); anything else
+        with ``shape``, ``dtype`` and ``__getitem__`` (xarray, ...) is read
+        block by block, never loaded whole.
     kernel_size : int
         K, the number of events in each window.
     engine : {"auto", "numba", "scipy", "numpy"}
-        The per-block kernel; all give the same bits. "auto" picks the fastest.
+        The per-block kernel; all give the same bits, NaNs included. "auto"
+        picks numba, or numpy for longdouble. "scipy" refuses 64-bit integers
+        and longdouble, which it cannot select exactly.
     dataset : str
         Dataset inside a file or group.
     memory_budget : int or str
         Memory one task may use, e.g. ``"256MiB"``; decides the event-chunk length.
     event_chunk : int, optional
-        Force the event-chunk length (at least K).
+        Force the event-chunk length (at least K); rechunks a dask input.
     align_events : int
-        Make event chunks multiples of this (the output's storage chunk).
+        Make event chunks multiples of this (the output's storage chunk);
+        rechunks a dask input if more than 1.
 
     Returns
     -------

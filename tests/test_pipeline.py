@@ -32,7 +32,7 @@ ENGINES = ["numba", "scipy", "numpy"]
 
 
 def brute_force(img, k):
-    """DESIGN section 1, one event and one pixel at a time."""
+    """The definition in the README, one event and one pixel at a time."""
     n = img.shape[0]
     out = np.empty_like(img)
     for j in range(n - k):
