@@ -11,6 +11,7 @@ import contextlib
 import os
 import pathlib
 import threading
+import uuid
 from dataclasses import dataclass
 
 import numpy as np
@@ -320,8 +321,10 @@ def data_token(array) -> str:
     a local store is identified by its path, metadata and the state of its
     metadata file: rewriting it (``overwrite=True``) changes the token, writing
     chunks in place does not (stat-ing every chunk would cost more than a
-    graph). Anything dask cannot hash deterministically, such as a Zarr
-    array in memory, gets a token of its own on every call.
+    graph). Any other Zarr array is left to dask (one in memory gets a token of
+    its own on every call). A lazy array-like gets a token of its own on every
+    call: hashing it may load it whole (xarray's ``tokenize`` reads the values
+    of a lazily loaded array).
 
     Examples
     --------
@@ -331,14 +334,18 @@ def data_token(array) -> str:
     """
     from dask.base import tokenize
 
-    if type(array).__module__.startswith("zarr"):
+    module = type(array).__module__
+    if module.startswith("zarr"):
         from zarr.storage import LocalStore
 
         if isinstance(array.store, LocalStore):
             folder = pathlib.Path(array.store.root, array.path).resolve()
             meta = folder / ("zarr.json" if (folder / "zarr.json").exists() else ".zarray")
             return tokenize("zarr", str(folder), repr(array.metadata), file_state(str(meta)))
-    return tokenize(array)
+        return tokenize(array)
+    if isinstance(array, np.ndarray | HDF5Reader) or module.startswith("dask"):
+        return tokenize(array)
+    return uuid.uuid4().hex
 
 
 def _open_zarr_group(group, dataset: str) -> Source:
