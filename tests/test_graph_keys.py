@@ -68,6 +68,7 @@ def test_hdf5_file_rewritten_on_disk_gets_a_new_token(tmp_path):
     path = write_h5(tmp_path / "x.h5", stack(7))
     before = (data_token(HDF5Reader(path, "events/image")), rolling_median(path, 10).name)
     assert data_token(HDF5Reader(path, "events/image")) == before[0], "deterministic"
+    os.utime(path, ns=(1, 1))  # file times may be coarser than this test's pace
     write_h5(path, stack(8))  # same path, shape and dtype: only the state tells
     after = (data_token(HDF5Reader(path, "events/image")), rolling_median(path, 10).name)
     assert before[0] != after[0] and before[1] != after[1]
@@ -78,7 +79,7 @@ def test_zarr_array_rewritten_on_disk_gets_a_new_token(tmp_path):
     array = zarr.create_array(store=path, data=stack(9), chunks=(10, 4, 5))
     before = rolling_median(array, 10).name
     assert rolling_median(zarr.open_array(path, mode="r"), 10).name == before, "deterministic"
-    os.utime(os.path.join(path, "zarr.json"), ns=(1, 1))  # ensure a different mtime
+    os.utime(os.path.join(path, "zarr.json"), ns=(1, 1))  # file times may be coarse
     array = zarr.create_array(store=path, data=stack(10), chunks=(10, 4, 5), overwrite=True)
     assert rolling_median(array, 10).name != before
     np.testing.assert_array_equal(
