@@ -29,13 +29,29 @@ when complete: an interrupted run never touches an existing file."""
 EPILOG = """\
 examples:
   rollmed-dask --example demo                    make a sample .rtdc in demo/ and process it
+  rollmed-dask --example demo --example-events 20000 -k 500
+                                                 a bigger sample, a longer window
   rollmed-dask data.rtdc data_bg.rtdc -k 100     new .rtdc with events/image_bg
   rollmed-dask data.rtdc data.rtdc --in-place    add events/image_bg to data.rtdc
   rollmed-dask data.rtdc bg.zarr --resume        Zarr output that can be resumed
   rollmed-dask data.rtdc bg.rtdc -b rollmed -kb kernel_size=250 -kb batch_size=5000
-                                                 ChipStream's spelling of the same job
+                                                 ChipStream's spelling of -k 250 --batch-size 5000
+  rollmed-dask data.rtdc bg.rtdc -b rollmed:k=250^b=5000
+                                                 the same as a dcnum pipeline id
+  rollmed-dask data.rtdc bg.rtdc --memory-budget 1GiB
+                                                 longer blocks, more memory
+  rollmed-dask data.rtdc bg.rtdc --scheduler processes
+                                                 processes instead of threads
   rollmed-dask data.rtdc bg.rtdc --workers 4     on a local cluster of 4 processes
   rollmed-dask data.rtdc bg.rtdc --slurm --cores 8 --memory 16GB --jobs 4
+                                                 on SLURM: 4 jobs of 8 cores
+
+exit status: 0 done, 2 a mistake (one line on stderr says what to change),
+130 interrupted (existing files left as they were).
+
+numba compiles the kernels once and caches them in $ROLLMED_DASK_CACHE_DIR,
+else $XDG_CACHE_HOME/rollmed-dask/numba or ~/.cache/rollmed-dask/numba, never
+in the installation (which may be read-only).
 """
 
 
@@ -83,12 +99,17 @@ def build_parser() -> argparse.ArgumentParser:
     # "-5MB" is a (bad) value, not an unknown option: let it reach the check of its option
     p._negative_number_matcher = re.compile(r"^-\.?\d")
     p.add_argument(
-        "input", nargs="?", type=pathlib.Path, help="input .rtdc/HDF5 file or Zarr store"
+        "input",
+        nargs="?",
+        type=pathlib.Path,
+        metavar="INPUT",
+        help="input .rtdc/HDF5 file or Zarr store",
     )
     p.add_argument(
         "output",
         nargs="?",
         type=pathlib.Path,
+        metavar="OUTPUT",
         help="output file: .rtdc/.h5 (HDF5) or .zarr (Zarr)",
     )
     p.add_argument(
@@ -191,14 +212,16 @@ def build_parser() -> argparse.ArgumentParser:
         default="256MiB",
         type=_size,
         metavar="BYTES",
-        help="memory one task may use, e.g. 128MiB, 1GB; it sets the block length, "
-        "and must hold at least 4 copies of 2K+1 frames (default: %(default)s)",
+        help="memory one task may use, e.g. 128MiB, 1GB; it sets the block length, and "
+        "must hold 4 copies of 2K+1 frames: 20MiB for K=100 on 80x320 uint8 "
+        "(default: %(default)s)",
     )
     g.add_argument(
         "--event-chunk",
         type=_whole_number,
         metavar="L",
-        help="events per block instead of the budget's choice (at least K)",
+        help="events per block instead of the budget's choice, at least K, "
+        "e.g. --event-chunk 2000",
     )
 
     g = p.add_argument_group("where it runs (default: threads on this machine)")

@@ -15,6 +15,7 @@ import pytest
 from conftest import read_images, write_bad_stacks
 
 from rollmed_dask import rolling_median_reference
+from rollmed_dask.cli import build_parser
 
 
 def run_cli(*args, cwd=None, timeout=300):
@@ -51,8 +52,13 @@ def test_help_explains_the_tool():
         "--memory-budget",
         "--example",
         "sorted(img[j:j+K])[K//2]",
+        "-b rollmed:k=250^b=5000",
+        "exit status: 0 done, 2 a mistake",
+        "ROLLMED_DASK_CACHE_DIR",
     ]:
         assert words in result.stdout
+    for action in build_parser()._actions:
+        assert action.help, f"{action.option_strings or action.dest} has no help"
 
 
 def test_console_script_is_installed():
