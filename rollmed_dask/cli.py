@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import pathlib
+import re
 import sys
 
 from .cluster import SlurmError
@@ -28,45 +29,102 @@ when complete: an interrupted run never touches an existing file."""
 EPILOG = """\
 examples:
   rollmed-dask --example demo                    make a sample .rtdc in demo/ and process it
+  rollmed-dask --example demo --example-events 20000 -k 500
+                                                 a bigger sample, a longer window
   rollmed-dask data.rtdc data_bg.rtdc -k 100     new .rtdc with events/image_bg
   rollmed-dask data.rtdc data.rtdc --in-place    add events/image_bg to data.rtdc
   rollmed-dask data.rtdc bg.zarr --resume        Zarr output that can be resumed
   rollmed-dask data.rtdc bg.rtdc -b rollmed -kb kernel_size=250 -kb batch_size=5000
-                                                 ChipStream's spelling of the same job
+                                                 ChipStream's spelling of -k 250 --batch-size 5000
+  rollmed-dask data.rtdc bg.rtdc -b rollmed:k=250^b=5000
+                                                 the same as a dcnum pipeline id
+  rollmed-dask data.rtdc bg.rtdc --memory-budget 1GiB
+                                                 longer blocks, more memory
+  rollmed-dask data.rtdc bg.rtdc --scheduler processes
+                                                 processes instead of threads
   rollmed-dask data.rtdc bg.rtdc --workers 4     on a local cluster of 4 processes
   rollmed-dask data.rtdc bg.rtdc --slurm --cores 8 --memory 16GB --jobs 4
+                                                 on SLURM: 4 jobs of 8 cores
+
+exit status: 0 done, 2 a mistake (one line on stderr says what to change),
+130 interrupted (existing files left as they were).
+
+numba compiles the kernels once and caches them in $ROLLMED_DASK_CACHE_DIR,
+else $XDG_CACHE_HOME/rollmed-dask/numba or ~/.cache/rollmed-dask/numba, never
+in the installation (which may be read-only).
 """
+
+
+DEFAULT_KERNEL_SIZE = 100
+DEFAULT_BATCH_SIZE = 10000
+DEFAULT_EXAMPLE_EVENTS = 3000
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a mistake is one line on stderr (not the whole usage), exit status 2."""
+
+    def error(self, message):
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _whole_number(value: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number") from None
+
+
+def _size(value: str) -> str:
+    """A memory size such as 256MiB, checked here and passed on as written."""
+    from .pipeline import parse_bytes
+
+    try:
+        parse_bytes(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is not a size; give a positive number of bytes or a size such as "
+            f"256MiB or 1GB"
+        ) from None
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (also used to render ``--help`` in the docs)."""
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="rollmed-dask",
         description=DESCRIPTION,
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    # "-5MB" is a (bad) value, not an unknown option: let it reach the check of its option
+    p._negative_number_matcher = re.compile(r"^-\.?\d")
     p.add_argument(
-        "input", nargs="?", type=pathlib.Path, help="input .rtdc/HDF5 file or Zarr store"
+        "input",
+        nargs="?",
+        type=pathlib.Path,
+        metavar="INPUT",
+        help="input .rtdc/HDF5 file or Zarr store",
     )
     p.add_argument(
         "output",
         nargs="?",
         type=pathlib.Path,
+        metavar="OUTPUT",
         help="output file: .rtdc/.h5 (HDF5) or .zarr (Zarr)",
     )
     p.add_argument(
         "--example",
         metavar="DIR",
         type=pathlib.Path,
-        help="write a synthetic sample .rtdc into DIR and process it; no data of yours needed",
+        help="write a synthetic sample DIR/example.rtdc and its background "
+        "DIR/example_bg.rtdc (replaced if there); no data of yours needed, so no "
+        "INPUT or OUTPUT",
     )
     p.add_argument(
         "--example-events",
-        type=int,
-        default=3000,
+        type=_whole_number,
         metavar="N",
-        help="events in the --example sample (default: %(default)s)",
+        help=f"events in the --example sample (default: {DEFAULT_EXAMPLE_EVENTS})",
     )
 
     g = p.add_argument_group("the background")
@@ -75,20 +133,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--kernel-size",
         "--kernel_size",
         dest="kernel_size",
-        type=int,
-        default=100,
+        type=_whole_number,
         metavar="K",
-        help="events per window, 1 <= K < N (default: %(default)s)",
+        help=f"events per window, 1 <= K < N (default: {DEFAULT_KERNEL_SIZE})",
     )
     g.add_argument(
         "--batch-size",
         "--batch_size",
         dest="batch_size",
-        type=int,
-        default=10000,
+        type=_whole_number,
         metavar="B",
         help="recorded in the dcnum pipeline id rollmed:k=K^b=B; does not "
-        "change the result (default: %(default)s)",
+        f"change the result (default: {DEFAULT_BATCH_SIZE})",
     )
     g.add_argument(
         "-b",
@@ -96,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="rollmed",
         metavar="METHOD",
         help="ChipStream/dcnum spelling: 'rollmed', or a dcnum pipeline id such as "
-        "'rollmed:k=100^b=10000' (sets -k and --batch-size)",
+        "'rollmed:k=100^b=10000' (sets K and B; give each value only once)",
     )
     g.add_argument(
         "-kb",
@@ -105,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="KEY=VALUE",
         help="ChipStream spelling of the method's arguments: -kb kernel_size=100 "
-        "-kb batch_size=10000 (repeatable)",
+        "-kb batch_size=10000 (repeatable; k=, b= also work)",
     )
     g.add_argument(
         "--engine",
@@ -154,14 +210,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--memory-budget",
         default="256MiB",
+        type=_size,
         metavar="BYTES",
-        help="memory one task may use, e.g. 128MiB, 1GB (default: %(default)s)",
+        help="memory one task may use, e.g. 128MiB, 1GB; it sets the block length, and "
+        "must hold 4 copies of 2K+1 frames: 20MiB for K=100 on 80x320 uint8 "
+        "(default: %(default)s)",
     )
     g.add_argument(
         "--event-chunk",
-        type=int,
+        type=_whole_number,
         metavar="L",
-        help="events per block instead of the budget's choice (at least K)",
+        help="events per block instead of the budget's choice, at least K, "
+        "e.g. --event-chunk 2000",
     )
 
     g = p.add_argument_group("where it runs (default: threads on this machine)")
@@ -172,7 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--workers",
-        type=int,
+        type=_whole_number,
         metavar="N",
         help="start a local distributed cluster of N worker processes",
     )
@@ -220,15 +280,26 @@ _BACKGROUND_KWARGS = {
 
 
 def _apply_dcnum_spelling(args) -> None:
-    """Fold ``-b rollmed[:k=K^b=B]`` and ``-kb KEY=VALUE`` into the plain options."""
+    """Fold ``-b rollmed[:k=K^b=B]`` and ``-kb KEY=VALUE`` into ``-k`` and ``--batch-size``.
+
+    Each value may be given in any spelling, but only once: two spellings with
+    different values (``-k 50 -kb kernel_size=250``) are an error naming both.
+    """
     method, _, ppid_kwargs = args.background_method.partition(":")
     if method != "rollmed":
         raise UsageError(
             f"background method {method!r} is not computed here; rollmed-dask computes "
             f"'rollmed' (the rolling median); use dcnum or ChipStream for {method!r}"
         )
-    pairs = [p for p in ppid_kwargs.split("^") if p] + list(args.background_kwargs)
-    for pair in pairs:
+    # for each value, every (spelling, value) the command line gives
+    given = {"kernel_size": [], "batch_size": []}
+    if args.kernel_size is not None:
+        given["kernel_size"].append((f"-k {args.kernel_size}", args.kernel_size))
+    if args.batch_size is not None:
+        given["batch_size"].append((f"--batch-size {args.batch_size}", args.batch_size))
+    spelled = [(p, f"-b {args.background_method}") for p in ppid_kwargs.split("^") if p]
+    spelled += [(p, f"-kb {p}") for p in args.background_kwargs]
+    for pair, spelling in spelled:
         key, sep, value = pair.partition("=")
         if not sep or key.strip() not in _BACKGROUND_KWARGS:
             raise UsageError(
@@ -236,17 +307,41 @@ def _apply_dcnum_spelling(args) -> None:
                 f"batch_size=B (or k=K, b=B)"
             )
         try:
-            setattr(args, _BACKGROUND_KWARGS[key.strip()], int(value))
+            number = int(value)
         except ValueError:
             raise UsageError(f"background argument {pair!r} needs an integer value") from None
+        given[_BACKGROUND_KWARGS[key.strip()]].append((spelling, number))
+    defaults = {"kernel_size": DEFAULT_KERNEL_SIZE, "batch_size": DEFAULT_BATCH_SIZE}
+    for name, values in given.items():
+        first_spelling, first = values[0] if values else (None, defaults[name])
+        for spelling, value in values[1:]:
+            if value != first:
+                raise UsageError(
+                    f"{first_spelling} and {spelling} give two different "
+                    f"{name.replace('_', ' ')}s; give it once"
+                )
+        setattr(args, name, first)
 
 
 def _check_args(args, parser) -> None:
     _apply_dcnum_spelling(args)
     if args.example is not None:
-        return
-    if args.input is None or args.output is None:
-        parser.error("INPUT and OUTPUT are required (or use --example DIR)")
+        paths = [str(p) for p in (args.input, args.output) if p is not None]
+        if paths:
+            raise UsageError(
+                f"--example {args.example} makes its own input and output in "
+                f"{str(args.example)!r}, so {', '.join(map(repr, paths))} would not be used: "
+                f"drop {'them' if len(paths) > 1 else 'it'}, or drop --example to process "
+                f"your own file"
+            )
+    elif args.input is None or args.output is None:
+        parser.error("INPUT and OUTPUT are required, or --example DIR")
+    elif args.example_events is not None:
+        raise UsageError(
+            "--example-events sets the size of the --example sample; add --example DIR"
+        )
+    if args.example_events is None:
+        args.example_events = DEFAULT_EXAMPLE_EVENTS
     chosen = [
         name
         for name, on in (

@@ -63,7 +63,11 @@ import operator
 import numba
 import numpy as np
 
+from . import numba_cache
 from .core import median_windows_numpy
+
+# before the first @numba.njit: numba picks a function's cache folder when decorating it
+numba_cache.install()
 
 __all__ = ["median_windows_numba"]
 

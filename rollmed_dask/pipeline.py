@@ -60,6 +60,31 @@ def parse_bytes(value) -> int:
     return size
 
 
+def check_budget_holds_a_row(budget: int, kernel_size: int, row_bytes: int) -> None:
+    """Refuse a memory budget too small for one event of a block with its overlap.
+
+    A block of L events holds ``L + 2K`` rows (see the module docstring), each
+    ``_ROW_COPIES`` times; below ``L = 1`` the budget decides nothing and every
+    block would silently be planned at its shortest, far over the budget.
+
+    >>> check_budget_holds_a_row(64 * MiB, 100, 25600)
+    >>> check_budget_holds_a_row(10, 100, 25600)
+    Traceback (most recent call last):
+    ...
+    ValueError: a memory budget of 10 bytes cannot hold one event of a block with its \
+overlap: with K=100 that is 1 + 2K = 201 events of 25600 bytes, 4 copies each (20582400 \
+bytes); give a memory budget of at least 20MiB, or a smaller K
+    """
+    minimum = _ROW_COPIES * row_bytes * (1 + 2 * kernel_size)
+    if budget < minimum:
+        raise ValueError(
+            f"a memory budget of {budget} bytes cannot hold one event of a block with its "
+            f"overlap: with K={kernel_size} that is 1 + 2K = {1 + 2 * kernel_size} events of "
+            f"{row_bytes} bytes, {_ROW_COPIES} copies each ({minimum} bytes); give a memory "
+            f"budget of at least {math.ceil(minimum / MiB)}MiB, or a smaller K"
+        )
+
+
 def plan_pixel_tiles(image_shape: tuple, storage_chunks: tuple | None) -> tuple[int, int]:
     """Tile height and width: the storage tile, or the full frame.
 
@@ -160,6 +185,8 @@ def plan_chunks(
     tile_h, tile_w = plan_pixel_tiles((height, width), storage_chunks)
     unit = math.lcm(storage_chunks[0] if storage_chunks else 1, max(align_events, 1))
     row_bytes = tile_h * tile_w * np.dtype(dtype).itemsize
+    if event_chunk is None:
+        check_budget_holds_a_row(parse_bytes(memory_budget), kernel_size, row_bytes)
     events = plan_event_chunks(
         n_events,
         kernel_size,
