@@ -11,7 +11,8 @@ the process tree. Nothing here checks results against the truth (``run.py``
 does that afterwards, on the output files), except the ``kernel`` and
 ``graph`` cases, which have no output file.
 
-Cases: dcnum, scipy, dask-image, ours, io-floor, kernel, graph.
+Cases: dcnum, scipy, dask-image, ours, io-floor, kernel, kernel-noise, first-call,
+graph.
 """
 
 from __future__ import annotations
@@ -333,6 +334,85 @@ def _check_kernel(blocks, outs, k, budget_s):
             "check": check}  # fmt: skip
 
 
+def case_kernel_noise(a):
+    """The kernel against noise sigma, K and the share of frames with cells
+    (``_camera.kernel_noise``): 1 thread, in-memory camera frames."""
+    sys.path.insert(0, str(HERE))
+    import _camera
+
+    from rollmed_dask.kernels_numba import median_windows_numba  # noqa: F401
+
+    import_done = time.perf_counter()
+    rss0 = _rss_mb()
+    t0 = time.perf_counter()
+    res = _camera.kernel_noise(a.sigmas, a.kernels, a.cell_rates, a.frames_after_k,
+                               (a.height, 320), a.repeat)  # fmt: skip
+    return import_done, rss0, time.perf_counter() - t0, res
+
+
+def case_first_call(a):
+    """Set-up of the first ``compute_background`` call over the steady state.
+
+    Three calls on the same input in this fresh process, wall and CPU time of
+    each. With ``--parts`` the set-up the first call would do is done first,
+    piece by piece, and timed: importing numba, numba's target set-up (its
+    registries; it imports scipy.linalg to probe for BLAS), loading the cached
+    kernel of the input's dtype, importing dask, h5py/hdf5plugin/numcodecs; the
+    first call then shows what is left.
+    """
+    import rollmed_dask
+    from rollmed_dask import compute_background
+
+    import_done = time.perf_counter()
+    rss0 = _rss_mb()
+    parts = {}
+
+    def part(name, fn):
+        w, c = time.perf_counter(), time.process_time()
+        fn()
+        parts[name] = {"wall_s": time.perf_counter() - w, "cpu_s": time.process_time() - c}
+
+    if a.parts:
+
+        def numba_setup():
+            from numba.core.registry import cpu_target
+
+            cpu_target.typing_context.refresh()
+            cpu_target.target_context.refresh()
+
+        def kernel_load():
+            import h5py
+            import hdf5plugin  # noqa: F401
+            import numpy as np
+
+            from rollmed_dask.kernels_numba import median_windows_numba
+
+            with h5py.File(a.input, "r") as h5:
+                dtype = h5["events/image"].dtype
+            median_windows_numba(np.zeros((3, 2), dtype=dtype), 2)
+
+        part("import numba", lambda: __import__("numba"))
+        part("numba target set-up (registries, scipy.linalg)", numba_setup)
+        part("load the cached kernel of the dtype", kernel_load)
+        part("import dask (delayed, threaded)", lambda: __import__("dask.threaded"))
+        part("import h5py, hdf5plugin, numcodecs, h5chunks",
+             lambda: __import__("rollmed_dask.h5chunks"))  # fmt: skip
+    calls = []
+    out = pathlib.Path(a.output)
+    for _ in range(3):
+        w, c = time.perf_counter(), time.process_time()
+        compute_background(a.input, out, a.kernel, progress=False, overwrite=True,
+                           num_workers=a.workers)  # fmt: skip
+        calls.append({"wall_s": time.perf_counter() - w, "cpu_s": time.process_time() - c})
+    out.unlink()
+    first = calls[0]
+    steady = {key: min(c[key] for c in calls[1:]) for key in ("wall_s", "cpu_s")}
+    extra = {"calls": calls, "parts": parts, "version": rollmed_dask.__version__,
+             "setup_wall_s": first["wall_s"] - steady["wall_s"],
+             "setup_cpu_s": first["cpu_s"] - steady["cpu_s"]}  # fmt: skip
+    return import_done, rss0, first["wall_s"], extra
+
+
 def case_graph(a):
     """Seconds to build the graph for N = ``--graph-events`` frames.
 
@@ -406,12 +486,18 @@ CASES = {
     "ours": case_ours,
     "io-floor": case_io_floor,
     "kernel": case_kernel,
+    "kernel-noise": case_kernel_noise,
+    "first-call": case_first_call,
     "graph": case_graph,
 }
 
 
 def _ints(text):
     return [int(v) for v in text.split(",") if v]
+
+
+def _floats(text):
+    return [float(v) for v in text.split(",") if v]
 
 
 def main(argv=None):
@@ -434,6 +520,11 @@ def main(argv=None):
     p.add_argument("--repeat", type=int, default=3, help="kernel")
     p.add_argument("--check-seconds", type=float, default=10.0, help="kernel")
     p.add_argument("--graph-events", type=int, default=10**7, help="graph")
+    p.add_argument("--sigmas", type=_floats, default=[1, 2, 4, 8], help="kernel-noise")
+    p.add_argument("--cell-rates", type=_floats, default=[0, 0.1], help="kernel-noise")
+    p.add_argument("--frames-after-k", type=int, default=1000, help="kernel-noise")
+    p.add_argument("--height", type=int, default=80, help="kernel-noise: frame height")
+    p.add_argument("--parts", action="store_true", help="first-call: time the set-up parts")
     a = p.parse_args(argv)
     result = {"case": a.case, "pid": os.getpid()}
     try:

@@ -202,3 +202,22 @@ def targets_text(targets) -> str:
         if t["detail"]:
             lines.append(f"    {t['detail']}")
     return "\n".join(lines)
+
+
+def first_call_text(fc: dict) -> str:
+    """Set-up of the first call over the steady ones, and where it goes."""
+    lines = [f"First compute_background call in a fresh process (N={fc['events']}, "
+             f"K={fc['kernel']}; wall and CPU seconds; set-up = first call - fastest of "
+             f"calls 2 and 3):"]  # fmt: skip
+    for mode, what in (("plain", "as a user runs it"), ("parts", "after the set-up below")):
+        row = fc[mode]
+        if row["status"] != "ok":
+            lines.append(f"- {what}: FAILED {row.get('error')}")
+            continue
+        ex = row["extra"]
+        calls = ", ".join(f"{c['wall_s']:.2f} / {c['cpu_s']:.2f}" for c in ex["calls"])
+        lines.append(f"- {what}: calls {calls}; set-up {ex['setup_wall_s']:.2f} s wall, "
+                     f"{ex['setup_cpu_s']:.2f} s CPU")  # fmt: skip
+        for name, t in ex["parts"].items():
+            lines.append(f"    {name}: {t['wall_s']:.3f} s wall, {t['cpu_s']:.3f} s CPU")
+    return "\n".join(lines)

@@ -37,8 +37,16 @@ HERE = pathlib.Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
+from _camera import kernel_noise_text, measure_noise, noise_text  # noqa: E402
 from _env import machine_info  # noqa: E402
-from _report import IO_FLOORS, ratios, table, targets, targets_text  # noqa: E402
+from _report import (  # noqa: E402
+    IO_FLOORS,
+    first_call_text,
+    ratios,
+    table,
+    targets,
+    targets_text,
+)
 from _verify import (  # noqa: E402
     EXPECTED_LAYOUT,
     IMAGE_SHAPE,
@@ -55,8 +63,9 @@ SCHEMA_VERSION = 1
 OURS = ("ours-threads", "ours-processes", "ours-scipy-engine")
 BASELINES = ("dcnum", "scipy", "dask-image")
 KERNEL_MAX_EVENTS = 20000
-ALL_CONTESTANTS = ("kernel", "graph", *IO_FLOORS, "ours-threads", "ours-processes",
-                   "ours-scipy-engine", *BASELINES)  # fmt: skip
+ALL_CONTESTANTS = ("kernel", "kernel-noise", "first-call", "graph", *IO_FLOORS,
+                   "ours-threads", "ours-processes", "ours-scipy-engine",
+                   *BASELINES)  # fmt: skip
 DEFAULT_CONTESTANTS = tuple(c for c in ALL_CONTESTANTS if c != "ours-scipy-engine")
 
 
@@ -189,6 +198,19 @@ def parse_args(argv=None):
         help="kill a case whose process tree uses more memory than this (a shared machine)",
     )
     p.add_argument(
+        "--measure-noise",
+        type=pathlib.Path,
+        default=None,
+        metavar="FILE",
+        help="only print the temporal noise, fixed pattern and share of frames with "
+        "objects of FILE (an .rtdc), to compare with the benchmark's input, and exit",
+    )
+    p.add_argument(
+        "--noise-dataset",
+        default="events/image",
+        help="the image dataset --measure-noise reads",
+    )
+    p.add_argument(
         "--keep-outputs",
         action="store_true",
         help="keep output files (default: deleted once checked)",
@@ -209,6 +231,14 @@ def parse_args(argv=None):
     a.graph_events = a.graph_events or (10**6 if q else 10**7)
     a.kernel_repeat = 1 if q else 3
     a.kernel_check_seconds = 2.0 if q else 10.0
+    # kernel-noise: the kernel against noise, K and cells; --quick on tiny frames
+    a.noise_sigmas = "1,4" if q else "1,2,4,8"
+    a.noise_cell_rates = "0,0.1"  # 0 % and about 77 % of frames with cells
+    a.noise_kernels = ",".join(map(str, a.kernels)) if q else "10,100,1000"
+    a.noise_frames_after_k = 100 if q else 1000
+    a.noise_height = 16 if q else IMAGE_SHAPE[0]
+    if a.measure_noise is not None:
+        return a
     for k in a.kernels:
         if k >= smallest:
             p.error(f"K={k} must be smaller than the smallest N={smallest}")
@@ -358,6 +388,7 @@ class Suite:
         self.rows: list[dict] = []
         self.rates: dict[tuple[str, int], tuple[int, float]] = {}  # (case, K) -> (N, ns/px-ev)
         self.work = a.data_dir / "work"
+        self.extras: dict = {}  # results with tables of their own
         self.work.mkdir(parents=True, exist_ok=True)
 
     def want(self, name: str) -> bool:
@@ -422,6 +453,36 @@ class Suite:
                     "log": row["log"],
                 })  # fmt: skip
         log(f"  {label}: done in {row['process_s']:.1f} s")
+
+    def kernel_noise(self):
+        """The kernel against noise sigma, K and cells: a table of its own."""
+        a = self.a
+        log("run kernel-noise ...")
+        argv = ["--sigmas", a.noise_sigmas, "--cell-rates", a.noise_cell_rates,
+                "--kernels", a.noise_kernels, "--frames-after-k", a.noise_frames_after_k,
+                "--height", a.noise_height, "--repeat", a.kernel_repeat]  # fmt: skip
+        row = run_case("kernel-noise", argv, self.work, "kernel-noise", a.case_timeout,
+                       a.max_rss_gb)  # fmt: skip
+        self.extras["kernel_noise"] = row
+        if row["status"] == "ok":
+            log(f"  kernel-noise: done in {row['process_s']:.1f} s")
+
+    def first_call(self, input_path, n):
+        """First ``compute_background`` call over the steady one, twice: as a user
+        runs it, and with its set-up done piece by piece beforehand."""
+        a = self.a
+        k = 100 if 100 in a.kernels else a.kernels[0]
+        res = {"events": n, "kernel": k}
+        for mode, extra in (("plain", []), ("parts", ["--parts"])):
+            label = f"first-call-{mode}"
+            log(f"run {label} N={n} K={k} ...")
+            out = self.out_path(label, n, k)
+            argv = ["--input", input_path, "--output", out, "--kernel", k,
+                    "--workers", a.workers, *extra]  # fmt: skip
+            res[mode] = run_case("first-call", argv, self.work, label, a.case_timeout,
+                                 a.max_rss_gb)  # fmt: skip
+            self._cleanup(out)
+        self.extras["first_call"] = res
 
     def graph_row(self):
         a = self.a
@@ -592,6 +653,15 @@ class Suite:
 
 def main(argv=None) -> int:
     a = parse_args(argv)
+    if a.measure_noise is not None:
+        try:
+            res = measure_noise(a.measure_noise, a.noise_dataset)
+        except (OSError, ValueError) as exc:
+            print(f"run.py: error: --measure-noise {a.measure_noise}: {exc}", file=sys.stderr)
+            return 2
+        print(noise_text(res))
+        print(json.dumps(res))
+        return 0
     t_start = time.perf_counter()
     a.data_dir.mkdir(parents=True, exist_ok=True)
     a.out.parent.mkdir(parents=True, exist_ok=True)
@@ -607,6 +677,12 @@ def main(argv=None) -> int:
     log(f"oracle agrees with rolling_median_reference ({time.perf_counter() - t0:.1f} s)")
     inputs = {n: ensure_input(a.data_dir, n) for n in a.sizes}
     suite = Suite(a)
+    input_noise = measure_noise(inputs[min(a.sizes)])
+    log(f"input noise: {noise_text(input_noise)}")
+    if suite.want("kernel-noise"):
+        suite.kernel_noise()
+    if suite.want("first-call"):
+        suite.first_call(inputs[min(a.sizes)], min(a.sizes))
     if suite.want("kernel"):
         # blocks as long as the pipeline plans them need a large enough input;
         # the stack is held in memory, so at most N=20000 (512 MB)
@@ -630,7 +706,9 @@ def main(argv=None) -> int:
         "image_shape": list(IMAGE_SHAPE),
         "inputs": {str(n): str(p) for n, p in inputs.items()},
         "total_s": total,
+        "input_noise": input_noise,
         "rows": suite.rows,
+        **suite.extras,
         "targets": judged,
     }
     a.out.write_text(json.dumps(doc, indent=1, default=str))
@@ -647,10 +725,28 @@ def main(argv=None) -> int:
         "x io-floor: this call time / the faster io-floor call at the same N and K "
         "(1.0 = I/O bound)."
     )
+    print(f"\nInput: {noise_text(input_noise)}")
+    kn = suite.extras.get("kernel_noise")
+    if kn is not None and kn["status"] == "ok":
+        ex = kn["extra"]
+        h, w = ex["image_shape"]
+        print(
+            f"\nThe kernel on camera frames (ns per output pixel-event, 1 thread, CPU time, "
+            f"min of {ex['repeat']}; {ex['frames_after_k'] + 1} medians per pixel of {h} x {w}; "
+            f"exact on every 7th pixel: {ex['exact_every_7th_pixel']}):"
+        )
+        print(kernel_noise_text(ex))
+    fc = suite.extras.get("first_call")
+    if fc is not None:
+        print(f"\n{first_call_text(fc)}")
     print("\nTargets (reported, never asserted):")
     print(targets_text(judged))
     print(f"\nJSON: {a.out}")
     bad = [r for r in suite.rows if r["status"] == "error" or r.get("exact") is False]
+    if kn is not None and (kn["status"] != "ok" or not kn["extra"]["exact_every_7th_pixel"]):
+        bad.append(kn)
+    if fc is not None and any(fc[m]["status"] != "ok" for m in ("plain", "parts")):
+        bad.append(fc)
     return 1 if bad else 0
 
 
