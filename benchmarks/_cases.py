@@ -12,7 +12,7 @@ does that afterwards, on the output files), except the ``kernel`` and
 ``graph`` cases, which have no output file.
 
 Cases: dcnum, scipy, dask-image, ours, io-floor, kernel, kernel-noise, first-call,
-graph.
+io-stages, graph.
 """
 
 from __future__ import annotations
@@ -413,6 +413,79 @@ def case_first_call(a):
     return import_done, rss0, first["wall_s"], extra
 
 
+def case_io_stages(a):
+    """CPU time of each stage of a file job, one thread, per output pixel-event.
+
+    Blocks of the length the pipeline plans at K, in turn: our reader (raw
+    chunks, zstd decode, fletcher32 check; K - 1 frames of overlap per block),
+    the kernel, our encoder (zstd + fletcher32 into HDF5's bytes), the writer
+    (``write_direct_chunk``); and the floor the issue defines: the same output
+    frames read and written by plain h5py with the same filters. Every stage
+    is CPU work: on a machine whose cores are all busy, overlapping the stages
+    cannot bring a job below their sum divided by the cores.
+    """
+    import h5py
+    import hdf5plugin  # noqa: F401
+    import numpy as np
+
+    from rollmed_dask import h5chunks, rtdc
+    from rollmed_dask.kernels_numba import median_windows_numba
+    from rollmed_dask.pipeline import plan_chunks
+
+    import_done = time.perf_counter()
+    rss0 = _rss_mb()
+    k = a.kernel
+    fin = h5py.File(a.input, "r")
+    src = fin["events/image"]
+    n, h, w = src.shape
+    length = plan_chunks((10**6, h, w), src.dtype, k, (40, h, w), align_events=40)[0][0]
+    chunk = src.chunks[0]  # the writer takes whole chunks
+    # planned blocks, as many as fit (at least one, shorter on a small input)
+    length = max(chunk, min(length, (n - k + 1) // chunk * chunk))
+    starts = list(range(0, n - k + 1 - length + 1, length))[: a.blocks]
+    median_windows_numba(np.zeros((3, 2), dtype=src.dtype), 2)  # load, not timed
+    stages: dict = {}
+
+    def add(name, c0):
+        stages[name] = stages.get(name, 0.0) + time.process_time() - c0
+
+    t0 = time.perf_counter()
+    with h5py.File(a.output, "w") as fout:
+        ours = rtdc.create_image_dataset(fout.require_group("events"), "image_bg", n, (h, w),
+                                         src.dtype)  # fmt: skip
+        plain = rtdc.create_image_dataset(fout.require_group("plain"), "image_bg", n, (h, w),
+                                          src.dtype)  # fmt: skip
+        icodec = h5chunks.ChunkCodec.from_dataset(src)
+        ocodec = h5chunks.ChunkCodec.from_dataset(ours)
+        for s in starts:
+            e = s + length
+            c = time.process_time()
+            blk = h5chunks.read_block(src, s, e + k - 1, codec=icodec)
+            add("read: raw chunks, zstd decode, fletcher32 check (+ overlap)", c)
+            c = time.process_time()
+            bg = median_windows_numba(blk, k)
+            add("kernel", c)
+            c = time.process_time()
+            enc = h5chunks.encode_block(ocodec, bg)
+            add("encode: zstd + fletcher32 into HDF5 bytes", c)
+            c = time.process_time()
+            h5chunks.write_chunks(ours, s, enc)
+            add("write: write_direct_chunk", c)
+            c = time.process_time()
+            src[s:e]
+            add("floor: h5py reads the output's frames of the input", c)
+            c = time.process_time()
+            plain[s:e] = bg
+            add("floor: h5py writes them with the same filters", c)
+    fin.close()
+    pathlib.Path(a.output).unlink()
+    pixel_events = len(starts) * length * h * w
+    per_pe = {name: v / pixel_events * 1e9 for name, v in stages.items()}
+    extra = {"kernel": k, "block_events": length, "blocks": len(starts),
+             "ns_per_pixel_event": per_pe}  # fmt: skip
+    return import_done, rss0, time.perf_counter() - t0, extra
+
+
 def case_graph(a):
     """Seconds to build the graph for N = ``--graph-events`` frames.
 
@@ -488,6 +561,7 @@ CASES = {
     "kernel": case_kernel,
     "kernel-noise": case_kernel_noise,
     "first-call": case_first_call,
+    "io-stages": case_io_stages,
     "graph": case_graph,
 }
 

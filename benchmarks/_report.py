@@ -221,3 +221,25 @@ def first_call_text(fc: dict) -> str:
         for name, t in ex["parts"].items():
             lines.append(f"    {name}: {t['wall_s']:.3f} s wall, {t['cpu_s']:.3f} s CPU")
     return "\n".join(lines)
+
+
+def io_stages_text(row: dict) -> str:
+    """Each stage of a file job in CPU ns per output pixel-event, and what it bounds."""
+    if row["status"] != "ok":
+        return f"Stages of a file job: FAILED {row.get('error')}"
+    ex = row["extra"]
+    ns = ex["ns_per_pixel_event"]
+    lines = [
+        f"Stages of a file job (K={ex['kernel']}, {ex['blocks']} blocks of {ex['block_events']} "
+        f"events, 1 thread, CPU ns per output pixel-event):"
+    ]
+    lines += [f"- {name}: {v:.2f}" for name, v in ns.items()]
+    ours = sum(v for name, v in ns.items() if not name.startswith("floor"))
+    floor = sum(v for name, v in ns.items() if name.startswith("floor"))
+    io = ours - ns.get("kernel", 0.0)
+    lines.append(
+        f"ours {ours:.2f} (I/O {io:.2f} + kernel {ns.get('kernel', 0.0):.2f}) vs plain h5py "
+        f"floor {floor:.2f}: with every core busy a job cannot run below {ours / floor:.2f}x "
+        f"that floor, however the stages overlap"
+    )
+    return "\n".join(lines)

@@ -42,6 +42,7 @@ from _env import machine_info  # noqa: E402
 from _report import (  # noqa: E402
     IO_FLOORS,
     first_call_text,
+    io_stages_text,
     ratios,
     table,
     targets,
@@ -63,7 +64,7 @@ SCHEMA_VERSION = 1
 OURS = ("ours-threads", "ours-processes", "ours-scipy-engine")
 BASELINES = ("dcnum", "scipy", "dask-image")
 KERNEL_MAX_EVENTS = 20000
-ALL_CONTESTANTS = ("kernel", "kernel-noise", "first-call", "graph", *IO_FLOORS,
+ALL_CONTESTANTS = ("kernel", "kernel-noise", "first-call", "io-stages", "graph", *IO_FLOORS,
                    "ours-threads", "ours-processes", "ours-scipy-engine",
                    *BASELINES)  # fmt: skip
 DEFAULT_CONTESTANTS = tuple(c for c in ALL_CONTESTANTS if c != "ours-scipy-engine")
@@ -484,6 +485,17 @@ class Suite:
             self._cleanup(out)
         self.extras["first_call"] = res
 
+    def io_stages(self, input_path, n):
+        """CPU per stage of a file job, against plain h5py's read + write."""
+        a = self.a
+        k = 100 if 100 in a.kernels else a.kernels[0]
+        log(f"run io-stages N={n} K={k} ...")
+        out = self.out_path("io-stages", n, k)
+        argv = ["--input", input_path, "--output", out, "--kernel", k, "--blocks", 8]
+        row = run_case("io-stages", argv, self.work, "io-stages", a.case_timeout, a.max_rss_gb)
+        self._cleanup(out)
+        self.extras["io_stages"] = row
+
     def graph_row(self):
         a = self.a
         out = self.work / "graph-input.rtdc"
@@ -683,6 +695,9 @@ def main(argv=None) -> int:
         suite.kernel_noise()
     if suite.want("first-call"):
         suite.first_call(inputs[min(a.sizes)], min(a.sizes))
+    if suite.want("io-stages"):
+        n_stages = max((n for n in a.sizes if n <= KERNEL_MAX_EVENTS), default=min(a.sizes))
+        suite.io_stages(inputs[n_stages], n_stages)
     if suite.want("kernel"):
         # blocks as long as the pipeline plans them need a large enough input;
         # the stack is held in memory, so at most N=20000 (512 MB)
@@ -739,6 +754,9 @@ def main(argv=None) -> int:
     fc = suite.extras.get("first_call")
     if fc is not None:
         print(f"\n{first_call_text(fc)}")
+    st = suite.extras.get("io_stages")
+    if st is not None:
+        print(f"\n{io_stages_text(st)}")
     print("\nTargets (reported, never asserted):")
     print(targets_text(judged))
     print(f"\nJSON: {a.out}")
@@ -747,6 +765,8 @@ def main(argv=None) -> int:
         bad.append(kn)
     if fc is not None and any(fc[m]["status"] != "ok" for m in ("plain", "parts")):
         bad.append(fc)
+    if st is not None and st["status"] != "ok":
+        bad.append(st)
     return 1 if bad else 0
 
 

@@ -90,7 +90,12 @@ def test_quick_benchmark_json_and_exactness(quick_run):
         assert fc["status"] == "ok", fc.get("error")
         assert len(fc["extra"]["calls"]) == 3
     assert len(doc["first_call"]["parts"]["extra"]["parts"]) == 5
+    stages = doc["io_stages"]
+    assert stages["status"] == "ok", stages.get("error")
+    assert len(stages["extra"]["ns_per_pixel_event"]) == 6
+    assert all(v > 0 for v in stages["extra"]["ns_per_pixel_event"].values())
     assert "The kernel on camera frames" in stdout and "First compute_background" in stdout
+    assert "Stages of a file job" in stdout
 
     assert [t["target"] for t in doc["targets"]]
     assert all({"target", "measured", "met"} <= set(t) for t in doc["targets"])
