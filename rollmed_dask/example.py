@@ -5,7 +5,8 @@
 fixed dust and a faint fringe pattern), cells passing through it along x at
 different speeds and sizes (dark rim, bright halo, inner texture; sometimes
 no cell, sometimes two overlapping), a slight flicker of the illumination,
-and Gaussian sensor noise, stored as uint8 exactly the way dcnum/dclab store
+and Gaussian sensor noise (sigma 3.5 grey levels, a little above the 2.6
+to 3.1 of real RT-DC files), stored as uint8 exactly the way dcnum/dclab store
 ``events/image``. The file carries the scalar features ``frame``, ``time``,
 ``index``, ``area_um`` and ``deform``, the metadata dclab's integrity check
 asks for, and a small log, so ``dclab.new_dataset`` opens it without
