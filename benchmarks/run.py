@@ -708,7 +708,7 @@ def main(argv=None) -> int:
     for n in a.sizes:
         suite.size(inputs[n], n)
     ratios(suite.rows)
-    judged = targets(suite.rows, a.workers)
+    judged = targets(suite.rows, a.workers, suite.extras)
     info["load_average_at_end"] = list(os.getloadavg())
     total = time.perf_counter() - t_start
     config = {k: (str(v) if isinstance(v, pathlib.Path) else v) for k, v in vars(a).items()}
