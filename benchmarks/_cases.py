@@ -11,7 +11,8 @@ the process tree. Nothing here checks results against the truth (``run.py``
 does that afterwards, on the output files), except the ``kernel`` and
 ``graph`` cases, which have no output file.
 
-Cases: dcnum, scipy, dask-image, ours, io-floor, kernel, graph.
+Cases: dcnum, scipy, dask-image, ours, io-floor, kernel, kernel-noise, first-call,
+io-stages, graph.
 """
 
 from __future__ import annotations
@@ -333,6 +334,158 @@ def _check_kernel(blocks, outs, k, budget_s):
             "check": check}  # fmt: skip
 
 
+def case_kernel_noise(a):
+    """The kernel against noise sigma, K and the share of frames with cells
+    (``_camera.kernel_noise``): 1 thread, in-memory camera frames."""
+    sys.path.insert(0, str(HERE))
+    import _camera
+
+    from rollmed_dask.kernels_numba import median_windows_numba  # noqa: F401
+
+    import_done = time.perf_counter()
+    rss0 = _rss_mb()
+    t0 = time.perf_counter()
+    res = _camera.kernel_noise(a.sigmas, a.kernels, a.cell_rates, a.frames_after_k,
+                               (a.height, 320), a.repeat)  # fmt: skip
+    return import_done, rss0, time.perf_counter() - t0, res
+
+
+def case_first_call(a):
+    """Set-up of the first ``compute_background`` call over the steady state.
+
+    Three calls on the same input in this fresh process, wall and CPU time of
+    each. With ``--parts`` the set-up the first call would do is done first,
+    piece by piece, and timed: importing numba, numba's target set-up (its
+    registries; it imports scipy.linalg to probe for BLAS), loading the cached
+    kernel of the input's dtype, importing dask, h5py/hdf5plugin/numcodecs; the
+    first call then shows what is left.
+    """
+    import rollmed_dask
+    from rollmed_dask import compute_background
+
+    import_done = time.perf_counter()
+    rss0 = _rss_mb()
+    parts = {}
+
+    def part(name, fn):
+        w, c = time.perf_counter(), time.process_time()
+        fn()
+        parts[name] = {"wall_s": time.perf_counter() - w, "cpu_s": time.process_time() - c}
+
+    if a.parts:
+
+        def numba_setup():
+            from numba.core.registry import cpu_target
+
+            cpu_target.typing_context.refresh()
+            cpu_target.target_context.refresh()
+
+        def kernel_load():
+            import h5py
+            import hdf5plugin  # noqa: F401
+            import numpy as np
+
+            from rollmed_dask.kernels_numba import median_windows_numba
+
+            with h5py.File(a.input, "r") as h5:
+                dtype = h5["events/image"].dtype
+            median_windows_numba(np.zeros((3, 2), dtype=dtype), 2)
+
+        part("import numba", lambda: __import__("numba"))
+        part("numba target set-up (registries, scipy.linalg)", numba_setup)
+        part("load the cached kernel of the dtype", kernel_load)
+        part("import dask (delayed, threaded)", lambda: __import__("dask.threaded"))
+        part("import h5py, hdf5plugin, numcodecs, h5chunks",
+             lambda: __import__("rollmed_dask.h5chunks"))  # fmt: skip
+    calls = []
+    out = pathlib.Path(a.output)
+    for _ in range(3):
+        w, c = time.perf_counter(), time.process_time()
+        compute_background(a.input, out, a.kernel, progress=False, overwrite=True,
+                           num_workers=a.workers)  # fmt: skip
+        calls.append({"wall_s": time.perf_counter() - w, "cpu_s": time.process_time() - c})
+    out.unlink()
+    first = calls[0]
+    steady = {key: min(c[key] for c in calls[1:]) for key in ("wall_s", "cpu_s")}
+    extra = {"calls": calls, "parts": parts, "version": rollmed_dask.__version__,
+             "setup_wall_s": first["wall_s"] - steady["wall_s"],
+             "setup_cpu_s": first["cpu_s"] - steady["cpu_s"]}  # fmt: skip
+    return import_done, rss0, first["wall_s"], extra
+
+
+def case_io_stages(a):
+    """CPU time of each stage of a file job, one thread, per output pixel-event.
+
+    Blocks of the length the pipeline plans at K, in turn: our reader (raw
+    chunks, zstd decode, fletcher32 check; K - 1 frames of overlap per block),
+    the kernel, our encoder (zstd + fletcher32 into HDF5's bytes), the writer
+    (``write_direct_chunk``); and the floor the issue defines: the same output
+    frames read and written by plain h5py with the same filters. Every stage
+    is CPU work: on a machine whose cores are all busy, overlapping the stages
+    cannot bring a job below their sum divided by the cores.
+    """
+    import h5py
+    import hdf5plugin  # noqa: F401
+    import numpy as np
+
+    from rollmed_dask import h5chunks, rtdc
+    from rollmed_dask.kernels_numba import median_windows_numba
+    from rollmed_dask.pipeline import plan_chunks
+
+    import_done = time.perf_counter()
+    rss0 = _rss_mb()
+    k = a.kernel
+    fin = h5py.File(a.input, "r")
+    src = fin["events/image"]
+    n, h, w = src.shape
+    length = plan_chunks((10**6, h, w), src.dtype, k, (40, h, w), align_events=40)[0][0]
+    chunk = src.chunks[0]  # the writer takes whole chunks
+    # planned blocks, as many as fit (at least one, shorter on a small input)
+    length = max(chunk, min(length, (n - k + 1) // chunk * chunk))
+    starts = list(range(0, n - k + 1 - length + 1, length))[: a.blocks]
+    median_windows_numba(np.zeros((3, 2), dtype=src.dtype), 2)  # load, not timed
+    stages: dict = {}
+
+    def add(name, c0):
+        stages[name] = stages.get(name, 0.0) + time.process_time() - c0
+
+    t0 = time.perf_counter()
+    with h5py.File(a.output, "w") as fout:
+        ours = rtdc.create_image_dataset(fout.require_group("events"), "image_bg", n, (h, w),
+                                         src.dtype)  # fmt: skip
+        plain = rtdc.create_image_dataset(fout.require_group("plain"), "image_bg", n, (h, w),
+                                          src.dtype)  # fmt: skip
+        icodec = h5chunks.ChunkCodec.from_dataset(src)
+        ocodec = h5chunks.ChunkCodec.from_dataset(ours)
+        for s in starts:
+            e = s + length
+            c = time.process_time()
+            blk = h5chunks.read_block(src, s, e + k - 1, codec=icodec)
+            add("read: raw chunks, zstd decode, fletcher32 check (+ overlap)", c)
+            c = time.process_time()
+            bg = median_windows_numba(blk, k)
+            add("kernel", c)
+            c = time.process_time()
+            enc = h5chunks.encode_block(ocodec, bg)
+            add("encode: zstd + fletcher32 into HDF5 bytes", c)
+            c = time.process_time()
+            h5chunks.write_chunks(ours, s, enc)
+            add("write: write_direct_chunk", c)
+            c = time.process_time()
+            src[s:e]
+            add("floor: h5py reads the output's frames of the input", c)
+            c = time.process_time()
+            plain[s:e] = bg
+            add("floor: h5py writes them with the same filters", c)
+    fin.close()
+    pathlib.Path(a.output).unlink()
+    pixel_events = len(starts) * length * h * w
+    per_pe = {name: v / pixel_events * 1e9 for name, v in stages.items()}
+    extra = {"kernel": k, "block_events": length, "blocks": len(starts),
+             "ns_per_pixel_event": per_pe}  # fmt: skip
+    return import_done, rss0, time.perf_counter() - t0, extra
+
+
 def case_graph(a):
     """Seconds to build the graph for N = ``--graph-events`` frames.
 
@@ -406,12 +559,19 @@ CASES = {
     "ours": case_ours,
     "io-floor": case_io_floor,
     "kernel": case_kernel,
+    "kernel-noise": case_kernel_noise,
+    "first-call": case_first_call,
+    "io-stages": case_io_stages,
     "graph": case_graph,
 }
 
 
 def _ints(text):
     return [int(v) for v in text.split(",") if v]
+
+
+def _floats(text):
+    return [float(v) for v in text.split(",") if v]
 
 
 def main(argv=None):
@@ -434,6 +594,11 @@ def main(argv=None):
     p.add_argument("--repeat", type=int, default=3, help="kernel")
     p.add_argument("--check-seconds", type=float, default=10.0, help="kernel")
     p.add_argument("--graph-events", type=int, default=10**7, help="graph")
+    p.add_argument("--sigmas", type=_floats, default=[1, 2, 4, 8], help="kernel-noise")
+    p.add_argument("--cell-rates", type=_floats, default=[0, 0.1], help="kernel-noise")
+    p.add_argument("--frames-after-k", type=int, default=1000, help="kernel-noise")
+    p.add_argument("--height", type=int, default=80, help="kernel-noise: frame height")
+    p.add_argument("--parts", action="store_true", help="first-call: time the set-up parts")
     a = p.parse_args(argv)
     result = {"case": a.case, "pid": os.getpid()}
     try:

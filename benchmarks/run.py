@@ -13,19 +13,22 @@ and the peak RSS of the process tree (summed over the process and all its
 descendants, sampled every 50 ms). Afterwards every output is checked against
 the truth (see README.md) and the row records ``exact``. A table is printed
 and all rows go to a JSON file with the machine they ran on.
+
+This file is the runner (command line, inputs, one fresh process per case,
+the suite); the other jobs live in modules of their own: ``_env.py``
+(machine, versions, commit), ``_verify.py`` (outputs against the oracle),
+``_report.py`` (ratios, targets, the table), ``_cases.py`` (what each case
+process runs) and ``_oracle.py`` (the independent reference).
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
-import importlib.metadata
 import json
 import os
 import pathlib
-import platform
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -34,19 +37,37 @@ HERE = pathlib.Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
-MiB = 2**20
-IMAGE_SHAPE = (80, 320)
+from _camera import kernel_noise_text, measure_noise, noise_text  # noqa: E402
+from _env import machine_info  # noqa: E402
+from _report import (  # noqa: E402
+    IO_FLOORS,
+    first_call_text,
+    io_stages_text,
+    ratios,
+    table,
+    targets,
+    targets_text,
+)
+from _verify import (  # noqa: E402
+    EXPECTED_LAYOUT,
+    IMAGE_SHAPE,
+    MiB,
+    datasets_equal,
+    layout,
+    open_file,
+    output_layout,
+    verify_full,
+    verify_sampled,
+)
+
 SCHEMA_VERSION = 1
 OURS = ("ours-threads", "ours-processes", "ours-scipy-engine")
-IO_FLOORS = ("io-floor-threads", "io-floor-processes")
 BASELINES = ("dcnum", "scipy", "dask-image")
 KERNEL_MAX_EVENTS = 20000
-FLAT_FROM_EVENTS = 20000
-ALL_CONTESTANTS = ("kernel", "graph", *IO_FLOORS, "ours-threads", "ours-processes",
-                   "ours-scipy-engine", *BASELINES)  # fmt: skip
+ALL_CONTESTANTS = ("kernel", "kernel-noise", "first-call", "io-stages", "graph", *IO_FLOORS,
+                   "ours-threads", "ours-processes", "ours-scipy-engine",
+                   *BASELINES)  # fmt: skip
 DEFAULT_CONTESTANTS = tuple(c for c in ALL_CONTESTANTS if c != "ours-scipy-engine")
-# what dcnum writes for events/image_bg of a uint8 80 x 320 stack
-EXPECTED_LAYOUT = {"chunks": [40, 80, 320], "filters": [[32015, [5]], [3, []]]}
 
 
 # --------------------------------------------------------------------------
@@ -178,6 +199,19 @@ def parse_args(argv=None):
         help="kill a case whose process tree uses more memory than this (a shared machine)",
     )
     p.add_argument(
+        "--measure-noise",
+        type=pathlib.Path,
+        default=None,
+        metavar="FILE",
+        help="only print the temporal noise, fixed pattern and share of frames with "
+        "objects of FILE (an .rtdc), to compare with the benchmark's input, and exit",
+    )
+    p.add_argument(
+        "--noise-dataset",
+        default="events/image",
+        help="the image dataset --measure-noise reads",
+    )
+    p.add_argument(
         "--keep-outputs",
         action="store_true",
         help="keep output files (default: deleted once checked)",
@@ -198,6 +232,14 @@ def parse_args(argv=None):
     a.graph_events = a.graph_events or (10**6 if q else 10**7)
     a.kernel_repeat = 1 if q else 3
     a.kernel_check_seconds = 2.0 if q else 10.0
+    # kernel-noise: the kernel against noise, K and cells; --quick on tiny frames
+    a.noise_sigmas = "1,4" if q else "1,2,4,8"
+    a.noise_cell_rates = "0,0.1"  # 0 % and about 77 % of frames with cells
+    a.noise_kernels = ",".join(map(str, a.kernels)) if q else "10,100,1000"
+    a.noise_frames_after_k = 100 if q else 1000
+    a.noise_height = 16 if q else IMAGE_SHAPE[0]
+    if a.measure_noise is not None:
+        return a
     for k in a.kernels:
         if k >= smallest:
             p.error(f"K={k} must be smaller than the smallest N={smallest}")
@@ -205,72 +247,8 @@ def parse_args(argv=None):
 
 
 # --------------------------------------------------------------------------
-# machine
-# --------------------------------------------------------------------------
-
-_PACKAGES = ("numpy", "scipy", "dask", "distributed", "numba", "h5py", "hdf5plugin",
-             "numcodecs", "zarr", "dcnum", "dask-image", "psutil", "rollmed-dask")  # fmt: skip
-
-
-def machine_info() -> dict:
-    import psutil
-
-    model = None
-    try:
-        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    versions = {"python": platform.python_version()}
-    for name in _PACKAGES:
-        try:
-            versions[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            versions[name] = None
-    return {
-        "hostname": socket.gethostname(),
-        "platform": platform.platform(),
-        "machine": platform.machine(),
-        "cpu_model": model,
-        "cpu_count_logical": os.cpu_count(),
-        "cpu_count_physical": psutil.cpu_count(logical=False),
-        "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        "memory_total_gb": round(psutil.virtual_memory().total / 2**30, 2),
-        "memory_available_gb_at_start": round(psutil.virtual_memory().available / 2**30, 2),
-        "load_average_at_start": list(os.getloadavg()),
-        "versions": versions,
-        "git": _git_state(),
-    }
-
-
-def _git_state() -> dict | None:
-    """Commit and whether the work tree differs from it (read-only git calls)."""
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
-                              text=True, timeout=10).stdout.strip()  # fmt: skip
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               cwd=ROOT, capture_output=True, text=True,
-                               timeout=10).stdout.strip()  # fmt: skip
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return {"commit": head or None, "modified_tracked_files": bool(dirty)}
-
-
-# --------------------------------------------------------------------------
 # inputs
 # --------------------------------------------------------------------------
-
-
-def _layout(dset) -> dict:
-    plist = dset.id.get_create_plist()
-    filters = []
-    for i in range(plist.get_nfilters()):
-        code, _flags, values, _name = plist.get_filter(i)
-        filters.append([int(code), [int(v) for v in values]])
-    return {"chunks": list(dset.chunks) if dset.chunks else None, "filters": filters,
-            "dtype": str(dset.dtype), "shape": list(dset.shape)}  # fmt: skip
 
 
 def input_ok(path: pathlib.Path, n: int) -> bool:
@@ -279,7 +257,7 @@ def input_ok(path: pathlib.Path, n: int) -> bool:
 
     try:
         with h5py.File(path, "r") as h5:
-            lay = _layout(h5["events/image"])
+            lay = layout(h5["events/image"])
     except (OSError, KeyError):
         return False
     return (lay["shape"] == [n, *IMAGE_SHAPE] and lay["dtype"] == "uint8"
@@ -398,181 +376,6 @@ def run_case(
     return row
 
 
-# --------------------------------------------------------------------------
-# checking outputs
-# --------------------------------------------------------------------------
-
-
-def _open(path):
-    import h5py
-    import hdf5plugin  # noqa: F401
-
-    return h5py.File(path, "r")
-
-
-def datasets_equal(a, b) -> tuple[bool, int | None]:
-    """Whether two datasets hold the same values; the first differing event if not.
-
-    Chunks whose stored bytes are identical (same chunk shape and filters) are
-    equal without decoding; the others are decoded and compared.
-    """
-    import numpy as np
-
-    if a.shape != b.shape or a.dtype != b.dtype:
-        return False, 0
-    n = a.shape[0]
-    raw = a.chunks is not None and a.chunks == b.chunks and _layout(a)["filters"] == \
-        _layout(b)["filters"] and a.chunks[1:] == a.shape[1:]  # fmt: skip
-    step = a.chunks[0] if raw else 1000
-    for s in range(0, n, step):
-        if raw:
-            try:
-                ma, ra = a.id.read_direct_chunk((s, 0, 0))
-                mb, rb = b.id.read_direct_chunk((s, 0, 0))
-                if ma == mb and ra == rb:
-                    continue
-            except (OSError, RuntimeError, KeyError):
-                pass
-        x, y = a[s : s + step], b[s : s + step]
-        if not np.array_equal(x, y):
-            bad = np.nonzero((x != y).reshape(len(x), -1).any(axis=1))[0]
-            return False, int(s + bad[0])
-    return True, None
-
-
-def _first_bad(got, want, offset: int) -> int | None:
-    import numpy as np
-
-    if got.shape == want.shape and np.array_equal(got, want):
-        return None
-    if got.shape != want.shape:
-        return offset
-    bad = np.nonzero((got != want).reshape(len(got), -1).any(axis=1))[0]
-    return int(offset + bad[0])
-
-
-def verify_full(input_path, outputs: dict, n: int, k: int, threads: int) -> dict:
-    """Stream the oracle over the whole stack, compare every output with it."""
-    import _oracle
-    import numpy as np
-
-    res = {name: {"exact": True, "check": "oracle, all rows", "first_bad_event": None}
-           for name in outputs}  # fmt: skip
-    files = {name: _open(p) for name, p in outputs.items()}
-    try:
-        dsets = {}
-        for name, f in files.items():
-            d = f["events/image_bg"]
-            if d.shape != (n, *IMAGE_SHAPE) or str(d.dtype) != "uint8":
-                res[name].update(exact=False, first_bad_event=0,
-                                 check=f"wrong shape/dtype {d.shape} {d.dtype}")  # fmt: skip
-            else:
-                dsets[name] = d
-        with _open(input_path) as fin:
-            img = fin["events/image"]
-            block = max(256, (64 * MiB) // (IMAGE_SHAPE[0] * IMAGE_SHAPE[1]))
-            last = None
-            for s in range(0, n - k, block):
-                e = min(s + block, n - k)
-                truth = _oracle.median_windows(img[s : e + k - 1], k, threads=threads)
-                last = truth[-1]
-                for name, d in dsets.items():
-                    if res[name]["exact"]:
-                        bad = _first_bad(d[s:e], truth, s)
-                        if bad is not None:
-                            res[name].update(exact=False, first_bad_event=bad)
-        tail = np.broadcast_to(last, (k, *IMAGE_SHAPE))
-        for name, d in dsets.items():
-            if res[name]["exact"]:
-                bad = _first_bad(d[n - k : n], tail, n - k)
-                if bad is not None:
-                    res[name].update(exact=False, first_bad_event=bad)
-    finally:
-        for f in files.values():
-            f.close()
-    return res
-
-
-def _sample_rows(n: int, k: int, count: int, seed: int) -> list[int]:
-    """Rows to check against the oracle: the ends, block borders (multiples of the
-    40-event storage chunk, and their neighbours) and random rows."""
-    import numpy as np
-
-    rng = np.random.default_rng(seed)
-    last = n - k - 1
-    rows = {0, 1, last, max(0, last - 1)}
-    borders = rng.integers(1, max(2, last // 40), size=count // 2) * 40
-    rows.update(int(b + d) for b in borders for d in (-1, 0))
-    rows.update(int(r) for r in rng.integers(0, last + 1, size=count // 2))
-    return sorted(r for r in rows if 0 <= r <= last)
-
-
-def verify_sampled(input_path, outputs: dict, n: int, k: int, count: int = 48) -> dict:
-    """Oracle at sampled rows, tail repeats, and all outputs equal in full."""
-    import numpy as np
-
-    rows = _sample_rows(n, k, count, seed=n + k)
-    res = {name: {"exact": None, "first_bad_event": None, "sample_exact": True,
-                  "check": f"oracle at {len(rows)} sampled rows + tail; "}
-           for name in outputs}  # fmt: skip
-    files = {name: _open(p) for name, p in outputs.items()}
-    try:
-        with _open(input_path) as fin:
-            img = fin["events/image"]
-            for j in rows:
-                truth = np.partition(img[j : j + k], k // 2, axis=0)[k // 2]
-                for name, f in files.items():
-                    r = res[name]
-                    if (
-                        r["sample_exact"]
-                        and _first_bad(f["events/image_bg"][j : j + 1], truth[None], j) is not None
-                    ):
-                        r.update(sample_exact=False, exact=False, first_bad_event=j)
-        for name, f in files.items():
-            d = f["events/image_bg"]
-            if res[name]["sample_exact"]:
-                bad = _first_bad(d[n - k : n], np.broadcast_to(d[n - k - 1], (k, *IMAGE_SHAPE)),
-                                 n - k)  # fmt: skip
-                if bad is not None:
-                    res[name].update(sample_exact=False, exact=False, first_bad_event=bad)
-        names = list(files)
-        anchor = names[0]
-        for name in names:
-            if name == anchor:
-                res[name]["check"] += "the others compared with it in full"
-                continue
-            same, bad = datasets_equal(files[anchor]["events/image_bg"],
-                                       files[name]["events/image_bg"])  # fmt: skip
-            res[name]["check"] += f"{'identical to' if same else 'DIFFERS from'} {anchor}"
-            res[name]["identical_to"] = anchor if same else None
-            if not same:
-                # one of the two is wrong at row `bad`: ask the oracle which
-                res[name]["first_difference"] = bad
-                with _open(input_path) as fin:
-                    j = min(bad, n - k - 1)  # tail rows repeat row N-K-1
-                    truth = np.partition(fin["events/image"][j : j + k], k // 2, axis=0)[k // 2]
-                for who in (anchor, name):
-                    if not np.array_equal(files[who]["events/image_bg"][bad], truth):
-                        res[who].update(sample_exact=False, exact=False, first_bad_event=bad)
-    finally:
-        for f in files.values():
-            f.close()
-    return res
-
-
-def output_layout(path) -> dict | None:
-    try:
-        with _open(path) as f:
-            return _layout(f["events/image_bg"])
-    except (OSError, KeyError):
-        return None
-
-
-# --------------------------------------------------------------------------
-# the suite
-# --------------------------------------------------------------------------
-
-
 def _plan_event_chunk(k: int) -> int:
     from rollmed_dask.pipeline import plan_chunks
 
@@ -586,6 +389,7 @@ class Suite:
         self.rows: list[dict] = []
         self.rates: dict[tuple[str, int], tuple[int, float]] = {}  # (case, K) -> (N, ns/px-ev)
         self.work = a.data_dir / "work"
+        self.extras: dict = {}  # results with tables of their own
         self.work.mkdir(parents=True, exist_ok=True)
 
     def want(self, name: str) -> bool:
@@ -650,6 +454,47 @@ class Suite:
                     "log": row["log"],
                 })  # fmt: skip
         log(f"  {label}: done in {row['process_s']:.1f} s")
+
+    def kernel_noise(self):
+        """The kernel against noise sigma, K and cells: a table of its own."""
+        a = self.a
+        log("run kernel-noise ...")
+        argv = ["--sigmas", a.noise_sigmas, "--cell-rates", a.noise_cell_rates,
+                "--kernels", a.noise_kernels, "--frames-after-k", a.noise_frames_after_k,
+                "--height", a.noise_height, "--repeat", a.kernel_repeat]  # fmt: skip
+        row = run_case("kernel-noise", argv, self.work, "kernel-noise", a.case_timeout,
+                       a.max_rss_gb)  # fmt: skip
+        self.extras["kernel_noise"] = row
+        if row["status"] == "ok":
+            log(f"  kernel-noise: done in {row['process_s']:.1f} s")
+
+    def first_call(self, input_path, n):
+        """First ``compute_background`` call over the steady one, twice: as a user
+        runs it, and with its set-up done piece by piece beforehand."""
+        a = self.a
+        k = 100 if 100 in a.kernels else a.kernels[0]
+        res = {"events": n, "kernel": k}
+        for mode, extra in (("plain", []), ("parts", ["--parts"])):
+            label = f"first-call-{mode}"
+            log(f"run {label} N={n} K={k} ...")
+            out = self.out_path(label, n, k)
+            argv = ["--input", input_path, "--output", out, "--kernel", k,
+                    "--workers", a.workers, *extra]  # fmt: skip
+            res[mode] = run_case("first-call", argv, self.work, label, a.case_timeout,
+                                 a.max_rss_gb)  # fmt: skip
+            self._cleanup(out)
+        self.extras["first_call"] = res
+
+    def io_stages(self, input_path, n):
+        """CPU per stage of a file job, against plain h5py's read + write."""
+        a = self.a
+        k = 100 if 100 in a.kernels else a.kernels[0]
+        log(f"run io-stages N={n} K={k} ...")
+        out = self.out_path("io-stages", n, k)
+        argv = ["--input", input_path, "--output", out, "--kernel", k, "--blocks", 8]
+        row = run_case("io-stages", argv, self.work, "io-stages", a.case_timeout, a.max_rss_gb)
+        self._cleanup(out)
+        self.extras["io_stages"] = row
 
     def graph_row(self):
         a = self.a
@@ -764,7 +609,7 @@ class Suite:
                            n, k, scheduler=sched)  # fmt: skip
             if row["status"] == "ok":
                 row["layout"] = output_layout(out)
-                with _open(known) as fk, _open(out) as fo:
+                with open_file(known) as fk, open_file(out) as fo:
                     same, bad = datasets_equal(fk["events/image_bg"], fo["events/image_bg"])
                 # as exact as the output it copies: True, or None if that one was sampled
                 exact = rows[good[0]]["exact"] if same else False
@@ -817,208 +662,18 @@ class Suite:
             elif p.exists():
                 p.unlink()
 
-    # ---- ratios and targets
-
-    def ratios(self):
-        ok = [r for r in self.rows if r["status"] == "ok" and r["case"] not in ("kernel", "graph")]
-        dcnum = {(r["events"], r["kernel"]): r for r in ok if r["case"] == "dcnum"}
-        floors = {}
-        for r in ok:
-            if r["case"] in IO_FLOORS:
-                key = (r["events"], r["kernel"])
-                if key not in floors or r["call_s"] < floors[key]["call_s"]:
-                    floors[key] = r
-        for r in ok:
-            key = (r["events"], r["kernel"])
-            d = dcnum.get(key)
-            if d is not None:
-                r["speedup_vs_dcnum"] = d["call_s"] / r["call_s"]
-                r["speedup_vs_dcnum_process"] = d["process_s"] / r["process_s"]
-            f = floors.get(key)
-            if f is not None:
-                r["x_io_floor"] = r["call_s"] / f["call_s"]
-                r["io_floor_case"] = f["case"]
-
-    def targets(self) -> list[dict]:
-        ok = [r for r in self.rows if r["status"] == "ok"]
-        ours = [r for r in ok if r["case"] in ("ours-threads", "ours-processes")]
-        out = []
-
-        def add(name, measured, met, detail=""):
-            out.append({"target": name, "measured": measured, "met": met, "detail": detail})
-
-        # 1. >= 100x faster than dcnum, end to end
-        pairs = [r for r in ours if "speedup_vs_dcnum" in r]
-        if pairs:
-            best = {}
-            for r in pairs:
-                key = (r["events"], r["kernel"])
-                if key not in best or r["speedup_vs_dcnum"] > best[key]["speedup_vs_dcnum"]:
-                    best[key] = r
-            worst = min(best.values(), key=lambda r: r["speedup_vs_dcnum"])
-            add(">= 100x faster than dcnum end to end (best of ours per N, K; worst shown)",
-                f"{worst['speedup_vs_dcnum']:.0f}x ({worst['case']}, N={worst['events']}, "
-                f"K={worst['kernel']})", worst["speedup_vs_dcnum"] >= 100,
-                "; ".join(f"N={n} K={k}: {r['speedup_vs_dcnum']:.0f}x ({r['case']})"
-                          for (n, k), r in sorted(best.items())))  # fmt: skip
-        else:
-            add(">= 100x faster than dcnum end to end", "not measured", None)
-        # 2. kernel
-        kern = {(r["kernel"], r["scheduler"]): r for r in ok if r["case"] == "kernel"}
-        two = f"{self.a.workers} thread(s)"
-        k100, k500 = kern.get((100, two)), kern.get((500, two))
-        if k100:
-            add(
-                "kernel <= 2 ns per pixel-event on 2 cores at K=100",
-                f"{k100['ns_per_pixel_event']:.2f} ns",
-                k100["ns_per_pixel_event"] <= 2.0,
-            )
-        else:
-            add("kernel <= 2 ns per pixel-event on 2 cores at K=100", "not measured", None)
-        if k100 and k500:
-            ratio = k500["ns_per_pixel_event"] / k100["ns_per_pixel_event"]
-            add(
-                "kernel at K=500 within 2x of K=100 (2 cores)",
-                f"{k500['ns_per_pixel_event']:.2f} ns = {ratio:.2f}x K=100",
-                ratio <= 2.0,
-            )
-        else:
-            add("kernel at K=500 within 2x of K=100", "not measured", None)
-        # 3. within 1.5x of the I/O floor
-        pairs = [r for r in ours if "x_io_floor" in r]
-        if pairs:
-            best = {}
-            for r in pairs:
-                key = (r["events"], r["kernel"])
-                if key not in best or r["x_io_floor"] < best[key]["x_io_floor"]:
-                    best[key] = r
-            worst = max(best.values(), key=lambda r: r["x_io_floor"])
-            add("end to end within 1.5x of the I/O floor (best of ours per N, K; worst shown)",
-                f"{worst['x_io_floor']:.2f}x ({worst['case']}, N={worst['events']}, "
-                f"K={worst['kernel']})", worst["x_io_floor"] <= 1.5,
-                "; ".join(f"N={n} K={k}: {r['x_io_floor']:.2f}x ({r['case']})"
-                          for (n, k), r in sorted(best.items())))  # fmt: skip
-        else:
-            add("end to end within 1.5x of the I/O floor", "not measured", None)
-        # 4. memory: N=200000 < 1 GB and flat
-        big = [r for r in ours if r["events"] >= 200000]
-        if big:
-            peak = max(big, key=lambda r: r["peak_rss_tree_mb"])
-            add("peak RSS (process tree) < 1 GB at N=200000 (worst of ours)",
-                f"{peak['peak_rss_tree_mb']:.0f} MB ({peak['case']}, K={peak['kernel']})",
-                peak["peak_rss_tree_mb"] < 1024,
-                "; ".join(f"{r['case']} K={r['kernel']}: {r['peak_rss_tree_mb']:.0f} MB"
-                          for r in big))  # fmt: skip
-        else:
-            add("peak RSS < 1 GB at N=200000", "not measured", None)
-        sizes = sorted({r["events"] for r in ours})
-        if len(sizes) > 1:
-            # the issue's range: from N=20000 up; below it, blocks are shorter
-            # than the budget allows and memory is not yet at its plateau
-            n0 = min((n for n in sizes[:-1] if n >= FLAT_FROM_EVENTS), default=sizes[0])
-            growth = []
-            for r in ours:
-                if r["events"] != sizes[-1]:
-                    continue
-                base = [b for b in ours if b["events"] == n0 and b["case"] == r["case"]
-                        and b["kernel"] == r["kernel"]]  # fmt: skip
-                if base:
-                    growth.append((r["peak_rss_tree_mb"] / base[0]["peak_rss_tree_mb"], r))
-            if growth:
-                g, r = max(growth, key=lambda t: t[0])
-                add(
-                    f"peak RSS flat from N={n0} to N={sizes[-1]} (growth <= 1.2x)",
-                    f"{g:.2f}x worst ({r['case']}, K={r['kernel']})",
-                    g <= 1.2,
-                    "; ".join(f"{rr['case']} K={rr['kernel']}: {gg:.2f}x" for gg, rr in growth),
-                )
-        # 5. graph
-        graph = [r for r in ok if r["case"] == "graph"]
-        if graph:
-            g = graph[0]["graph"]
-            add(
-                f"graph for N={g['events']:.0e} built in < 2 s",
-                f"{g['build_s']:.2f} s",
-                g["build_s"] < 2.0 if g["events"] >= 10**7 else None,
-                f"materialised {g['tasks']} tasks in {g['materialize_s']:.2f} s; "
-                f"compute_background set-up on an HDF5 file {g['ooc_setup_s']:.2f} s",
-            )
-        return out
-
-
-# --------------------------------------------------------------------------
-# output
-# --------------------------------------------------------------------------
-
-
-def _fmt(v, spec):
-    return "" if v is None else format(v, spec)
-
-
-def _exact_text(r):
-    if r["status"] == "skipped":
-        return ""
-    if r.get("exact") is True:
-        return "yes"
-    if r.get("exact") is False:
-        return "NO"
-    if r.get("sample_exact"):
-        return "sampled"
-    return "n/a" if r["status"] == "ok" else ""
-
-
-def table(rows) -> str:
-    head = ["case", "N", "K", "scheduler", "call s", "process s", "ns/px-ev", "x dcnum",
-            "x io-floor", "peak RSS MB", "exact", "note"]  # fmt: skip
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
-    for r in rows:
-        note = ""
-        if r["status"] == "skipped":
-            note = "skipped: " + r["reason"]
-        elif r["status"] != "ok":
-            note = "FAILED: " + str(r.get("error", ""))[:120]
-        elif r["case"] == "graph":
-            g = r["graph"]
-            note = (f"build; materialise {g['materialize_s']:.2f} s ({g['tasks']} tasks); "
-                    f"HDF5 set-up {g['ooc_setup_s']:.2f} s")  # fmt: skip
-        elif r["case"] == "kernel":
-            note = (
-                f"first call {r['first_call_s']:.2f} s; {r['blocks']} blocks x "
-                f"{r['block_events']}; median {r['ns_per_pixel_event_median']:.2f} ns"
-            )
-        elif r["case"] in IO_FLOORS:
-            note = f"no compute: reads the input, writes the known result ({r['background_from']})"
-        lay = r.get("layout")
-        if lay and (lay["chunks"] != EXPECTED_LAYOUT["chunks"]
-                    or lay["filters"] != EXPECTED_LAYOUT["filters"]):  # fmt: skip
-            note += f" layout differs from dcnum's: {lay['chunks']} {lay['filters']}"
-        if r["status"] == "ok" and r.get("exact") is None and r.get("check"):
-            note += ("; " if note else "") + r["check"]
-        cells = [
-            r["case"], str(r.get("events", "")), _fmt(r.get("kernel"), "d"),
-            r.get("scheduler") or "", _fmt(r.get("call_s"), ".2f"),
-            _fmt(r.get("process_s"), ".2f") if r["case"] != "kernel" else "",
-            _fmt(r.get("ns_per_pixel_event"), ".1f" if (r.get("ns_per_pixel_event") or 0) >= 10
-                 else ".2f"),
-            _fmt(r.get("speedup_vs_dcnum"), ".1f"), _fmt(r.get("x_io_floor"), ".2f"),
-            _fmt(r.get("peak_rss_tree_mb"), ".0f"), _exact_text(r), note,
-        ]  # fmt: skip
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def targets_text(targets) -> str:
-    lines = []
-    for t in targets:
-        state = {True: "met", False: "NOT met", None: "not judged"}[t["met"]]
-        lines.append(f"- {t['target']}: {t['measured']} -> {state}")
-        if t["detail"]:
-            lines.append(f"    {t['detail']}")
-    return "\n".join(lines)
-
 
 def main(argv=None) -> int:
     a = parse_args(argv)
+    if a.measure_noise is not None:
+        try:
+            res = measure_noise(a.measure_noise, a.noise_dataset)
+        except (OSError, ValueError) as exc:
+            print(f"run.py: error: --measure-noise {a.measure_noise}: {exc}", file=sys.stderr)
+            return 2
+        print(noise_text(res))
+        print(json.dumps(res))
+        return 0
     t_start = time.perf_counter()
     a.data_dir.mkdir(parents=True, exist_ok=True)
     a.out.parent.mkdir(parents=True, exist_ok=True)
@@ -1034,6 +689,15 @@ def main(argv=None) -> int:
     log(f"oracle agrees with rolling_median_reference ({time.perf_counter() - t0:.1f} s)")
     inputs = {n: ensure_input(a.data_dir, n) for n in a.sizes}
     suite = Suite(a)
+    input_noise = measure_noise(inputs[min(a.sizes)])
+    log(f"input noise: {noise_text(input_noise)}")
+    if suite.want("kernel-noise"):
+        suite.kernel_noise()
+    if suite.want("first-call"):
+        suite.first_call(inputs[min(a.sizes)], min(a.sizes))
+    if suite.want("io-stages"):
+        n_stages = max((n for n in a.sizes if n <= KERNEL_MAX_EVENTS), default=min(a.sizes))
+        suite.io_stages(inputs[n_stages], n_stages)
     if suite.want("kernel"):
         # blocks as long as the pipeline plans them need a large enough input;
         # the stack is held in memory, so at most N=20000 (512 MB)
@@ -1043,8 +707,8 @@ def main(argv=None) -> int:
         suite.graph_row()
     for n in a.sizes:
         suite.size(inputs[n], n)
-    suite.ratios()
-    targets = suite.targets()
+    ratios(suite.rows)
+    judged = targets(suite.rows, a.workers, suite.extras)
     info["load_average_at_end"] = list(os.getloadavg())
     total = time.perf_counter() - t_start
     config = {k: (str(v) if isinstance(v, pathlib.Path) else v) for k, v in vars(a).items()}
@@ -1057,8 +721,10 @@ def main(argv=None) -> int:
         "image_shape": list(IMAGE_SHAPE),
         "inputs": {str(n): str(p) for n, p in inputs.items()},
         "total_s": total,
+        "input_noise": input_noise,
         "rows": suite.rows,
-        "targets": targets,
+        **suite.extras,
+        "targets": judged,
     }
     a.out.write_text(json.dumps(doc, indent=1, default=str))
     text = table(suite.rows)
@@ -1074,10 +740,33 @@ def main(argv=None) -> int:
         "x io-floor: this call time / the faster io-floor call at the same N and K "
         "(1.0 = I/O bound)."
     )
+    print(f"\nInput: {noise_text(input_noise)}")
+    kn = suite.extras.get("kernel_noise")
+    if kn is not None and kn["status"] == "ok":
+        ex = kn["extra"]
+        h, w = ex["image_shape"]
+        print(
+            f"\nThe kernel on camera frames (ns per output pixel-event, 1 thread, CPU time, "
+            f"min of {ex['repeat']}; {ex['frames_after_k'] + 1} medians per pixel of {h} x {w}; "
+            f"exact on every 7th pixel: {ex['exact_every_7th_pixel']}):"
+        )
+        print(kernel_noise_text(ex))
+    fc = suite.extras.get("first_call")
+    if fc is not None:
+        print(f"\n{first_call_text(fc)}")
+    st = suite.extras.get("io_stages")
+    if st is not None:
+        print(f"\n{io_stages_text(st)}")
     print("\nTargets (reported, never asserted):")
-    print(targets_text(targets))
+    print(targets_text(judged))
     print(f"\nJSON: {a.out}")
     bad = [r for r in suite.rows if r["status"] == "error" or r.get("exact") is False]
+    if kn is not None and (kn["status"] != "ok" or not kn["extra"]["exact_every_7th_pixel"]):
+        bad.append(kn)
+    if fc is not None and any(fc[m]["status"] != "ok" for m in ("plain", "parts")):
+        bad.append(fc)
+    if st is not None and st["status"] != "ok":
+        bad.append(st)
     return 1 if bad else 0
 
 

@@ -113,6 +113,19 @@ class ChunkChecksumError(ChunkError):
 # --------------------------------------------------------------------------
 # fletcher32, exactly as HDF5's H5_checksum_fletcher32
 # --------------------------------------------------------------------------
+# numcodecs (a dependency) ships Fletcher32 and Shuffle, and they give the
+# same bytes as these (tests/test_h5chunks.py compares them), but they are
+# kept out of the hot path, measured with numcodecs 0.16.6 on a 1 MiB chunk
+# (40 x 80 x 320 uint8), min of 7 x 50 calls, process time, same run:
+# - Fletcher32.encode 0.334 ms vs fletcher32() 0.184 ms (1.8x): it copies
+#   the chunk to append 4 bytes, and on reading we only need the sum;
+#   it also raises IndexError on an empty buffer;
+# - Shuffle (itemsize 2) 0.465 ms vs _shuffle() 0.293 ms (1.6x), and it
+#   refuses a buffer that is not a whole number of items, which HDF5 passes
+#   through with the leftover bytes at the end.
+# zstd-5 compresses a 1 MiB chunk of a rolling-median output in about 3.7 ms
+# (same session), so numcodecs' Fletcher32 alone would add about 4 % to the
+# CPU-bound writing of every output chunk.
 
 # Words per row of the matrix the checksum is computed on; with <= 2**16
 # words per row a row sum fits a uint32 accumulator.

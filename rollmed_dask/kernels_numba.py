@@ -52,16 +52,24 @@ those windows.
 Numba compiles an algorithm for a key width when a call first needs it (never
 at import; the choice per block is made in Python so that nothing else is
 compiled) and caches the machine code on disk (``cache=True``), so a second
-process starts quickly. The kernels release the GIL (``nogil=True``) and are single-threaded:
+process starts quickly. A compile prints one line on stderr (it takes 1 to
+20 s); :func:`compile_kernels` does them all ahead of time. A fresh process
+still pays numba's own start, about 0.6 s of CPU (importing numba and setting
+up its target, which imports scipy.linalg); loading a cached kernel takes
+5 to 30 ms. The kernels release the GIL (``nogil=True``) and are single-threaded:
 dask threads run them on separate blocks in parallel.
 """
 
 from __future__ import annotations
 
 import operator
+import sys
+import threading
+import time
 
 import numba
 import numpy as np
+from numba.core import event
 
 from . import numba_cache
 from .core import median_windows_numpy
@@ -69,7 +77,7 @@ from .core import median_windows_numpy
 # before the first @numba.njit: numba picks a function's cache folder when decorating it
 numba_cache.install()
 
-__all__ = ["median_windows_numba"]
+__all__ = ["compile_kernels", "median_windows_numba"]
 
 # Pixels per block of the 256-bin histogram: 512 x 256 uint16 counts = 256 KiB,
 # in L2 while each frame row of the block is one contiguous read. 128..1024
@@ -133,6 +141,17 @@ def _block_hist256(src, k, p0, nb, umn, out, hist, med, below):
             # Bin m keeps rank r unless c moved past it. Both sides are tested
             # in one rarely taken branch: a mispredicted branch per event
             # would cost about as much as the whole update.
+            # On camera frames (rollmed_dask.example.camera_frames, 1 thread,
+            # CPU time, one run, loaded 2-core EPYC) this branch is what noise
+            # costs: the median moves at 2.6 / 5.1 / 10.1 % of events for
+            # noise sigma 2 / 4 / 8 at K = 100 (4.1 / 4.3 / 5.1 ns per
+            # pixel-event), at 23 / 34 / 43 % by 1.1 / 1.5 / 2.3 bins at K = 10
+            # (6.5 / 8.6 / 11.6 ns). A branch-free one-bin step before this
+            # test measured 0.83-0.90x at K = 10 but 1.2-1.4x at K >= 100;
+            # switched on only below K = 16 it gave 0.88-0.93x at K <= 10 and
+            # K = 100 within the noise (1.00-1.12x), so it was left out: K = 100
+            # is the common case and loses up to 12 % at high noise.
+            # benchmarks/run.py prints this table (kernel-noise).
             if (c > r) | (c + hist[b, m] <= r):
                 if c > r:
                     while c > r:
@@ -679,6 +698,115 @@ def _median_2d_float(flat: np.ndarray, k: int) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------
+# Compiling: a line when it happens, and all of it at once on request
+# --------------------------------------------------------------------------
+
+
+class _CompileNotice(event.Listener):
+    """Prints one line when a kernel of this module compiles (a numba cache miss).
+
+    numba fires ``numba:compile`` only when it compiles, not when it loads a
+    kernel from its disk cache (5 to 30 ms), so the line appears exactly when
+    a user waits 1 to 3 s per key width and algorithm: once per installation.
+    """
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.serving = threading.local()  # dtype of the call on this thread
+        self.told: set = set()
+
+    def on_start(self, ev):
+        disp = ev.data["dispatcher"]
+        if getattr(disp, "py_func", None) is None or disp.py_func.__module__ != __name__:
+            return
+        dtype = getattr(self.serving, "dtype", None)
+        with self.lock:
+            if dtype in self.told:
+                return
+            self.told.add(dtype)
+        what = f"{dtype} data" if dtype is not None else "this data"
+        print(
+            f"rollmed-dask: compiling the numba kernels for {what}: once per "
+            f"installation, 1 to 20 s (later runs load them from numba's cache)",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    def on_end(self, ev):
+        pass
+
+
+_NOTICE = _CompileNotice()
+event.register("numba:compile", _NOTICE)
+
+
+def _stacks_reaching_every_kernel(dtype: np.dtype):
+    """(stack, K) pairs of ``dtype`` that reach every algorithm its key width has.
+
+    Built from bit patterns, so that float keys lie as close together as the
+    histograms need: consecutive floats are consecutive keys.
+    """
+    width = dtype.itemsize
+    ut = _UINT[width]
+    ramp = np.arange(12 * 4, dtype=ut).reshape(12, 4)
+    base = ut(np.array(1, dtype=dtype).view(ut))  # the bits of 1 (1.0 for floats)
+    yield (base + ramp % ut(3)).view(dtype), 3  # span < 256
+    if width >= 2:
+        yield (base + ramp * ut(600)).view(dtype), 3  # span < 65536
+    if width >= 4:
+        wide = (base + ramp * ut(10**6)).view(dtype)
+        yield wide, 3  # sorted windows
+        yield np.tile(wide, (_RANKED_MIN_K[width] // 12 + 1, 1)), _RANKED_MIN_K[width]
+    if dtype.kind == "f":
+        zeros = np.zeros((12, 4), dtype=dtype)
+        zeros[::2] = -0.0  # both zeros in a window: the pass that finds ambiguous medians
+        yield zeros, 3
+
+
+def compile_kernels(
+    dtypes=("uint8", "uint16", "int16", "uint32", "float32", "float64"), *, file=None
+) -> dict:
+    """Compile (or load from numba's cache) every kernel these dtypes can reach.
+
+    The first call of :func:`median_windows_numba` for a key width compiles
+    what that call needs, 1 to 3 s of CPU per algorithm, with a line on
+    stderr; run this once after installing (or in a job script before the real
+    work) and later first calls only load the kernels from numba's cache. All
+    the default dtypes took 17 s of CPU (54 s on a loaded 2-core machine).
+
+    Parameters
+    ----------
+    dtypes : iterable of dtype-likes
+        Image dtypes to prepare: integers and float16/32/64.
+    file : text stream, optional
+        Where a line per dtype goes (default: stderr); ``False`` for none.
+
+    Returns
+    -------
+    dict
+        Seconds spent per dtype (near 0 for dtypes already compiled).
+
+    Examples
+    --------
+    >>> spent = compile_kernels(["uint8"], file=False)
+    >>> list(spent)
+    ['uint8']
+    """
+    stream = sys.stderr if file is None else file
+    spent = {}
+    for dt in dtypes:
+        dtype = np.dtype(dt)
+        t0 = time.perf_counter()
+        for stack, k in _stacks_reaching_every_kernel(dtype):
+            median_windows_numba(stack, k)
+        spent[dtype.name] = time.perf_counter() - t0
+        if stream:
+            print(f"rollmed-dask: numba kernels for {dtype.name} ready "
+                  f"({spent[dtype.name]:.1f} s)", file=stream, flush=True)  # fmt: skip
+    return spent
+
+
+# --------------------------------------------------------------------------
 # Public entry point
 # --------------------------------------------------------------------------
 
@@ -755,6 +883,7 @@ def median_windows_numba(stack: np.ndarray, kernel_size: int) -> np.ndarray:
         return stack.copy()
     if stack.size == 0:
         return np.empty(out_shape, dtype=dtype)
+    _NOTICE.serving.dtype = dtype
     native = dtype.newbyteorder("=")
     flat = np.ascontiguousarray(stack, dtype=native).reshape(m_events, -1)
     ut = _UINT[dtype.itemsize]

@@ -13,10 +13,15 @@ import pathlib
 import subprocess
 import sys
 
+import numpy as np
 import pytest
+
+from rollmed_dask.example import camera_frames, write_example
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RUN = ROOT / "benchmarks" / "run.py"
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import _camera  # noqa: E402
 
 WITH_OUTPUT = {"io-floor-threads", "io-floor-processes", "ours-threads", "ours-processes",
                "dcnum", "scipy", "dask-image"}  # fmt: skip
@@ -73,6 +78,66 @@ def test_quick_benchmark_json_and_exactness(quick_run):
     graph = next(r for r in rows if r["case"] == "graph")["graph"]
     assert graph["events"] == 10**6 and graph["build_s"] > 0 and graph["tasks"] > 0
 
+    # camera-like input, the kernel against noise, the first call's set-up
+    assert 3.0 <= doc["input_noise"]["noise_sigma"] <= 4.2
+    assert doc["input_noise"]["share_of_frames_with_objects"] > 0.5
+    kn = doc["kernel_noise"]
+    assert kn["status"] == "ok" and kn["extra"]["exact_every_7th_pixel"] is True
+    assert len(kn["extra"]["rows"]) == 4  # sigma 1, 4 x no cells, cells at K=20
+    assert all(r["ns_per_pixel_event"] > 0 for r in kn["extra"]["rows"])
+    for mode in ("plain", "parts"):
+        fc = doc["first_call"][mode]
+        assert fc["status"] == "ok", fc.get("error")
+        assert len(fc["extra"]["calls"]) == 3
+    assert len(doc["first_call"]["parts"]["extra"]["parts"]) == 5
+    stages = doc["io_stages"]
+    assert stages["status"] == "ok", stages.get("error")
+    assert len(stages["extra"]["ns_per_pixel_event"]) == 6
+    assert all(v > 0 for v in stages["extra"]["ns_per_pixel_event"].values())
+    assert "The kernel on camera frames" in stdout and "First compute_background" in stdout
+    assert "Stages of a file job" in stdout
+
     assert [t["target"] for t in doc["targets"]]
     assert all({"target", "measured", "met"} <= set(t) for t in doc["targets"])
     assert "| case | N | K |" in stdout and "Targets" in stdout
+
+
+def test_camera_frames_are_the_example_images(tmp_path):
+    import h5py
+    import hdf5plugin  # noqa: F401
+
+    path = write_example(tmp_path / "ex.rtdc", n_events=90, image_shape=(24, 64), seed=3)
+    with h5py.File(path, "r") as h5:
+        np.testing.assert_array_equal(h5["events/image"][:], camera_frames(90, (24, 64), seed=3))
+
+
+@pytest.mark.parametrize("sigma", [1.0, 3.5, 8.0])
+def test_noise_is_measured_as_generated(sigma):
+    true = (sigma**2 + 1 / 12) ** 0.5  # uint8 rounding adds 1/12
+    quiet = _camera.noise_of_frames(camera_frames(200, (40, 160), noise_sigma=sigma, cell_rate=0))
+    assert abs(quiet["noise_sigma"] - true) < 0.03 * true + 0.05, quiet
+    assert quiet["share_of_frames_with_objects"] == 0
+    busy = _camera.noise_of_frames(camera_frames(200, (40, 160), noise_sigma=sigma))
+    assert abs(busy["noise_sigma"] - true) < 0.06 * true + 0.1, busy
+    if sigma <= 4:  # darker than 6 sigma: cells stand out from this noise
+        assert busy["share_of_frames_with_objects"] > 0.5, busy
+
+
+def test_the_example_is_camera_like(tmp_path):
+    path = write_example(tmp_path / "ex.rtdc", n_events=400)
+    proc = subprocess.run([sys.executable, str(RUN), "--measure-noise", str(path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    res = json.loads(proc.stdout.splitlines()[-1])
+    assert 3.0 <= res["noise_sigma"] <= 4.0  # real cameras: 2.6 to 3.1 (dcnum's data) and up
+    assert res["share_of_frames_with_objects"] >= 0.6  # cells cross most frames
+    assert res["pattern_std"] > 5  # a fixed channel pattern
+    assert "temporal noise sigma" in proc.stdout.splitlines()[0]
+
+
+def test_measure_noise_of_a_missing_file_is_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, str(RUN), "--measure-noise", str(tmp_path / "no.rtdc")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 2
+    assert proc.stdout == "" and len(proc.stderr.splitlines()) == 1, proc.stderr
+    assert "is not a file" in proc.stderr and "Traceback" not in proc.stderr

@@ -121,6 +121,23 @@ def test_fletcher32_matches_checksums_hdf5_stored(tmp_path):
             assert raw[-4:] == struct.pack("<I", h5_fletcher32_reference(payload))
 
 
+@pytest.mark.parametrize("size", [1, 2, 3, 4095, 40 * 80 * 320])
+def test_fletcher32_and_shuffle_give_numcodecs_bytes(size):
+    # h5chunks keeps its own versions for speed (see the comment there); they
+    # must stay byte-identical to the library's
+    from numcodecs import Fletcher32, Shuffle
+
+    data = np.random.default_rng(size).integers(0, 256, size, dtype=np.uint8).tobytes()
+    assert bytes(Fletcher32().encode(data)) == data + struct.pack("<I", hc.fletcher32(data))
+    for itemsize in (2, 4, 8):
+        whole = data[: len(data) - len(data) % itemsize]
+        if len(whole) >= 2 * itemsize:
+            ours = hc._shuffle(whole, itemsize, reverse=False)
+            assert bytes(Shuffle(elementsize=itemsize).encode(whole)) == ours.tobytes()
+            back = hc._shuffle(ours, itemsize, reverse=True)
+            assert back.tobytes() == whole
+
+
 # ---------------------------------------------------------------- round trips
 
 

@@ -11,6 +11,7 @@ are compared as raw bits, so signed zeros and NaN payloads must match too.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import threading
@@ -273,6 +274,64 @@ def test_import_compiles_nothing():
         "assert ds and not any(d.signatures for d in ds)\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_a_uint8_call_loads_only_the_uint8_kernel():
+    # numba's set-up is paid once per process, but each kernel costs a load
+    # (or a compile on a new installation): a uint8 call must touch no other
+    code = (
+        "import numpy as np\n"
+        "import rollmed_dask.kernels_numba as kn\n"
+        "kn.median_windows_numba(np.arange(60, dtype=np.uint8).reshape(20, 3), 5)\n"
+        "used = {n: [str(s) for s in d.signatures] for n, d in vars(kn).items()\n"
+        "        if getattr(d, 'signatures', None)}\n"
+        "assert set(used) <= {'_run_hist256', '_block_hist256'}, used\n"
+        "assert all('uint8' in s for sigs in used.values() for s in sigs), used\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_compile_kernels_reaches_every_kernel_of_a_dtype():
+    # in a fresh process: the signatures come from compile_kernels alone
+    code = (
+        "import rollmed_dask.kernels_numba as kn\n"
+        "kn.compile_kernels(['uint8', 'int16', 'float32', 'uint64'], file=False)\n"
+        "want = {'uint8': ['_run_hist256'], 'uint16': ['_run_hist256', '_run_hist16'],\n"
+        "        'uint32': ['_run_hist256', '_run_hist16', '_run_sorted', '_run_ranked',\n"
+        "                   '_float_to_keys', '_keys_to_float', '_float_specials',\n"
+        "                   '_ambiguous_windows'],\n"
+        "        'uint64': ['_run_hist256', '_run_hist16', '_run_sorted', '_run_ranked']}\n"
+        "for key, names in want.items():\n"
+        "    for name in names:\n"
+        "        sigs = [str(s) for s in getattr(kn, name).signatures]\n"
+        "        assert any(f'Array({key}' in s for s in sigs), (key, name, sigs)\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
+
+
+def test_a_compile_says_so_once_and_a_cache_load_does_not(tmp_path):
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path), ROLLMED_DASK_CACHE_DIR=str(tmp_path))
+    code = (
+        "import numpy as np\n"
+        "from rollmed_dask.kernels_numba import median_windows_numba\n"
+        "for k in (3, 5):\n"
+        "    median_windows_numba(np.arange(60, dtype=np.uint8).reshape(20, 3), k)\n"
+    )
+    runs = [
+        subprocess.run(
+            [sys.executable, "-c", code],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=True,
+        )  # fmt: skip
+        for _ in range(2)
+    ]
+    lines = runs[0].stderr.splitlines()
+    assert [ln for ln in lines if "compiling the numba kernels for uint8" in ln] == lines
+    assert len(lines) == 1, runs[0].stderr
+    assert runs[1].stderr == ""  # loaded from the cache: nothing to say
 
 
 # Bit patterns to draw from, per dtype: small ranges so that ties are common,
