@@ -54,15 +54,21 @@ import numpy as np
 
 __all__ = [
     "DCNUM_PPID_GENERATION",
+    "FRAME_FEATURES",
     "IMAGE_ATTRS",
+    "PIPELINE_BACKGROUND_ATTRS",
+    "PIPELINE_SEGMENTATION_ATTRS",
     "IgnoredBasinWarning",
     "ImageLocation",
+    "add_pipeline_inputs",
+    "basin_identifier",
     "basin_json",
     "bg_ppid",
     "bg_ppid_attrs",
     "copy_file_basins",
     "copy_metadata",
     "create_image_dataset",
+    "data_ppid",
     "default_chunk_events",
     "filter_kwargs",
     "find_image_dataset",
@@ -73,6 +79,7 @@ __all__ = [
     "software_string",
     "store_file_basin",
     "write_log",
+    "write_pipeline_attrs",
 ]
 
 #: HDF5 image attributes dcnum and dclab put on every 2D-per-event dataset.
@@ -138,7 +145,7 @@ def _as_str(value):
     return value
 
 
-def measurement_identifier(h5: h5py.Group) -> str | None:
+def measurement_identifier(h5: h5py.Group, *, decode: bool = True) -> str | None:
     """Return the measurement identifier of an open ``.rtdc`` file.
 
     Same rule as dcnum's ``get_measurement_identifier`` and dclab's
@@ -147,9 +154,10 @@ def measurement_identifier(h5: h5py.Group) -> str | None:
     the MD5 of ``"{experiment:time}_{experiment:date}_{setup:identifier}"``,
     otherwise ``None``.
 
-    Byte-string attributes are decoded first, as dclab does (dcnum would
-    hash their ``b'...'`` representation; dclab is the one that verifies
-    basin identifiers, so we follow dclab there).
+    Byte-string attributes (older Shape-In files) are decoded first, as
+    dclab does. With ``decode=False`` they are used as they are, as dcnum
+    0.31 does: it hashes their ``b'...'`` representation, so for such files
+    the two readers compute different identifiers.
 
     Examples
     --------
@@ -159,17 +167,41 @@ def measurement_identifier(h5: h5py.Group) -> str | None:
             measurement_identifier(h5)
         # '3b1cbd47-6a2b-ad2c-0fcc-c3c5a9f7d2a8'
     """
-    mid = _as_str(h5.attrs.get("experiment:run identifier"))
+    convert = _as_str if decode else (lambda value: value)
+    mid = convert(h5.attrs.get("experiment:run identifier"))
     if not mid:
-        m_time = _as_str(h5.attrs.get("experiment:time", None)) or None
-        m_date = _as_str(h5.attrs.get("experiment:date", None)) or None
-        m_sid = _as_str(h5.attrs.get("setup:identifier", None)) or None
+        m_time = convert(h5.attrs.get("experiment:time", None)) or None
+        m_date = convert(h5.attrs.get("experiment:date", None)) or None
+        m_sid = convert(h5.attrs.get("setup:identifier", None)) or None
         if None not in [m_time, m_date, m_sid]:
             hasher = hashlib.md5(f"{m_time}_{m_date}_{m_sid}".encode())
             mid = str(uuid.UUID(hex=hasher.hexdigest()))
         else:
             mid = None
     return mid
+
+
+def basin_identifier(h5: h5py.Group) -> str | None:
+    """The identifier a file basin pointing at ``h5`` should carry, or ``None``.
+
+    dclab and dcnum both refuse a basin whose file has another identifier
+    than the basin says, but compute it differently for byte-string metadata
+    (see :func:`measurement_identifier`): no identifier satisfies both. Then
+    we store none, which both accept, rather than one that makes one reader
+    fail (dcnum raises ``BasinIdentifierMismatchError``). The file is still
+    checked: dclab compares the referring file's identifier with the basin
+    file's, and our output carries the input's metadata.
+
+    Examples
+    --------
+    .. code-block:: python
+
+        with h5py.File("shape_in_file_with_byte_metadata.rtdc", "r") as h5:
+            basin_identifier(h5)
+        # None
+    """
+    ident = measurement_identifier(h5)
+    return ident if ident == measurement_identifier(h5, decode=False) else None
 
 
 # ---------------------------------------------------------------------------
@@ -348,6 +380,87 @@ def bg_ppid_attrs(kernel_size: int, batch_size: int) -> dict[str, str]:
         "dcnum ppid background": bg_ppid(kernel_size, batch_size),
         "dcnum ppid generation": DCNUM_PPID_GENERATION,
     }
+
+
+#: The root attributes dcnum's pipeline (``DCNumJobRunner.run_pipeline``)
+#: compares with its job's identifiers to decide whether ``events/image_bg``
+#: can be used as it is: if all three are equal, it skips its background step.
+PIPELINE_BACKGROUND_ATTRS = (
+    "pipeline:dcnum generation",
+    "pipeline:dcnum data",
+    "pipeline:dcnum background",
+)
+
+#: Root attributes of a dcnum output that describe its segmentation. They were
+#: made with another background, so we remove them wherever we write one:
+#: without its segmenter id and hash dcnum never reuses a segmentation
+#: (``redo_seg``). ``pipeline:dcnum yield`` and ``pipeline:dcnum mapping`` say
+#: which events the file holds, which stays true, so they are kept.
+PIPELINE_SEGMENTATION_ATTRS = (
+    "pipeline:dcnum segmenter",
+    "pipeline:dcnum feature",
+    "pipeline:dcnum gate",
+    "pipeline:dcnum hash",
+)
+
+
+def data_ppid(pixel_size) -> str:
+    """dcnum's data pipeline identifier of a whole ``.rtdc`` file, ``"hdf:p=P^i=0"``.
+
+    As ``dcnum.read.HDF5Data.get_ppid`` makes it for a file read without
+    index mapping (we always process every event): the pixel size with 8
+    decimals and trailing zeros stripped, ``i=0`` for "no index mapping".
+    dcnum takes a missing pixel size as 0.
+
+    Examples
+    --------
+    >>> data_ppid(0.34)
+    'hdf:p=0.34^i=0'
+    >>> data_ppid(0.2600000012)
+    'hdf:p=0.26^i=0'
+    >>> data_ppid(None)
+    'hdf:p=0.^i=0'
+    """
+    pixel_size = 0 if pixel_size is None else float(_as_str(pixel_size))
+    return f"hdf:p={pixel_size:.8f}".rstrip("0") + "^i=0"
+
+
+def write_pipeline_attrs(h5: h5py.File, dataset: str = "events/image_bg") -> None:
+    """Label the file's background for dcnum's pipeline, from ``dataset``'s attrs.
+
+    Called once the background ``dataset`` is complete, in a new output file
+    and in a file changed in place. Sets the root attributes
+    :data:`PIPELINE_BACKGROUND_ATTRS` as dcnum's pipeline would for this file:
+    generation and background from the dataset's ``dcnum ppid generation``
+    and ``dcnum ppid background`` (:func:`bg_ppid_attrs`), data from the
+    file's own pixel size (:func:`data_ppid`). Any there are replaced (a dcnum
+    output carries those of its own run), and
+    :data:`PIPELINE_SEGMENTATION_ATTRS` are removed: they described a
+    segmentation made with the old background. dcnum reads the background
+    from ``events/image_bg`` only, so for another ``dataset`` nothing changes.
+
+    Examples
+    --------
+    .. code-block:: python
+
+        with h5py.File("data.rtdc", "a") as h5:
+            h5["events/image_bg"].attrs.update(bg_ppid_attrs(100, 10000))
+            write_pipeline_attrs(h5)
+            dict(h5.attrs)["pipeline:dcnum background"]
+        # 'rollmed:k=100^b=10000'
+    """
+    if dataset.strip("/") != "events/image_bg":
+        return
+    bg_attrs = h5[dataset].attrs
+    values = (
+        bg_attrs["dcnum ppid generation"],
+        data_ppid(h5.attrs.get("imaging:pixel size")),
+        bg_attrs["dcnum ppid background"],
+    )
+    h5.attrs.update(zip(PIPELINE_BACKGROUND_ATTRS, values, strict=True))
+    for key in PIPELINE_SEGMENTATION_ATTRS:
+        if key in h5.attrs:
+            del h5.attrs[key]
 
 
 # ---------------------------------------------------------------------------
@@ -610,15 +723,20 @@ def prepare_output_file(h5out: h5py.File, input_path) -> None:
     1. copy the input's root attributes, ``logs`` and ``tables``
        (:func:`copy_metadata`),
     2. carry over the input's own file basins (:func:`copy_file_basins`),
-    3. store a file basin pointing at the input: name = the input's file
+    3. store a file basin pointing at the input (if it holds features
+       itself, not only through its basins): name = the input's file
        name, paths = [absolute path, path relative to the output's folder]
        (the pair dcnum's pipeline writes), features = all features of the
        input's ``events`` and ``basin_events`` groups except ``basinmap*``,
-       identifier = the input's :func:`measurement_identifier`, description =
-       ``"Created by rollmed-dask <version>"``.
+       identifier = :func:`basin_identifier` of the input, description =
+       ``"Created by rollmed-dask <version>"``;
+
+    and what dcnum's pipeline needs to take the file as its input
+    (:func:`add_pipeline_inputs`): the input's frame features
+    (``frame``, ``time``...) and its images in ``events``.
 
     After the writer adds ``events/image_bg``, ``dclab.new_dataset(output)``
-    shows the input's features (including ``image``) through the basin and
+    shows the input's features through the basin, and ``image`` and
     ``image_bg`` from the file itself.
 
     Parameters
@@ -643,7 +761,7 @@ def prepare_output_file(h5out: h5py.File, input_path) -> None:
         with h5py.File("out.rtdc", "w", libver="latest") as h5:
             prepare_output_file(h5, "in.rtdc")
             sorted(h5)
-        # ['basins', 'logs']
+        # ['basins', 'events', 'logs']
     """
     pin = pathlib.Path(input_path)
     if not pin.exists():
@@ -677,17 +795,86 @@ def prepare_output_file(h5out: h5py.File, input_path) -> None:
         if "basin_events" in h5in:
             features += list(h5in["basin_events"].keys())
         features = sorted(f for f in features if not f.startswith("basinmap"))
-        identifier = measurement_identifier(h5in)
+        identifier = basin_identifier(h5in)
 
     h5out.require_group("events")  # dcnum's HDF5Writer always creates it
-    store_file_basin(
-        h5out,
-        name=pin.name,
-        paths=paths,
-        features=features,
-        description=f"Created by {software_string()}",
-        identifier=identifier,
-    )
+    if features:
+        # An input whose features all live in its file basins (carried over
+        # above) needs no basin of its own: one without a feature list means
+        # "all features" to dclab, but makes dcnum 0.31's copy_basins fail.
+        store_file_basin(
+            h5out,
+            name=pin.name,
+            paths=paths,
+            features=features,
+            description=f"Created by {software_string()}",
+            identifier=identifier,
+        )
+    add_pipeline_inputs(h5out, pin)
+
+
+#: dcnum's frame features (``dcnum.read.const.PROTECTED_FEATURES``): scalars
+#: that describe a whole frame, which its pipeline passes on to its output.
+FRAME_FEATURES = (
+    "bg_off",
+    "flow_rate",
+    "frame",
+    "g_force",
+    "pressure",
+    "temp",
+    "temp_amb",
+    "time",
+    *(f"userdef{ii}" for ii in range(10)),
+)
+
+
+def add_pipeline_inputs(h5out: h5py.File, input_path) -> None:
+    """Give a new output what dcnum's pipeline reads from its input file itself.
+
+    dcnum 0.31's pipeline (``DCNumJobRunner.task_enforce_basin_strategy``)
+    passes ``image`` and the :data:`FRAME_FEATURES` on to its result only from
+    datasets in its input file's own ``events`` group, never through the
+    input's basins: run on a file whose features are all in a basin, its
+    result lacks ``image``, ``frame`` and ``time``. So the output gets
+
+    - a copy of each frame feature the input has (in its own ``events``
+      group or through its basins, mapped as the basin says), a few bytes
+      per event;
+    - a copy of ``events/image``: HDF5 copies the compressed chunks as they
+      are (no decompression), so it costs disk space, not compute. A link
+      would cost neither, but HDF5 refuses to follow an external link (or a
+      virtual dataset) into a file the same process holds open with other
+      file-locking flags, and dclab opens files with ``locking=False`` while
+      h5py, dcnum and our reader use the default: dclab then fails on a file
+      this process just computed. To save the space, add the background to
+      the input itself (``in_place=True``). Images in a mapped basin (a
+      subset of another file) are not copied; there, as for dcnum run on that
+      input itself, the pipeline's result has no ``image``.
+
+    Examples
+    --------
+    .. code-block:: python
+
+        with h5py.File("out.rtdc", "a") as h5:
+            add_pipeline_inputs(h5, "in.rtdc")
+            sorted(h5["events"])
+        # ['frame', 'image', 'time']
+    """
+    for feat in FRAME_FEATURES:
+        try:
+            loc = find_image_dataset(input_path, f"events/{feat}")
+        except KeyError:
+            continue
+        with h5py.File(loc.path, "r") as h5:
+            data = h5[loc.dataset][:]
+        _store_feature(h5out, feat, data if loc.mapping is None else data[loc.mapping])
+    try:
+        loc = find_image_dataset(input_path, "events/image")
+    except KeyError:
+        return
+    if loc.mapping is None:
+        with h5py.File(loc.path, "r") as h5:
+            h5.copy(h5[loc.dataset], h5out["events"], "image")
 
 
 # ---------------------------------------------------------------------------
