@@ -29,6 +29,7 @@ dcnum_writer = pytest.importorskip("dcnum.write")
 dcnum_read = pytest.importorskip("dcnum.read")
 dcnum_bg = pytest.importorskip("dcnum.feat.feat_background.bg_roll_median")
 dcnum_ppid = pytest.importorskip("dcnum.meta.ppid")
+dcnum_logic = pytest.importorskip("dcnum.logic")
 
 N_EVENTS = 120
 SHAPE = (80, 320)
@@ -692,3 +693,84 @@ def test_copy_file_basins_drops_remote_basins_with_warning(small_input, tmp_path
             rtdc.prepare_output_file(h5, src)
     names = sorted(json.loads(t)["name"] for t in basin_texts(tmp_path / "out.rtdc").values())
     assert names == ["file", "src.rtdc"]
+
+
+# --------------------------------------------------------------------------
+# dcnum's pipeline identifiers
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("pixel_size", [0.34, 0.2600000012, 1.0, 0.0, 0.123456789])
+def test_data_ppid_matches_dcnum(pixel_size):
+    expected = dcnum_read.HDF5Data.get_ppid_from_ppkw(
+        {"pixel_size": pixel_size, "index_mapping": None}
+    )
+    assert rtdc.data_ppid(pixel_size) == expected
+
+
+def test_pipeline_attrs_equal_a_dcnum_jobs_and_replace_stale_ones(small_input, tmp_path):
+    """Written after a background in place: the three ids equal those of dcnum's job
+    for that file and K, B; the ids of an older segmentation are gone."""
+    path = pathlib.Path(shutil.copy(small_input, tmp_path / "in.rtdc"))
+    stale = {
+        "pipeline:dcnum background": "sparsemed:k=200^s=1^t=0^f=0.8^o=1",
+        "pipeline:dcnum segmenter": "thresh:t=-6:cle=1^f=1^clo=2",
+        "pipeline:dcnum feature": "legacy:b=1^h=1^v=1",
+        "pipeline:dcnum gate": "norm:o=0^s=10",
+        "pipeline:dcnum hash": "abc",
+        "pipeline:dcnum yield": 60,
+    }
+    with h5py.File(path, "a") as h5:
+        h5.attrs.update(stale)
+    from rollmed_dask import compute_background
+
+    compute_background(path, path, 10, in_place=True, batch_size=50, progress=False)
+    job = dcnum_logic.DCNumPipelineJob(
+        path_in=path,
+        path_out=tmp_path / "unused.rtdc",
+        background_code="rollmed",
+        background_kwargs={"kernel_size": 10, "batch_size": 50},
+    )
+    _, _, ids = job.get_ppid(ret_hash=True, ret_dict=True)
+    with h5py.File(path, "r") as h5:
+        assert h5.attrs["pipeline:dcnum generation"] == ids["gen_id"]
+        assert h5.attrs["pipeline:dcnum data"] == ids["dat_id"] == "hdf:p=0.34^i=0"
+        assert h5.attrs["pipeline:dcnum background"] == ids["bg_id"] == "rollmed:k=10^b=50"
+        for key in rtdc.PIPELINE_SEGMENTATION_ATTRS:
+            assert key not in h5.attrs
+        assert h5.attrs["pipeline:dcnum yield"] == 60  # which events the file holds
+
+
+def test_no_pipeline_attrs_for_another_dataset(small_input, tmp_path):
+    from rollmed_dask import compute_background
+
+    out = tmp_path / "bg.rtdc"
+    compute_background(small_input, out, 10, output_dataset="events/other", progress=False)
+    with h5py.File(out, "r") as h5:
+        assert not [key for key in h5.attrs if key.startswith("pipeline:")]
+
+
+def test_basin_identifier_omitted_where_dcnum_and_dclab_disagree(small_input, tmp_path):
+    path = pathlib.Path(shutil.copy(small_input, tmp_path / "bytes.rtdc"))
+    with h5py.File(path, "r") as h5:
+        assert rtdc.basin_identifier(h5) == rtdc.measurement_identifier(h5) is not None
+    with h5py.File(path, "a") as h5:
+        for key, value in list(h5.attrs.items()):
+            if isinstance(value, str):
+                h5.attrs[key] = np.bytes_(value.encode())
+    with h5py.File(path, "r") as h5:
+        assert dcnum_read.get_measurement_identifier(h5) != rtdc.measurement_identifier(h5)
+        assert rtdc.measurement_identifier(h5, decode=False) == (
+            dcnum_read.get_measurement_identifier(h5)
+        )
+        assert rtdc.basin_identifier(h5) is None
+    from rollmed_dask import compute_background
+
+    out = tmp_path / "bg.rtdc"
+    compute_background(path, out, 10, progress=False)
+    with dcnum_read.HDF5Data(out) as hd:  # through the basin: dcnum refused it before
+        deform = np.asarray(hd["deform"][:])
+    with h5py.File(small_input, "r") as h5:
+        np.testing.assert_array_equal(deform, h5["events/deform"][:])
+    with dclab.new_dataset(out) as ds:
+        assert {"image", "image_bg", "deform"} <= set(ds.features)
