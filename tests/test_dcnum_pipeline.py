@@ -34,7 +34,7 @@ from rollmed_dask.example import write_example
 dcnum_logic = pytest.importorskip("dcnum.logic")
 dcnum_read = pytest.importorskip("dcnum.read")
 
-N_EVENTS = 200
+N_EVENTS = 120
 K = 20
 BATCH = 10000  # dcnum's and chipstream's default batch_size
 
