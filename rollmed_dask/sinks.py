@@ -186,6 +186,7 @@ class HDF5Sink(Sink):
         log_name = rtdc.run_log_name()
         for key, value in dataset_attrs.items():
             self.dset.attrs[key] = value
+        rtdc.write_pipeline_attrs(self.h5, self.dataset)  # dcnum then skips its background
         if self.in_place:
             self.h5.close()
             self.h5 = None
@@ -230,6 +231,7 @@ def install_dataset(tmp_file, target_file, dataset: str, log_name: str, log_line
         if name in group:
             del group[name]
         group.move(staging, name)
+        rtdc.write_pipeline_attrs(dst, dataset)  # dcnum then skips its background
         rtdc.write_log(dst, _free_log_name(dst, log_name), log_lines)
 
 

@@ -7,6 +7,7 @@ import dclab
 import h5py
 import numpy as np
 from conftest import read_images
+from dcnum.read import HDF5Data
 
 from rollmed_dask import BackgroundRollMed, compute_background, rolling_median_reference
 from rollmed_dask.rtdc import measurement_identifier, store_file_basin
@@ -59,6 +60,7 @@ def basin_only_file(path, source, mapping=None):
         identifier = measurement_identifier(h5in)
         n = len(h5in["events/image"]) if mapping is None else len(mapping)
         h5["events/index"] = np.arange(1, n + 1, dtype=np.uint32)
+        h5.attrs["experiment:event count"] = n
     with h5py.File(path, "a") as h5:
         store_file_basin(
             h5,
@@ -79,6 +81,7 @@ def test_input_through_a_file_basin(small_rtdc, tmp_path):
     compute_background(source, out, 20, progress=False)
     expected = rolling_median_reference(read_images(small_rtdc), 20)
     np.testing.assert_array_equal(read_images(out, "events/image_bg"), expected)
+    opens_in_dcnum(out, read_images(small_rtdc), expected)
 
 
 def test_input_through_a_mapped_basin(small_rtdc, tmp_path):
@@ -93,3 +96,21 @@ def test_input_through_a_mapped_basin(small_rtdc, tmp_path):
     compute_background(source, out, 9, progress=False, event_chunk=40)
     expected = rolling_median_reference(read_images(small_rtdc)[mapping], 9)
     np.testing.assert_array_equal(read_images(out, "events/image_bg"), expected)
+    opens_in_dcnum(out, read_images(small_rtdc)[mapping], expected)
+    with dclab.new_dataset(out) as ds:
+        np.testing.assert_array_equal(ds["image"][7], read_images(small_rtdc)[mapping[7]])
+        np.testing.assert_array_equal(ds["frame"][:], ds_frame(small_rtdc)[mapping])
+
+
+def ds_frame(path):
+    with h5py.File(path, "r") as h5:
+        return h5["events/frame"][:]
+
+
+def opens_in_dcnum(path, images, background):
+    """dcnum's reader sees image and image_bg of ``path`` with these values."""
+    with HDF5Data(path) as hd:
+        assert len(hd) == len(images)
+        for i in (0, len(hd) // 2, len(hd) - 1):
+            np.testing.assert_array_equal(hd.image[i], images[i])
+            np.testing.assert_array_equal(hd.image_bg[i], background[i])

@@ -29,6 +29,7 @@ dcnum_writer = pytest.importorskip("dcnum.write")
 dcnum_read = pytest.importorskip("dcnum.read")
 dcnum_bg = pytest.importorskip("dcnum.feat.feat_background.bg_roll_median")
 dcnum_ppid = pytest.importorskip("dcnum.meta.ppid")
+dcnum_logic = pytest.importorskip("dcnum.logic")
 
 N_EVENTS = 120
 SHAPE = (80, 320)
@@ -325,7 +326,14 @@ def test_basin_byte_identical_to_create_with_basins(dcnum_run, tmp_path):
             assert layout(ho["basins"][ko]) == layout(hd["basins"][kd])
             assert attr_types(ho) == attr_types(hd)
             assert sorted(ho) == sorted(hd)
-            assert sorted(ho["events"]) == sorted(hd["events"]) == []
+            assert sorted(hd["events"]) == []
+            # what dcnum's pipeline reads from its input file itself (not through
+            # basins): the frame features and the images, stored as in the input
+            assert sorted(ho["events"]) == ["frame", "image", "time"]
+            with h5py.File(path_in, "r") as hi:
+                assert layout(ho["events/image"]) == layout(hi["events/image"])
+                np.testing.assert_array_equal(ho["events/time"][:], hi["events/time"][:])
+                np.testing.assert_array_equal(ho["events/image"][5], hi["events/image"][5])
     finally:
         for p in (p_d, p_o):
             p.unlink(missing_ok=True)
@@ -362,21 +370,17 @@ def test_output_opens_in_dclab_with_image_and_image_bg(dcnum_run, ours):
     with h5py.File(path_dcnum, "r") as h5:
         bg = h5["events/image_bg"][:]
     with dclab.new_dataset(ours) as ds:
-        assert "image" in ds.features_basin
-        assert "image_bg" in ds.features_innate
+        assert "deform" in ds.features_basin
+        assert {"image", "image_bg", "frame"} <= set(ds.features_innate)
         assert {"image", "image_bg", "deform", "frame"} <= set(ds.features)
         assert np.array_equal(ds["image"][17], images[17])
         assert np.array_equal(ds["image_bg"][17], bg[17])
         assert len(ds) == N_EVENTS
-    # the same through dcnum's reader
     with dcnum_read.HDF5Data(ours) as hd:
         assert np.array_equal(hd.image[3], images[3])
         assert np.array_equal(hd.image_bg[3], bg[3])
-    # and through our own resolver
-    loc = rtdc.find_image_dataset(ours)
-    assert loc.path == path_in.resolve()
-    assert loc.dataset == "events/image"
-    assert loc.mapping is None
+    # our own resolver reads the images through the link, like any dataset
+    assert rtdc.find_image_dataset(ours) == (ours.resolve(), "events/image", None, ())
     assert rtdc.find_image_dataset(ours, "events/image_bg") == (
         ours.resolve(),
         "events/image_bg",
@@ -689,3 +693,84 @@ def test_copy_file_basins_drops_remote_basins_with_warning(small_input, tmp_path
             rtdc.prepare_output_file(h5, src)
     names = sorted(json.loads(t)["name"] for t in basin_texts(tmp_path / "out.rtdc").values())
     assert names == ["file", "src.rtdc"]
+
+
+# --------------------------------------------------------------------------
+# dcnum's pipeline identifiers
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("pixel_size", [0.34, 0.2600000012, 1.0, 0.0, 0.123456789])
+def test_data_ppid_matches_dcnum(pixel_size):
+    expected = dcnum_read.HDF5Data.get_ppid_from_ppkw(
+        {"pixel_size": pixel_size, "index_mapping": None}
+    )
+    assert rtdc.data_ppid(pixel_size) == expected
+
+
+def test_pipeline_attrs_equal_a_dcnum_jobs_and_replace_stale_ones(small_input, tmp_path):
+    """Written after a background in place: the three ids equal those of dcnum's job
+    for that file and K, B; the ids of an older segmentation are gone."""
+    path = pathlib.Path(shutil.copy(small_input, tmp_path / "in.rtdc"))
+    stale = {
+        "pipeline:dcnum background": "sparsemed:k=200^s=1^t=0^f=0.8^o=1",
+        "pipeline:dcnum segmenter": "thresh:t=-6:cle=1^f=1^clo=2",
+        "pipeline:dcnum feature": "legacy:b=1^h=1^v=1",
+        "pipeline:dcnum gate": "norm:o=0^s=10",
+        "pipeline:dcnum hash": "abc",
+        "pipeline:dcnum yield": 60,
+    }
+    with h5py.File(path, "a") as h5:
+        h5.attrs.update(stale)
+    from rollmed_dask import compute_background
+
+    compute_background(path, path, 10, in_place=True, batch_size=50, progress=False)
+    job = dcnum_logic.DCNumPipelineJob(
+        path_in=path,
+        path_out=tmp_path / "unused.rtdc",
+        background_code="rollmed",
+        background_kwargs={"kernel_size": 10, "batch_size": 50},
+    )
+    _, _, ids = job.get_ppid(ret_hash=True, ret_dict=True)
+    with h5py.File(path, "r") as h5:
+        assert h5.attrs["pipeline:dcnum generation"] == ids["gen_id"]
+        assert h5.attrs["pipeline:dcnum data"] == ids["dat_id"] == "hdf:p=0.34^i=0"
+        assert h5.attrs["pipeline:dcnum background"] == ids["bg_id"] == "rollmed:k=10^b=50"
+        for key in rtdc.PIPELINE_SEGMENTATION_ATTRS:
+            assert key not in h5.attrs
+        assert h5.attrs["pipeline:dcnum yield"] == 60  # which events the file holds
+
+
+def test_no_pipeline_attrs_for_another_dataset(small_input, tmp_path):
+    from rollmed_dask import compute_background
+
+    out = tmp_path / "bg.rtdc"
+    compute_background(small_input, out, 10, output_dataset="events/other", progress=False)
+    with h5py.File(out, "r") as h5:
+        assert not [key for key in h5.attrs if key.startswith("pipeline:")]
+
+
+def test_basin_identifier_omitted_where_dcnum_and_dclab_disagree(small_input, tmp_path):
+    path = pathlib.Path(shutil.copy(small_input, tmp_path / "bytes.rtdc"))
+    with h5py.File(path, "r") as h5:
+        assert rtdc.basin_identifier(h5) == rtdc.measurement_identifier(h5) is not None
+    with h5py.File(path, "a") as h5:
+        for key, value in list(h5.attrs.items()):
+            if isinstance(value, str):
+                h5.attrs[key] = np.bytes_(value.encode())
+    with h5py.File(path, "r") as h5:
+        assert dcnum_read.get_measurement_identifier(h5) != rtdc.measurement_identifier(h5)
+        assert rtdc.measurement_identifier(h5, decode=False) == (
+            dcnum_read.get_measurement_identifier(h5)
+        )
+        assert rtdc.basin_identifier(h5) is None
+    from rollmed_dask import compute_background
+
+    out = tmp_path / "bg.rtdc"
+    compute_background(path, out, 10, progress=False)
+    with dcnum_read.HDF5Data(out) as hd:  # through the basin: dcnum refused it before
+        deform = np.asarray(hd["deform"][:])
+    with h5py.File(small_input, "r") as h5:
+        np.testing.assert_array_equal(deform, h5["events/deform"][:])
+    with dclab.new_dataset(out) as ds:
+        assert {"image", "image_bg", "deform"} <= set(ds.features)

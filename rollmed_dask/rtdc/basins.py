@@ -1,101 +1,31 @@
-"""Conventions of the ``.rtdc`` (RT-DC HDF5) format used by the output writer.
+"""Basins, metadata and where the images of an ``.rtdc`` file really live.
 
-This module re-implements the few pieces of dcnum 0.31 / dclab that an
-``image_bg`` writer needs, so that dcnum is not a runtime dependency:
-
-- how image datasets are created (chunks, filters, HDF5 image attributes),
-- the background pipeline identifier dcnum stores next to ``image_bg``,
-- how a new output file inherits the input's metadata, logs and tables and
-  gets a *file basin* pointing at the input (dcnum ``create_with_basins``),
-- how logs are stored (fixed-length byte strings, dcnum ``store_log``),
-- where the images of an input file really live (the file itself, a file
-  basin, a mapped basin or an internal basin).
-
-Everything here is small, synchronous and independent of dask and of the
-median kernels. The test suite compares the output of these functions with
-what dcnum 0.31 writes for the same input.
-
-Examples
---------
-.. code-block:: python
-
-    import h5py, rollmed_dask.example as ex, rollmed_dask.rtdc as rtdc
-    src = ex.write_example("in.rtdc", n_events=100)
-    with h5py.File("out.rtdc", "w", libver="latest") as h5:
-        rtdc.prepare_output_file(h5, src)
-        ds = rtdc.create_image_dataset(h5["events"], "image_bg", 100, (80, 320),
-                                       "uint8")
-        ds.attrs.update(rtdc.bg_ppid_attrs(kernel_size=10, batch_size=50))
+How a new output inherits the input's metadata, logs and tables and gets a
+*file basin* pointing at the input (dcnum ``create_with_basins``), what dcnum's
+pipeline needs in the output itself, measurement identifiers, and the search
+for the images through file, mapped and internal basins.
 """
 
 from __future__ import annotations
 
-import datetime
 import hashlib
-import importlib.metadata
 import json
-import numbers
 import os
 import pathlib
-import platform
-import socket
-import time
 import uuid
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from typing import NamedTuple
 
 import h5py
-
-# hdf5plugin registers the zstd filter with HDF5; without this import,
-# reading the zstd-compressed logs/tables/images of an .rtdc file fails.
-import hdf5plugin
 import numpy as np
 
-__all__ = [
-    "DCNUM_PPID_GENERATION",
-    "IMAGE_ATTRS",
-    "IgnoredBasinWarning",
-    "ImageLocation",
-    "basin_json",
-    "bg_ppid",
-    "bg_ppid_attrs",
-    "copy_file_basins",
-    "copy_metadata",
-    "create_image_dataset",
-    "default_chunk_events",
-    "filter_kwargs",
-    "find_image_dataset",
-    "measurement_identifier",
-    "prepare_output_file",
-    "run_log_lines",
-    "run_log_name",
-    "software_string",
-    "store_file_basin",
-    "write_log",
-]
-
-#: HDF5 image attributes dcnum and dclab put on every 2D-per-event dataset.
-#: They must be fixed-length byte strings: dclab's integrity check flags
-#: variable-length strings ("should be fixed-length ASCII string").
-IMAGE_ATTRS = {
-    "CLASS": np.bytes_("IMAGE"),
-    "IMAGE_VERSION": np.bytes_("1.2"),
-    "IMAGE_SUBCLASS": np.bytes_("IMAGE_GRAYSCALE"),
-}
-
-#: dcnum's pipeline generation (``dcnum.meta.ppid.DCNUM_PPID_GENERATION``
-#: in dcnum 0.31). Our result is bit-identical to dcnum 0.31 for even kernel
-#: sizes, so we claim the same generation.
-DCNUM_PPID_GENERATION = "13"
-
-#: dcnum's chunk budget: about 1 MiB per chunk, between 10 and 1000 events.
-_CHUNK_BYTES = 1024**2
-_CHUNK_MIN_EVENTS = 10
-_CHUNK_MAX_EVENTS = 1000
-
-#: Software name used in basin descriptions and log/table "software" attrs.
-_TOOL = "rollmed-dask"
+from .format import (
+    _as_str,
+    _store_feature,
+    filter_kwargs,
+    software_string,
+)
 
 
 class IgnoredBasinWarning(UserWarning):
@@ -107,38 +37,11 @@ class IgnoredBasinWarning(UserWarning):
 
 
 # ---------------------------------------------------------------------------
-# software / identifiers
+# identifiers
 # ---------------------------------------------------------------------------
 
 
-def software_string() -> str:
-    """Return ``"rollmed-dask <version>"``, or ``"rollmed-dask"`` without one.
-
-    The version is read from ``rollmed_dask.__version__`` at call time (not at
-    import time, so that this module can be imported by the package's own
-    ``__init__``).
-
-    Examples
-    --------
-    .. code-block:: python
-
-        software_string()
-        # 'rollmed-dask 0.1.0'
-    """
-    import rollmed_dask
-
-    version = getattr(rollmed_dask, "__version__", None)
-    return f"{_TOOL} {version}" if version else _TOOL
-
-
-def _as_str(value):
-    """Decode byte strings from HDF5 attributes (old files store bytes)."""
-    if isinstance(value, (bytes, np.bytes_)):
-        return value.decode("utf-8")
-    return value
-
-
-def measurement_identifier(h5: h5py.Group) -> str | None:
+def measurement_identifier(h5: h5py.Group, *, decode: bool = True) -> str | None:
     """Return the measurement identifier of an open ``.rtdc`` file.
 
     Same rule as dcnum's ``get_measurement_identifier`` and dclab's
@@ -147,9 +50,10 @@ def measurement_identifier(h5: h5py.Group) -> str | None:
     the MD5 of ``"{experiment:time}_{experiment:date}_{setup:identifier}"``,
     otherwise ``None``.
 
-    Byte-string attributes are decoded first, as dclab does (dcnum would
-    hash their ``b'...'`` representation; dclab is the one that verifies
-    basin identifiers, so we follow dclab there).
+    Byte-string attributes (older Shape-In files) are decoded first, as
+    dclab does. With ``decode=False`` they are used as they are, as dcnum
+    0.31 does: it hashes their ``b'...'`` representation, so for such files
+    the two readers compute different identifiers.
 
     Examples
     --------
@@ -159,11 +63,12 @@ def measurement_identifier(h5: h5py.Group) -> str | None:
             measurement_identifier(h5)
         # '3b1cbd47-6a2b-ad2c-0fcc-c3c5a9f7d2a8'
     """
-    mid = _as_str(h5.attrs.get("experiment:run identifier"))
+    convert = _as_str if decode else (lambda value: value)
+    mid = convert(h5.attrs.get("experiment:run identifier"))
     if not mid:
-        m_time = _as_str(h5.attrs.get("experiment:time", None)) or None
-        m_date = _as_str(h5.attrs.get("experiment:date", None)) or None
-        m_sid = _as_str(h5.attrs.get("setup:identifier", None)) or None
+        m_time = convert(h5.attrs.get("experiment:time", None)) or None
+        m_date = convert(h5.attrs.get("experiment:date", None)) or None
+        m_sid = convert(h5.attrs.get("setup:identifier", None)) or None
         if None not in [m_time, m_date, m_sid]:
             hasher = hashlib.md5(f"{m_time}_{m_date}_{m_sid}".encode())
             mid = str(uuid.UUID(hex=hasher.hexdigest()))
@@ -172,182 +77,27 @@ def measurement_identifier(h5: h5py.Group) -> str | None:
     return mid
 
 
-# ---------------------------------------------------------------------------
-# datasets
-# ---------------------------------------------------------------------------
+def basin_identifier(h5: h5py.Group) -> str | None:
+    """The identifier a file basin pointing at ``h5`` should carry, or ``None``.
 
-
-def default_chunk_events(image_shape, dtype) -> int:
-    """Number of events per HDF5 chunk, as dcnum's ``get_best_nd_chunks``.
-
-    About 1 MiB per chunk, at least 10 and at most 1000 events:
-    ``min(1000, max(10, floor(2**20 / (prod(image_shape) * itemsize))))``.
-
-    Parameters
-    ----------
-    image_shape : tuple of int
-        Shape of one event, e.g. ``(80, 320)``; ``()`` for scalar features.
-    dtype : numpy dtype-like
-        Data type of the stored feature.
-
-    Examples
-    --------
-    >>> default_chunk_events((80, 320), "uint8")
-    40
-    >>> default_chunk_events((80, 320), "float32")
-    10
-    >>> default_chunk_events((), "float64")
-    1000
-    """
-    event_bytes = int(np.prod(tuple(image_shape), dtype=np.int64)) * np.dtype(dtype).itemsize
-    if event_bytes <= 0:
-        raise ValueError(
-            f"image_shape={tuple(image_shape)!r} has no pixels; pass the shape of one "
-            f"event, e.g. (80, 320)"
-        )
-    return min(_CHUNK_MAX_EVENTS, max(_CHUNK_MIN_EVENTS, _CHUNK_BYTES // event_bytes))
-
-
-def filter_kwargs(compression=True) -> dict:
-    """HDF5 filter keyword arguments for ``create_dataset``, as dcnum uses them.
-
-    Parameters
-    ----------
-    compression : bool or mapping
-        ``True``: Zstandard level 5 (``hdf5plugin.Zstd(clevel=5)``), the
-        default of dcnum and dclab. ``False``: no compression. A mapping
-        (e.g. ``hdf5plugin.Blosc2(...)`` or ``{"compression": "gzip"}``) is
-        used as given. Fletcher32 checksums are always switched on, as dcnum
-        does, unless the mapping says otherwise.
-
-    Examples
-    --------
-    >>> filter_kwargs()
-    {'compression': 32015, 'compression_opts': (5,), 'fletcher32': True}
-    >>> filter_kwargs(False)
-    {'compression': None, 'compression_opts': None, 'fletcher32': True}
-    """
-    if isinstance(compression, Mapping):
-        kwargs = dict(compression)
-    elif compression is True:
-        kwargs = dict(hdf5plugin.Zstd(clevel=5))
-    elif compression is False or compression is None:
-        kwargs = {"compression": None, "compression_opts": None}
-    else:
-        raise ValueError(
-            f"compression={compression!r} is not understood; pass True (zstd level 5), "
-            f"False, or a mapping such as hdf5plugin.Zstd(clevel=5)"
-        )
-    kwargs.setdefault("fletcher32", True)
-    return kwargs
-
-
-def create_image_dataset(
-    group: h5py.Group,
-    name: str,
-    num_events: int,
-    image_shape,
-    dtype,
-    *,
-    chunk_events: int | None = None,
-    compression=True,
-) -> h5py.Dataset:
-    """Create an image dataset exactly as dcnum's ``HDF5Writer`` does.
-
-    Shape ``(num_events, H, W)``, maxshape ``(None, H, W)``, chunks
-    ``(default_chunk_events(...), H, W)``, zstd-5 + fletcher32 and the
-    :data:`IMAGE_ATTRS`. (dcnum starts at 0 events and grows the dataset; the
-    final dataset is the same.)
-
-    Parameters
-    ----------
-    group : h5py.Group
-        Parent group, normally ``h5["events"]``.
-    name : str
-        Dataset name, e.g. ``"image_bg"``.
-    num_events : int
-        Number of events (first axis).
-    image_shape : tuple of int
-        ``(H, W)``.
-    dtype : numpy dtype-like
-        Stored dtype (dcnum always stores uint8).
-    chunk_events : int, optional
-        Events per chunk; default :func:`default_chunk_events`.
-    compression : bool or mapping
-        See :func:`filter_kwargs`.
+    dclab and dcnum both refuse a basin whose file has another identifier
+    than the basin says, but compute it differently for byte-string metadata
+    (see :func:`measurement_identifier`): no identifier satisfies both. Then
+    we store none, which both accept, rather than one that makes one reader
+    fail (dcnum raises ``BasinIdentifierMismatchError``). The file is still
+    checked: dclab compares the referring file's identifier with the basin
+    file's, and our output carries the input's metadata.
 
     Examples
     --------
     .. code-block:: python
 
-        with h5py.File("out.rtdc", "a") as h5:
-            ds = create_image_dataset(h5.require_group("events"), "image_bg",
-                                      2000, (80, 320), "uint8")
-            ds.chunks
-        # (40, 80, 320)
+        with h5py.File("shape_in_file_with_byte_metadata.rtdc", "r") as h5:
+            basin_identifier(h5)
+        # None
     """
-    image_shape = tuple(int(s) for s in image_shape)
-    if chunk_events is None:
-        chunk_events = default_chunk_events(image_shape, dtype)
-    dset = group.create_dataset(
-        name,
-        shape=(int(num_events), *image_shape),
-        dtype=dtype,
-        maxshape=(None, *image_shape),
-        chunks=(int(chunk_events), *image_shape),
-        **filter_kwargs(compression),
-    )
-    if len(image_shape) == 2:
-        for key, value in IMAGE_ATTRS.items():
-            dset.attrs.create(key, value)
-    return dset
-
-
-# ---------------------------------------------------------------------------
-# pipeline identifier
-# ---------------------------------------------------------------------------
-
-
-def _positive_int(name, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name}={value!r} must be an integer, e.g. {name}=100")
-    if value < 1:
-        raise ValueError(f"{name}={value} must be at least 1")
-    return int(value)
-
-
-def bg_ppid(kernel_size: int, batch_size: int) -> str:
-    """dcnum's background pipeline identifier, ``"rollmed:k=K^b=B"``.
-
-    dcnum builds it with ``kwargs_to_ppid``, abbreviating the keyword-only
-    arguments of ``BackgroundRollMed.check_user_kwargs`` (``kernel_size``,
-    ``batch_size``) to their shortest unique prefixes (``k``, ``b``).
-
-    Examples
-    --------
-    >>> bg_ppid(100, 10000)
-    'rollmed:k=100^b=10000'
-    """
-    k = _positive_int("kernel_size", kernel_size)
-    b = _positive_int("batch_size", batch_size)
-    return f"rollmed:k={k}^b={b}"
-
-
-def bg_ppid_attrs(kernel_size: int, batch_size: int) -> dict[str, str]:
-    """Attributes dcnum stores on ``events/image_bg`` after a background run.
-
-    Both values are Python ``str`` (h5py stores them as variable-length
-    UTF-8 strings, as dcnum does).
-
-    Examples
-    --------
-    >>> bg_ppid_attrs(kernel_size=10, batch_size=50)
-    {'dcnum ppid background': 'rollmed:k=10^b=50', 'dcnum ppid generation': '13'}
-    """
-    return {
-        "dcnum ppid background": bg_ppid(kernel_size, batch_size),
-        "dcnum ppid generation": DCNUM_PPID_GENERATION,
-    }
+    ident = measurement_identifier(h5)
+    return ident if ident == measurement_identifier(h5, decode=False) else None
 
 
 # ---------------------------------------------------------------------------
@@ -406,30 +156,6 @@ def basin_json(
     text = json.dumps(bdat, indent=2)
     key = hashlib.md5(text.encode("utf-8", errors="ignore")).hexdigest()
     return key, text
-
-
-def _store_feature(h5: h5py.File, feat: str, data: np.ndarray, compression=True):
-    """Append a feature to ``events`` the way dcnum's ``store_feature_chunk`` does."""
-    events = h5.require_group("events")
-    data = np.asarray(data)
-    item_shape = data.shape[1:]
-    if feat not in events:
-        dset = events.create_dataset(
-            feat,
-            shape=(0, *item_shape),
-            dtype=data.dtype,
-            maxshape=(None, *item_shape),
-            chunks=(default_chunk_events(item_shape, data.dtype), *item_shape),
-            **filter_kwargs(compression),
-        )
-        if len(item_shape) == 2:
-            for key, value in IMAGE_ATTRS.items():
-                dset.attrs.create(key, value)
-    else:
-        dset = events[feat]
-    offset = dset.shape[0]
-    dset.resize(offset + data.shape[0], axis=0)
-    dset[offset:] = data
 
 
 def _require_basinmap(h5: h5py.File, mapping: np.ndarray) -> str:
@@ -610,15 +336,20 @@ def prepare_output_file(h5out: h5py.File, input_path) -> None:
     1. copy the input's root attributes, ``logs`` and ``tables``
        (:func:`copy_metadata`),
     2. carry over the input's own file basins (:func:`copy_file_basins`),
-    3. store a file basin pointing at the input: name = the input's file
+    3. store a file basin pointing at the input (if it holds features
+       itself, not only through its basins): name = the input's file
        name, paths = [absolute path, path relative to the output's folder]
        (the pair dcnum's pipeline writes), features = all features of the
        input's ``events`` and ``basin_events`` groups except ``basinmap*``,
-       identifier = the input's :func:`measurement_identifier`, description =
-       ``"Created by rollmed-dask <version>"``.
+       identifier = :func:`basin_identifier` of the input, description =
+       ``"Created by rollmed-dask <version>"``;
+
+    and what dcnum's pipeline needs to take the file as its input
+    (:func:`add_pipeline_inputs`): the input's frame features
+    (``frame``, ``time``...) and its images in ``events``.
 
     After the writer adds ``events/image_bg``, ``dclab.new_dataset(output)``
-    shows the input's features (including ``image``) through the basin and
+    shows the input's features through the basin, and ``image`` and
     ``image_bg`` from the file itself.
 
     Parameters
@@ -643,7 +374,7 @@ def prepare_output_file(h5out: h5py.File, input_path) -> None:
         with h5py.File("out.rtdc", "w", libver="latest") as h5:
             prepare_output_file(h5, "in.rtdc")
             sorted(h5)
-        # ['basins', 'logs']
+        # ['basins', 'events', 'logs']
     """
     pin = pathlib.Path(input_path)
     if not pin.exists():
@@ -677,173 +408,86 @@ def prepare_output_file(h5out: h5py.File, input_path) -> None:
         if "basin_events" in h5in:
             features += list(h5in["basin_events"].keys())
         features = sorted(f for f in features if not f.startswith("basinmap"))
-        identifier = measurement_identifier(h5in)
+        identifier = basin_identifier(h5in)
 
     h5out.require_group("events")  # dcnum's HDF5Writer always creates it
-    store_file_basin(
-        h5out,
-        name=pin.name,
-        paths=paths,
-        features=features,
-        description=f"Created by {software_string()}",
-        identifier=identifier,
-    )
+    if features:
+        # An input whose features all live in its file basins (carried over
+        # above) needs no basin of its own: one without a feature list means
+        # "all features" to dclab, but makes dcnum 0.31's copy_basins fail.
+        store_file_basin(
+            h5out,
+            name=pin.name,
+            paths=paths,
+            features=features,
+            description=f"Created by {software_string()}",
+            identifier=identifier,
+        )
+    add_pipeline_inputs(h5out, pin)
 
 
-# ---------------------------------------------------------------------------
-# logs
-# ---------------------------------------------------------------------------
+#: dcnum's frame features (``dcnum.read.const.PROTECTED_FEATURES``): scalars
+#: that describe a whole frame, which its pipeline passes on to its output.
+FRAME_FEATURES = (
+    "bg_off",
+    "flow_rate",
+    "frame",
+    "g_force",
+    "pressure",
+    "temp",
+    "temp_amb",
+    "time",
+    *(f"userdef{ii}" for ii in range(10)),
+)
 
 
-def write_log(h5: h5py.Group, name: str, lines, *, override: bool = False) -> h5py.Dataset:
-    """Store a log as ``logs/<name>``, the way dcnum's ``store_log`` does.
+def add_pipeline_inputs(h5out: h5py.File, input_path) -> None:
+    """Give a new output what dcnum's pipeline reads from its input file itself.
 
-    Lines are UTF-8 encoded into a fixed-length byte-string dataset
-    ``S<longest line>``, ``chunks=True``, zstd-5 + fletcher32 (variable-length
-    strings cannot be compressed or checksummed). dclab reads it back with
-    ``ds.logs[name]``.
+    dcnum 0.31's pipeline (``DCNumJobRunner.task_enforce_basin_strategy``)
+    passes ``image`` and the :data:`FRAME_FEATURES` on to its result only from
+    datasets in its input file's own ``events`` group, never through the
+    input's basins: run on a file whose features are all in a basin, its
+    result lacks ``image``, ``frame`` and ``time``. So the output gets
 
-    Parameters
-    ----------
-    h5 : h5py.File or h5py.Group
-        File (or root group) to write to.
-    name : str
-        Log name, e.g. from :func:`run_log_name`.
-    lines : list of str, or str
-        The log lines; a single string is split at line breaks.
-    override : bool
-        Replace an existing log of that name instead of raising.
+    - a copy of each frame feature the input has (in its own ``events``
+      group or through its basins, mapped as the basin says), a few bytes
+      per event;
+    - a copy of ``events/image``: HDF5 copies the compressed chunks as they
+      are (no decompression), so it costs disk space, not compute. A link
+      would cost neither, but HDF5 refuses to follow an external link (or a
+      virtual dataset) into a file the same process holds open with other
+      file-locking flags, and dclab opens files with ``locking=False`` while
+      h5py, dcnum and our reader use the default: dclab then fails on a file
+      this process just computed. To save the space, add the background to
+      the input itself (``in_place=True``). Images in a mapped basin (a
+      subset of another file) are not copied; there, as for dcnum run on that
+      input itself, the pipeline's result has no ``image``.
 
     Examples
     --------
     .. code-block:: python
 
         with h5py.File("out.rtdc", "a") as h5:
-            write_log(h5, "rollmed-dask-job-2024-01-01-12.00.00", ["{", "}"])
+            add_pipeline_inputs(h5, "in.rtdc")
+            sorted(h5["events"])
+        # ['frame', 'image', 'time']
     """
-    if isinstance(lines, (str, bytes)):
-        lines = _as_str(lines).splitlines()
-    encoded = [ln.encode("utf-8") if isinstance(ln, str) else bytes(ln) for ln in lines]
-    if not encoded:
-        raise ValueError(f"log {name!r} has no lines; pass at least one line")
-    logs = h5.require_group("logs")
-    if name in logs:
-        if not override:
-            raise ValueError(f"log {name!r} already exists in {h5.file.filename}")
-        del logs[name]
-    width = max(1, max(len(ln) for ln in encoded))
-    return logs.create_dataset(
-        name=name,
-        data=np.array(encoded, dtype=f"S{width}"),
-        chunks=True,
-        **filter_kwargs(),
-    )
-
-
-def run_log_name(when: float | None = None, prefix: str = "rollmed-dask-job") -> str:
-    """Log name in dcnum's style, ``"<prefix>-YYYY-MM-DD-HH.MM.SS"`` (UTC).
-
-    Examples
-    --------
-    >>> run_log_name(0)
-    'rollmed-dask-job-1970-01-01-00.00.00'
-    """
-    return f"{prefix}-{time.strftime('%Y-%m-%d-%H.%M.%S', time.gmtime(when))}"
-
-
-def _json_default(obj):
-    """Make numpy scalars/arrays, paths, dtypes and datetimes JSON-serialisable."""
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if isinstance(obj, (datetime.datetime, datetime.date)):
-        return obj.isoformat()
-    if isinstance(obj, (set, frozenset)):
-        return sorted(obj, key=str)
-    return str(obj)
-
-
-def _iso_time(value) -> str | None:
-    if value is None:
-        return None
-    if isinstance(value, datetime.datetime):
-        dt = value if value.tzinfo else value.astimezone()
-    else:
-        dt = datetime.datetime.fromtimestamp(float(value)).astimezone()
-    return dt.isoformat(timespec="seconds")
-
-
-_LIBRARIES = ("numpy", "h5py", "hdf5plugin", "dask", "distributed", "numba", "scipy", "zarr")
-
-
-def run_log_lines(
-    params: dict,
-    *,
-    input_path=None,
-    output_path=None,
-    time_start=None,
-    time_end=None,
-) -> list[str]:
-    """Lines of a JSON log describing a run (for :func:`write_log`).
-
-    The log holds the tool and its version, ``params`` as given, the input
-    path (absolute) and size in bytes, the output path, start and end time
-    (ISO 8601 with time zone; ``time_end`` defaults to now) and the duration,
-    and the host (name, platform, CPU count, Python and library versions).
-    Keys are sorted; values that JSON cannot encode are stored as strings.
-
-    Parameters
-    ----------
-    params : dict
-        Parameters of the run, e.g. ``{"kernel_size": 100, "dataset": "events/image"}``.
-    input_path, output_path : str or pathlib.Path, optional
-        Input and output files.
-    time_start, time_end : float or datetime.datetime, optional
-        Unix time (``time.time()``) or datetime of the start and the end.
-
-    Examples
-    --------
-    >>> lines = run_log_lines({"kernel_size": 100}, time_start=0, time_end=60)
-    >>> lines[0]
-    '{'
-    >>> json.loads("\\n".join(lines))["parameters"]
-    {'kernel_size': 100}
-    """
-    if time_end is None:
-        time_end = time.time()
-    info: dict = {
-        "tool": _TOOL,
-        "software": software_string(),
-        "parameters": dict(params),
-        "time": {"start": _iso_time(time_start), "end": _iso_time(time_end)},
-        "host": {
-            "name": socket.gethostname(),
-            "platform": platform.platform(),
-            "machine": platform.machine(),
-            "cpu count": os.cpu_count(),
-            "python": platform.python_version(),
-            "libraries": {},
-        },
-    }
-    if time_start is not None:
-        t0 = time_start.timestamp() if isinstance(time_start, datetime.datetime) else time_start
-        t1 = time_end.timestamp() if isinstance(time_end, datetime.datetime) else time_end
-        info["time"]["duration s"] = round(float(t1) - float(t0), 3)
-    for lib in _LIBRARIES:
-        # importlib.metadata reads the installed version without importing
-        # the (possibly heavy) library itself.
+    for feat in FRAME_FEATURES:
         try:
-            info["host"]["libraries"][lib] = importlib.metadata.version(lib)
-        except importlib.metadata.PackageNotFoundError:
-            info["host"]["libraries"][lib] = None
-    if input_path is not None:
-        pin = pathlib.Path(input_path).absolute()
-        size = pin.stat().st_size if pin.exists() else None
-        info["input"] = {"path": str(pin), "size": size}
-    if output_path is not None:
-        info["output"] = {"path": str(pathlib.Path(output_path).absolute())}
-    return json.dumps(info, indent=2, sort_keys=True, default=_json_default).split("\n")
+            loc = find_image_dataset(input_path, f"events/{feat}")
+        except KeyError:
+            continue
+        with h5py.File(loc.path, "r") as h5:
+            data = h5[loc.dataset][:]
+        _store_feature(h5out, feat, data if loc.mapping is None else data[loc.mapping])
+    try:
+        loc = find_image_dataset(input_path, "events/image")
+    except KeyError:
+        return
+    if loc.mapping is None:
+        with h5py.File(loc.path, "r") as h5:
+            h5.copy(h5[loc.dataset], h5out["events"], "image")
 
 
 # ---------------------------------------------------------------------------

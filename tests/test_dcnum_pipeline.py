@@ -1,0 +1,205 @@
+"""dcnum's whole pipeline, and ``chipstream-cli``, take our background as their own.
+
+For each kind of input we accept (string and byte-string metadata, images in a
+file basin, another chunking) and for a new output file and the input changed
+in place, dcnum 0.31's ``DCNumJobRunner`` with a rollmed background of the same
+K and B, and ``chipstream-cli -b rollmed -kb kernel_size=K``, must skip their
+background step (their own job log says so) and give a result whose
+``image_bg`` and every feature equal a plain dcnum run on the raw input.
+
+These run the real programs on small stacks. dcnum is given absolute paths (a
+relative input path with a folder part fails in dcnum 0.31) and starts
+``spawn`` workers, so everything it runs lives in modules. Results are read
+with dcnum's reader, not dclab's: the runner leaves handles open in this
+process, and HDF5 refuses to open one file twice with different locking flags
+(dclab uses ``locking=False``).
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import h5py
+import hdf5plugin  # noqa: F401  (zstd filter)
+import numpy as np
+import pytest
+
+from rollmed_dask import compute_background, rtdc
+from rollmed_dask.example import write_example
+
+dcnum_logic = pytest.importorskip("dcnum.logic")
+dcnum_read = pytest.importorskip("dcnum.read")
+
+N_EVENTS = 120
+K = 20
+BATCH = 10000  # dcnum's and chipstream's default batch_size
+
+
+def run_dcnum(path_in, path_out) -> dict:
+    """dcnum's pipeline (rollmed K, B; default segmentation and features); its job log."""
+    job = dcnum_logic.DCNumPipelineJob(
+        path_in=pathlib.Path(path_in).resolve(),
+        path_out=pathlib.Path(path_out).resolve(),
+        background_code="rollmed",
+        background_kwargs={"kernel_size": K, "batch_size": BATCH},
+        basin_strategy="tap",  # as chipstream-cli does without --drain-basins
+        num_procs=1,
+    )
+    with dcnum_logic.DCNumJobRunner(job) as runner:
+        runner.run()
+    return job_log(path_out)
+
+
+def run_chipstream(path_in, path_out) -> dict:
+    proc = subprocess.run(
+        [
+            str(pathlib.Path(sys.executable).with_name("chipstream-cli")),
+            "-b",
+            "rollmed",
+            "-kb",
+            f"kernel_size={K}",
+            "--num-cpus",
+            "1",
+            str(pathlib.Path(path_in).resolve()),
+            str(pathlib.Path(path_out).resolve()),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        stdin=subprocess.DEVNULL,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return job_log(path_out)
+
+
+def job_log(path) -> dict:
+    """The JSON job log dcnum stores in its output (``logs/dcnum-job-*``)."""
+    with h5py.File(path, "r") as h5:
+        (name,) = [n for n in h5["logs"] if n.startswith("dcnum-job")]
+        return json.loads("\n".join(line.decode() for line in h5["logs"][name][:]))
+
+
+def all_features(path) -> dict:
+    """Every feature of a dcnum output as numpy, through its basins, as dcnum reads it."""
+    with dcnum_read.HDF5Data(path) as hd:
+        out = {}
+        for feat in hd.keys():
+            if feat.startswith("basinmap"):
+                continue
+            data = hd[feat]
+            if feat in ("image", "image_bg", "mask"):
+                out[feat] = np.stack([data[i] for i in range(len(hd))])
+            else:
+                out[feat] = np.asarray(data[:])
+        return out
+
+
+def assert_same_result(ours, plain):
+    a, b = all_features(ours), all_features(plain)
+    assert sorted(a) == sorted(b)
+    assert {"image", "image_bg", "mask", "frame", "time", "deform"} <= set(b)
+    for feat in b:
+        np.testing.assert_array_equal(a[feat], b[feat], err_msg=feat)
+
+
+@pytest.fixture(scope="module")
+def raw(tmp_path_factory) -> pathlib.Path:
+    return write_example(tmp_path_factory.mktemp("raw") / "raw.rtdc", n_events=N_EVENTS, seed=4)
+
+
+@pytest.fixture(scope="module")
+def plain(raw, tmp_path_factory) -> pathlib.Path:
+    """dcnum alone on the raw input: it computes the background itself."""
+    out = tmp_path_factory.mktemp("plain") / "plain.rtdc"
+    assert run_dcnum(raw, out)["tasks"] == {"background": True, "segmentation": True}
+    return out
+
+
+def with_byte_metadata(src, path) -> pathlib.Path:
+    """``src`` with its string metadata and a log stored as byte strings, as older
+    Shape-In files (e.g. dcnum's test file file_with_variable_length_logs.rtdc)."""
+    shutil.copy(src, path)
+    with h5py.File(path, "a") as h5:
+        for key, value in list(h5.attrs.items()):
+            if isinstance(value, str):
+                h5.attrs[key] = np.bytes_(value.encode())
+        h5["logs"].create_dataset(
+            "M1_para.ini", data=["[General]", "a=1"], dtype=h5py.string_dtype()
+        )
+    return pathlib.Path(path)
+
+
+def with_basin(src, path) -> pathlib.Path:
+    """An .rtdc whose events all live in a file basin pointing at ``src``."""
+    with h5py.File(src, "r") as h5in, h5py.File(path, "w") as h5:
+        h5.attrs.update(h5in.attrs)
+        features = sorted(h5in["events"])
+        identifier = rtdc.measurement_identifier(h5in)
+        h5.require_group("events")
+    with h5py.File(path, "a") as h5:
+        rtdc.store_file_basin(h5, src.name, [str(src)], features=features, identifier=identifier)
+    return pathlib.Path(path)
+
+
+def rechunked(src, path, chunk) -> pathlib.Path:
+    """``src`` with its images stored in ``chunk``-event gzip chunks."""
+    shutil.copy(src, path)
+    with h5py.File(path, "a") as h5:
+        images = h5["events/image"][:]
+        attrs = dict(h5["events/image"].attrs)
+        del h5["events/image"]
+        ds = h5["events"].create_dataset(
+            "image", data=images, chunks=(chunk, *images.shape[1:]), compression="gzip"
+        )
+        ds.attrs.update(attrs)
+    return pathlib.Path(path)
+
+
+INPUTS = {
+    "strings": lambda raw, d: raw,
+    "bytes": lambda raw, d: with_byte_metadata(raw, d / "bytes.rtdc"),
+    "basin": lambda raw, d: with_basin(raw, d / "basin.rtdc"),
+    "chunks": lambda raw, d: rechunked(raw, d / "chunks.rtdc", 7),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", list(INPUTS))
+def test_dcnum_pipeline_skips_background_of_new_output(kind, raw, plain, tmp_path):
+    source = INPUTS[kind](raw, tmp_path)
+    ours = tmp_path / "out" / "bg.rtdc"
+    ours.parent.mkdir()
+    compute_background(source, ours, K, batch_size=BATCH, event_chunk=60, progress=False)
+    with dcnum_read.HDF5Data(ours) as hd:  # dcnum opens it, image and image_bg
+        assert hd.image is not None and hd.image_bg is not None
+        assert hd.get_ppid() == rtdc.data_ppid(hd.pixel_size)
+    log = run_dcnum(ours, tmp_path / "dcn.rtdc")
+    assert log["tasks"] == {"background": False, "segmentation": True}
+    assert_same_result(tmp_path / "dcn.rtdc", plain)
+
+
+@pytest.mark.slow
+def test_dcnum_pipeline_skips_background_in_place(raw, plain, tmp_path):
+    source = with_byte_metadata(raw, tmp_path / "in.rtdc")
+    compute_background(source, source, K, in_place=True, progress=False)
+    log = run_dcnum(source, tmp_path / "dcn.rtdc")
+    assert log["tasks"] == {"background": False, "segmentation": True}
+    assert_same_result(tmp_path / "dcn.rtdc", plain)
+
+
+@pytest.mark.slow
+def test_chipstream_cli_skips_background(raw, plain, tmp_path):
+    """The two commands a ChipStream user runs, on a new output and in place."""
+    ours = tmp_path / "bg.rtdc"
+    compute_background(raw, ours, K, progress=False)
+    in_place = pathlib.Path(shutil.copy(raw, tmp_path / "in.rtdc"))
+    compute_background(in_place, in_place, K, in_place=True, progress=False)
+    for source in (ours, in_place):
+        out = tmp_path / f"{source.stem}_dcn.rtdc"
+        log = run_chipstream(source, out)
+        assert log["tasks"] == {"background": False, "segmentation": True}
+        assert_same_result(out, plain)
