@@ -10,6 +10,7 @@ import argparse
 import pathlib
 import sys
 
+from . import batch
 from .cluster import SlurmError
 
 EXIT_USAGE = 2
@@ -47,13 +48,13 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(
-        "input", nargs="?", type=pathlib.Path, help="input .rtdc/HDF5 file or Zarr store"
-    )
-    p.add_argument(
-        "output",
-        nargs="?",
+        "paths",
+        nargs="*",
         type=pathlib.Path,
-        help="output file: .rtdc/.h5 (HDF5) or .zarr (Zarr)",
+        action=batch.InputsAndOutput,
+        metavar="INPUT... OUTPUT",
+        help="input .rtdc/HDF5 file or Zarr store (several, or folders with -r: see "
+        "'many inputs'), and the output file: .rtdc/.h5 (HDF5) or .zarr (Zarr), or folder",
     )
     p.add_argument(
         "--example",
@@ -148,6 +149,20 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="Zarr: keep a partial output if the run stops, and continue it on "
         "the next --resume run",
+    )
+
+    g = p.add_argument_group("many inputs", batch.FOLDER_RULES)
+    g.add_argument(
+        "-r",
+        "--recursive",
+        action="store_true",
+        help="a folder INPUT stands for every .rtdc file below it",
+    )
+    g.add_argument(
+        "--report",
+        metavar="FILE",
+        type=pathlib.Path,
+        help="write the summary of every file as JSON to FILE",
     )
 
     g = p.add_argument_group("memory")
@@ -245,7 +260,7 @@ def _check_args(args, parser) -> None:
     _apply_dcnum_spelling(args)
     if args.example is not None:
         return
-    if args.input is None or args.output is None:
+    if args.input is None or (args.output is None and not args.recursive):
         parser.error("INPUT and OUTPUT are required (or use --example DIR)")
     chosen = [
         name
@@ -297,6 +312,8 @@ def _run(args) -> int:
     try:
         if client is not None and not args.quiet:
             print(f"dashboard: {client.dashboard_link}", file=sys.stderr)
+        if batch.is_batch(args):
+            return batch.run_cli(args, client if client is not None else args.scheduler)
         summary = compute_background(
             args.input,
             args.output,
