@@ -332,7 +332,11 @@ class _Stop:
         return self
 
     def __exit__(self, *exc):
-        self.callback.unregister()
+        from dask.callbacks import Callback
+
+        # discard: a local scheduler starting in another thread may have taken
+        # the global callbacks away for the time it runs
+        Callback.active.discard(self.callback._callback)
         return False
 
 
