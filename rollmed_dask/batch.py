@@ -170,8 +170,8 @@ def find_inputs(paths, recursive: bool = False) -> tuple[list[tuple], int]:
         if path.is_dir() and not is_zarr_store(path):
             if not recursive:
                 raise ValueError(
-                    f"input {str(given)!r} is a folder; pass -r (recursive=True) to "
-                    f"process every .rtdc file below it"
+                    f"input {str(given)!r} is a folder, not a Zarr store; pass -r "
+                    f"(recursive=True) to process every .rtdc file below it"
                 )
             root = path
             candidates = sorted(

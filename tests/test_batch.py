@@ -304,7 +304,7 @@ def _interrupt(many, out, sig):
     lines = []
     for line in proc.stderr:
         lines.append(line)
-        if line.startswith("done "):
+        if "done " in line:  # after the bar's carriage returns
             time.sleep(0.2)
             proc.send_signal(sig)
             break
