@@ -345,7 +345,7 @@ def _error_line(exc: BaseException) -> str:
     return str(message).splitlines()[0] if str(message) else type(exc).__name__
 
 
-def _run_one(job: _Job, opts: dict, scheduler, num_workers, memory_budget, stop) -> FileResult:
+def _run_one(job: _Job, opts: dict, scheduler, num_workers, stop) -> FileResult:
     from .job import compute_background
 
     stop.threads.add(threading.get_ident())
@@ -369,7 +369,7 @@ def _run_one(job: _Job, opts: dict, scheduler, num_workers, memory_budget, stop)
             overwrite=opts["overwrite"],
             resume=opts["resume"],
             in_place=opts["in_place"],
-            memory_budget=memory_budget,
+            memory_budget=opts["memory_budget"],
             event_chunk=opts["event_chunk"],
             batch_size=opts["batch_size"],
             num_workers=num_workers,
@@ -404,22 +404,11 @@ class _Shared:
         if self.resolved.local == "synchronous":
             files_at_once = 1
         self.files_at_once = max(1, min(files_at_once or MAX_FILES_AT_ONCE, slots, n_jobs))
-        self.slots = slots
-        # each file gets its share of the threads; together no more than before
+        # each file gets its share of the threads: together no more blocks in
+        # flight, each within the memory budget, than one file alone would have
         self.num_workers = max(1, slots // self.files_at_once)
         if self.resolved.local == "processes":
             self.pool = _process_pool(slots)
-
-    def memory_budget(self, budget) -> int:
-        """A file's budget: all files together keep the single-file bound of
-        ``slots`` blocks of ``budget`` in flight."""
-        from .pipeline import parse_bytes
-
-        budget = parse_bytes(budget)
-        in_flight = self.files_at_once * self.num_workers
-        if self.resolved.client is None and in_flight > self.slots:
-            budget = budget * self.slots // in_flight
-        return budget
 
     def configured(self):
         """dask's processes scheduler takes its pool from the config."""
@@ -664,7 +653,6 @@ def _run_jobs(jobs, todo, results, opts, num_workers, files_at_once, bar) -> Non
     from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
     shared = _Shared(opts["scheduler"], num_workers, files_at_once, len(todo))
-    budget = shared.memory_budget(opts["memory_budget"])
     queue = list(reversed(todo))
     try:
         with (
@@ -684,7 +672,6 @@ def _run_jobs(jobs, todo, results, opts, num_workers, files_at_once, bar) -> Non
                                 opts,
                                 shared.scheduler,
                                 shared.num_workers,
-                                budget,
                                 stop,
                             )
                         ] = i
