@@ -14,9 +14,12 @@ in fresh processes on the same machine:
 - ``dcnum``: dcnum 0.31 ``BackgroundRollMed(...).process()`` file by file in
   one process, on the first ``--dcnum-files`` files only (about 1 us per
   pixel-event: the whole set would take hours), scaled to the set;
-- ``one file``: ``rollmed-dask`` on one file of F x N frames, the same pixels
-  in one stack, for the "a folder of small files is as fast as one big file"
-  target.
+- ``one file``: ``rollmed-dask`` on one file holding all the set's frames one
+  after the other, for the "a folder of small files is as fast as one big
+  file" target.
+
+The first set's files are drawn (``write_example`` plus noise); later sets are
+cut from them, so every set holds the same pixels.
 
 Wall time and the peak resident memory of the process tree (sampled every
 0.05 s) are measured from outside. The batch outputs are compared bit for bit
@@ -77,22 +80,95 @@ def measured_noise(path: pathlib.Path) -> float:
     return float(np.median(diffs.std(axis=0)) / np.sqrt(2))
 
 
-def ensure_set(data: pathlib.Path, files: int, n: int) -> pathlib.Path:
+def _events_kwargs(ds, n: int) -> dict:
+    """Images as dcnum stores them (chunks of whole frames, zstd 5, fletcher32);
+    scalar features plain."""
+    if ds.ndim != 3:
+        return {}
+    import hdf5plugin
+
+    chunks = (min(ds.chunks[0], n), *ds.shape[1:])
+    return dict(chunks=chunks, maxshape=(None, *ds.shape[1:]), fletcher32=True,
+                **hdf5plugin.Zstd(clevel=5))  # fmt: skip
+
+
+def write_slice(src: pathlib.Path, dst: pathlib.Path, start: int, n: int) -> None:
+    """Events [start, start+n) of a measurement as a measurement of its own
+    (metadata, logs and every feature), much faster than drawing new frames."""
+    import h5py
+    import hdf5plugin  # noqa: F401
+
+    tmp = dst.with_name(f".{dst.name}.partial")
+    with h5py.File(src) as h5in, h5py.File(tmp, "w") as h5out:
+        h5out.attrs.update(h5in.attrs)
+        h5out.attrs["experiment:event count"] = n
+        for name in h5in:
+            if name != "events":
+                h5in.copy(h5in[name], h5out, name=name)
+        for name, ds in h5in["events"].items():
+            out = h5out.create_dataset(f"events/{name}", data=ds[start : start + n],
+                                       **_events_kwargs(ds, n))  # fmt: skip
+            out.attrs.update(ds.attrs)
+    os.replace(tmp, dst)
+
+
+def write_concatenation(paths, dst: pathlib.Path) -> None:
+    """The frames of ``paths`` one after the other in one file."""
+    import h5py
+    import hdf5plugin  # noqa: F401
+
+    total = 0
+    for p in paths:
+        with h5py.File(p) as h5:
+            total += h5["events/image"].shape[0]
+    tmp = dst.with_name(f".{dst.name}.partial")
+    with h5py.File(paths[0]) as first, h5py.File(tmp, "w") as h5out:
+        h5out.attrs.update(first.attrs)
+        h5out.attrs["experiment:event count"] = total
+        ds0 = first["events/image"]
+        out = h5out.create_dataset("events/image", shape=(total, *ds0.shape[1:]),
+                                   dtype=ds0.dtype, **_events_kwargs(ds0, total))  # fmt: skip
+        out.attrs.update(ds0.attrs)
+        offset = 0
+        for p in paths:
+            with h5py.File(p) as h5:
+                ds = h5["events/image"]
+                for i in range(0, ds.shape[0], 1000):
+                    block = ds[i : i + 1000]
+                    out[offset : offset + len(block)] = block
+                    offset += len(block)
+    os.replace(tmp, dst)
+
+
+def ensure_set(data: pathlib.Path, files: int, n: int, base: list | None) -> list:
+    """F measurements of N frames: drawn, or cut from the ``base`` set's files."""
     folder = data / f"set-{files}x{n}"
-    folder.mkdir(parents=True, exist_ok=True)
-    for i in range(files):
-        path = folder / f"day{i % 3}" / f"m{i:03d}.rtdc"
-        path.parent.mkdir(exist_ok=True)
-        if not path.exists():
+    paths = [folder / f"day{i % 3}" / f"m{i:03d}.rtdc" for i in range(files)]
+    per_base = None if base is None else _frames(base[0]) // n
+    for i, path in enumerate(paths):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.exists():
+            continue
+        if base is None:
             write_measurement(path, n, seed=i)
-    return folder
+        else:
+            write_slice(base[i // per_base], path, (i % per_base) * n, n)
+    return paths
 
 
-def ensure_one(data: pathlib.Path, n: int) -> pathlib.Path:
-    path = data / f"one-{n}.rtdc"
+def _frames(path) -> int:
+    import h5py
+
+    with h5py.File(path) as h5:
+        return h5["events/image"].shape[0]
+
+
+def ensure_one(data: pathlib.Path, paths) -> pathlib.Path:
+    total = sum(_frames(p) for p in paths)
+    path = data / f"one-{total}.rtdc"
     if not path.exists():
-        log(f"writing one file of {n} frames ...")
-        write_measurement(path, n, seed=99)
+        log(f"writing one file of the set's {total} frames ...")
+        write_concatenation(paths, path)
     return path
 
 
@@ -152,9 +228,9 @@ def same_background(a: pathlib.Path, b: pathlib.Path) -> bool:
         return bool(np.array_equal(ha["events/image_bg"][:], hb["events/image_bg"][:]))
 
 
-def run_set(data, work, files, n, k, n_dcnum) -> dict:
-    folder = ensure_set(data, files, n)
-    inputs = sorted(folder.rglob("*.rtdc"))
+def run_set(data, work, files, n, k, n_dcnum, base) -> dict:
+    inputs = sorted(ensure_set(data, files, n, base))
+    folder = data / f"set-{files}x{n}"
     pixels = files * n * IMAGE_SHAPE[0] * IMAGE_SHAPE[1]
     row = {"files": files, "events": n, "kernel": k, "pixel_events": pixels,
            "noise_grey_levels": round(measured_noise(inputs[0]), 2)}  # fmt: skip
@@ -198,7 +274,7 @@ def run_set(data, work, files, n, k, n_dcnum) -> dict:
                             dc_out / f"{p.stem}_bg.rtdc")
             for p in subset
         )  # fmt: skip
-    one = ensure_one(data, files * n)
+    one = ensure_one(data, inputs)
     log(f"{files} x {n}: one file of {files * n} frames")
     row["one_file"] = timed(rollmed_cmd(one, work / f"one-{files}x{n}.rtdc", "-k", k, "-q"))
     return row
@@ -246,13 +322,16 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     import tempfile
 
-    rows = []
+    rows, base = [], None
     with tempfile.TemporaryDirectory(dir=a.data.parent if a.data.exists() else None) as tmp:
         for spec in a.sets.split(","):
             files, n = map(int, spec.lower().split("x"))
             work = pathlib.Path(tmp) / spec
             work.mkdir()
-            rows.append(run_set(a.data, work, files, n, a.kernel, a.dcnum_files))
+            rows.append(run_set(a.data, work, files, n, a.kernel, a.dcnum_files, base))
+            # later sets are cut from the first one's measurements: the same
+            # pixels, and no hour of drawing frames on a loaded machine
+            base = base or sorted(ensure_set(a.data, files, n, None))
             print(table(rows[-1:]), flush=True)
     for row in rows:
         row["ratios"] = ratios(row)
