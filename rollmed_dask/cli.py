@@ -52,9 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="*",
         type=pathlib.Path,
         action=batch.InputsAndOutput,
-        metavar="INPUT... OUTPUT",
-        help="input .rtdc/HDF5 file or Zarr store (several, or folders with -r: see "
-        "'many inputs'), and the output file: .rtdc/.h5 (HDF5) or .zarr (Zarr), or folder",
+        metavar="PATH",
+        help="INPUT... OUTPUT: the input .rtdc/HDF5 file or Zarr store (or several, or "
+        "folders with -r: see 'many inputs'), then the output file, .rtdc/.h5 (HDF5) or "
+        ".zarr (Zarr), or folder",
     )
     p.add_argument(
         "--example",
