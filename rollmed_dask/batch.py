@@ -155,14 +155,13 @@ def _hidden(path: pathlib.Path, root: pathlib.Path) -> bool:
     return any(part.startswith(".") for part in path.relative_to(root).parts)
 
 
-def find_inputs(paths, recursive: bool = False) -> tuple[list[tuple], int]:
-    """The input files and the folder each was found from, and how many of
-    our own outputs were left out.
+def find_inputs(paths, recursive: bool = False) -> list[tuple]:
+    """The input files, each with the folder it was found from.
 
     A folder needs ``recursive``; below it every ``*.rtdc`` counts, sorted,
     except hidden files (our temporaries) and outputs of rollmed-dask.
     """
-    found, ignored, seen = [], 0, set()
+    found, seen = [], set()
     for given in paths:
         path = pathlib.Path(given).absolute()
         if not path.exists():
@@ -184,11 +183,9 @@ def find_inputs(paths, recursive: bool = False) -> tuple[list[tuple], int]:
             if key in seen:
                 continue
             seen.add(key)
-            if is_our_output(candidate):
-                ignored += 1
-                continue
-            found.append((candidate, root))
-    return found, ignored
+            if not is_our_output(candidate):
+                found.append((candidate, root))
+    return found
 
 
 def output_path(source: pathlib.Path, root: pathlib.Path, out_dir, fmt: str) -> pathlib.Path:
@@ -567,7 +564,7 @@ def _compute_backgrounds(*, inputs, out_dir, files_at_once, num_workers, lines, 
 
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]
-    found, _ = find_inputs(inputs, opts["recursive"])
+    found = find_inputs(inputs, opts["recursive"])
     jobs = _plan_jobs(found, out_dir, opts, output_format)
     results: list[FileResult | None] = [None] * len(jobs)
     todo = []
