@@ -2,12 +2,13 @@
 
 >>> import rollmed_dask
 >>> sorted(rollmed_dask.__all__)
-['BackgroundRollMed', 'BackgroundSummary', 'compute_background', 'rolling_median', 'rolling_median_reference']
+['BackgroundRollMed', 'BackgroundSummary', 'compute_background', 'compute_backgrounds', 'rolling_median', 'rolling_median_reference']
 
 Importing the package is light: numba, distributed and dask-jobqueue are
 imported only where they are used.
 """  # noqa: E501
 
+from .batch import compute_backgrounds
 from .compat import BackgroundRollMed
 from .core import rolling_median_reference
 from .job import BackgroundSummary, compute_background
@@ -19,6 +20,7 @@ __all__ = [
     "BackgroundRollMed",
     "BackgroundSummary",
     "compute_background",
+    "compute_backgrounds",
     "rolling_median",
     "rolling_median_reference",
 ]

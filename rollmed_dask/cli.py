@@ -11,6 +11,7 @@ import pathlib
 import re
 import sys
 
+from . import batch
 from .cluster import SlurmError
 
 EXIT_USAGE = 2
@@ -99,18 +100,14 @@ def build_parser() -> argparse.ArgumentParser:
     # "-5MB" is a (bad) value, not an unknown option: let it reach the check of its option
     p._negative_number_matcher = re.compile(r"^-\.?\d")
     p.add_argument(
-        "input",
-        nargs="?",
+        "paths",
+        nargs="*",
         type=pathlib.Path,
-        metavar="INPUT",
-        help="input .rtdc/HDF5 file or Zarr store",
-    )
-    p.add_argument(
-        "output",
-        nargs="?",
-        type=pathlib.Path,
-        metavar="OUTPUT",
-        help="output file: .rtdc/.h5 (HDF5) or .zarr (Zarr)",
+        action=batch.InputsAndOutput,
+        metavar="PATH",
+        help="INPUT... OUTPUT: the input .rtdc/HDF5 file or Zarr store (or several, or "
+        "folders with -r: see 'many inputs'), then the output file, .rtdc/.h5 (HDF5) or "
+        ".zarr (Zarr), or folder",
     )
     p.add_argument(
         "--example",
@@ -204,6 +201,20 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="Zarr: keep a partial output if the run stops, and continue it on "
         "the next --resume run",
+    )
+
+    g = p.add_argument_group("many inputs", batch.FOLDER_RULES)
+    g.add_argument(
+        "-r",
+        "--recursive",
+        action="store_true",
+        help="a folder INPUT stands for every .rtdc file below it",
+    )
+    g.add_argument(
+        "--report",
+        metavar="FILE",
+        type=pathlib.Path,
+        help="write the summary of every file as JSON to FILE",
     )
 
     g = p.add_argument_group("memory")
@@ -334,7 +345,7 @@ def _check_args(args, parser) -> None:
                 f"drop {'them' if len(paths) > 1 else 'it'}, or drop --example to process "
                 f"your own file"
             )
-    elif args.input is None or args.output is None:
+    elif args.input is None or (args.output is None and not args.recursive):
         parser.error("INPUT and OUTPUT are required, or --example DIR")
     elif args.example_events is not None:
         raise UsageError(
@@ -392,6 +403,8 @@ def _run(args) -> int:
     try:
         if client is not None and not args.quiet:
             print(f"dashboard: {client.dashboard_link}", file=sys.stderr)
+        if batch.is_batch(args):
+            return batch.run_cli(args, client if client is not None else args.scheduler)
         summary = compute_background(
             args.input,
             args.output,

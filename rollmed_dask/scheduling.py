@@ -162,11 +162,15 @@ def _stream_local(tasks, on_result, scheduler: str, num_workers) -> None:
         kwargs["chunksize"] = 1
         if num_workers:
             kwargs["num_workers"] = num_workers
+    # The writer goes to this compute only, beside the callbacks registered
+    # globally: registered itself, a job computing at the same time in another
+    # thread (a batch of files) could take it away, and its blocks would never
+    # be written (dask empties the global set while a local scheduler runs).
+    kwargs["callbacks"] = [_Writer()._callback, *list(Callback.active)]
     try:
-        with _Writer():
-            # Block tasks are made ready to run (fused by to_delayed, or one
-            # delayed call each); optimising again would only cost time.
-            dask.compute(*tasks, scheduler=_local_get(scheduler), optimize_graph=False, **kwargs)
+        # Block tasks are made ready to run (fused by to_delayed, or one
+        # delayed call each); optimising again would only cost time.
+        dask.compute(*tasks, scheduler=_local_get(scheduler), optimize_graph=False, **kwargs)
     finally:
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
