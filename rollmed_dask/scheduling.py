@@ -50,15 +50,15 @@ class Resolved:
         else:
             self.description = f"local {self.local} scheduler"
 
-    #: set once every block was written: a cluster's logs are kept otherwise
-    completed: bool = False
+    #: set when computing the blocks failed: an owned cluster's logs are kept
+    failed: bool = False
 
     def close(self) -> None:
         if self.owns_client:
             from .cluster import close_client
 
             # also closes a cluster started for this job (scancel of its jobs)
-            close_client(self.client, keep_logs=not self.completed)
+            close_client(self.client, keep_logs=self.failed)
 
 
 def _active_client():
@@ -142,11 +142,15 @@ def stream_blocks(tasks: list, on_result, resolved: Resolved, num_workers=None) 
     """
     if not tasks:
         return
-    if resolved.client is not None:
-        _stream_distributed(tasks, on_result, resolved.client)
-    else:
-        _stream_local(tasks, on_result, resolved.local, num_workers)
-    resolved.completed = True
+    try:
+        if resolved.client is not None:
+            _stream_distributed(tasks, on_result, resolved.client)
+        else:
+            _stream_local(tasks, on_result, resolved.local, num_workers)
+    except Exception:
+        # an error, not an interrupt (KeyboardInterrupt is no Exception)
+        resolved.failed = True
+        raise
 
 
 def _stream_local(tasks, on_result, scheduler: str, num_workers) -> None:

@@ -228,6 +228,32 @@ def test_signal_on_slurm(slurm, sig, status, word, long_rtdc, job_name, tmp_path
     assert any(logs.glob(f"*{job_id}*")), "the job logs went to --log-dir"
 
 
+@pytest.mark.slurm
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize(
+    "sig, status, word",
+    [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")],
+    ids=["SIGINT", "SIGTERM"],
+)
+def test_signal_while_the_job_pends(slurm, sig, status, word, small_rtdc, job_name, tmp_path):
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    out = tmp_path / "bg.rtdc"
+    proc = start_cli(
+        small_rtdc, out, *slurm_args(job_name, "--job-extra=--begin=now+3600"),
+        env={**os.environ, "TMPDIR": str(temp)},
+    )  # fmt: skip
+    wait_for(lambda: bool(queue("-n", job_name)), 60, proc, "pending job")
+    proc.send_signal(sig)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == status, stderr
+    assert last_line(stderr) == f"rollmed-dask: {word}; no output was written to {out}"
+    assert wait_queue_empty(job_name) == [], "the pending job was cancelled"
+    left = [p.name for p in temp.iterdir() if p.name.startswith("rollmed-dask-slurm-")]
+    assert left == [], "an interrupted run leaves no temporary log folder"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["temp"]
+
+
 def job_state(job_id: str) -> str:
     proc = subprocess.run(
         ["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True, timeout=30
