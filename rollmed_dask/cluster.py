@@ -217,7 +217,8 @@ def start_slurm_cluster(
         ``scheduler_options`` is merged with the configuration's. Without a
         ``log_directory`` (argument or configuration) the jobs' logs go to a
         new temporary directory, not to the current one: error messages name
-        it, and :func:`close_client` removes it unless the run failed.
+        it, and :func:`close_client` removes it unless the run failed (an
+        interrupt is no failure).
         ``python`` defaults to this interpreter, ``sys.executable``.
 
     Returns
@@ -328,11 +329,13 @@ def start_slurm_cluster(
         if min_workers and jobs:
             _wait_for_workers(client, cluster, int(min_workers), float(timeout), log_dir)
         return client
-    except SlurmSubmitError:
-        _close(client, cluster, keep_logs=False)  # no job ran: no log to keep
-        raise
-    except BaseException:
-        _close(client, cluster, keep_logs=True)
+    except BaseException as exc:
+        # the errors that name the log folder keep it; sbatch's refusal (no job
+        # ran) and an interrupt do not
+        keep = isinstance(exc, (SlurmError, TimeoutError)) and not isinstance(
+            exc, SlurmSubmitError
+        )
+        _close(client, cluster, keep_logs=keep)
         raise
 
 
