@@ -191,8 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g = p.add_argument_group(
         "SLURM jobs (--slurm)",
-        "Options not given here come from your dask-jobqueue configuration, "
-        "jobqueue.slurm in ~/.config/dask/jobqueue.yaml (or in the folder DASK_CONFIG "
+        # line breaks of our own: the formatter keeps descriptions as written
+        "Options not given here come from your dask-jobqueue configuration,\n"
+        "jobqueue.slurm in ~/.config/dask/jobqueue.yaml (or in the folder DASK_CONFIG\n"
         "names); cores and memory must be set in one of the two.",
     )
     g.add_argument("--queue", help="SLURM partition (default: config, else SLURM's default)")
