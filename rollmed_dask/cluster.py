@@ -389,9 +389,11 @@ def _close(client, cluster, timeout=30, keep_logs=False) -> None:
         if cluster is not None:
             cluster.close()
             run = getattr(cluster, "rollmed_slurm", None)
-            if run is not None and not (keep_logs or run.lost):
-                _remove_log_dir(run.temp_log_dir)
-                run.temp_log_dir = None
+            if run is not None and run.temp_log_dir is not None:
+                # an empty folder (no job ever ran) is worth nothing to keep
+                if not (keep_logs or run.lost) or not os.listdir(run.temp_log_dir):
+                    _remove_log_dir(run.temp_log_dir)
+                    run.temp_log_dir = None
 
 
 def _remove_log_dir(path) -> None:

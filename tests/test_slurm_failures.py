@@ -183,6 +183,9 @@ def start_slurm_cli(input_path, out, job_name, *extra, env=None, tmp_path):
     The run takes a minute or more (SLOW): still going when the test interrupts it."""
     err_path = tmp_path / "stderr.txt"
     err = err_path.open("w")
+    # the logs a failed run keeps go to the test's folder, not /tmp
+    (tmp_path / "temp").mkdir()
+    env = {**(env or os.environ), "TMPDIR": str(tmp_path / "temp")}
     proc = subprocess.Popen(
         [sys.executable, "-m", "rollmed_dask", str(input_path), str(out), *SLOW,
          *slurm_args(job_name, *extra)],
@@ -283,6 +286,7 @@ def test_scancel_of_the_worker_job_stops_the_run_at_once(slurm, long_rtdc, job_n
     ), line
     assert line.endswith(f"); {out} was left as it was"), line
     log_dir = Path(line.split("(job logs: ")[1].split(")")[0])
+    assert log_dir.parent == tmp_path / "temp"
     assert any(log_dir.glob(f"*{job_id}*")), "the logs of a failed run are kept"
     assert out.read_bytes() == OLD
     assert [p.name for p in out.parent.iterdir()] == [out.name], "no temporary is left"
@@ -372,7 +376,8 @@ def test_failing_squeue_is_not_read_as_dead_jobs(slurm, failing_squeue, job_name
     )
     proc = subprocess.run(
         [sys.executable, "-c", code, "--begin=now+3600", f"--job-name={job_name}"],
-        capture_output=True, text=True, timeout=100, env=failing_squeue,
+        capture_output=True, text=True, timeout=100,
+        env={**failing_squeue, "TMPDIR": str(tmp_path)},
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert re.fullmatch(
@@ -381,6 +386,8 @@ def test_failing_squeue_is_not_read_as_dead_jobs(slurm, failing_squeue, job_name
         proc.stdout,
     ), proc.stdout
     assert wait_queue_empty(job_name) == []
+    left = [p.name for p in tmp_path.iterdir() if p.name.startswith("rollmed-dask-slurm-")]
+    assert left == [], "no empty log folder is kept"
 
 
 @pytest.mark.slurm
