@@ -542,6 +542,10 @@ def _wait_for_workers(client, cluster, n: int, timeout: float, log_dir) -> None:
         time.sleep(0.25)
     job_ids = _job_ids(cluster)
     states, problem = _job_states(job_ids)
+    # a job that never ran wrote no log: an empty temporary folder is removed
+    logs = (
+        f" (their logs: {log_dir})" if os.path.isdir(log_dir or "") and os.listdir(log_dir) else ""
+    )
     jobs = (
         f"cannot ask SLURM about job(s) {', '.join(job_ids)}: {problem}"
         if states is None
@@ -550,7 +554,7 @@ def _wait_for_workers(client, cluster, n: int, timeout: float, log_dir) -> None:
     raise TimeoutError(
         f"no SLURM worker started within {timeout:g} s: {jobs} — "
         "check the queue/partition/memory/walltime you asked for against `sinfo -N -l` "
-        f"and the queue with `squeue`; the jobs were cancelled (their logs: {log_dir}). "
+        f"and the queue with `squeue`; the jobs were cancelled{logs}. "
         "Job script:\n"
         f"{_header(cluster.job_script())}"
     )
