@@ -391,9 +391,14 @@ def _close(client, cluster, timeout=30, keep_logs=False) -> None:
             run = getattr(cluster, "rollmed_slurm", None)
             if run is not None and run.temp_log_dir is not None:
                 # an empty folder (no job ever ran) is worth nothing to keep
-                if not (keep_logs or run.lost) or not os.listdir(run.temp_log_dir):
+                kept = keep_logs or run.lost
+                if not kept or not _has_files(run.temp_log_dir):
                     _remove_log_dir(run.temp_log_dir)
                     run.temp_log_dir = None
+
+
+def _has_files(path) -> bool:
+    return os.path.isdir(path) and bool(os.listdir(path))
 
 
 def _remove_log_dir(path) -> None:
@@ -543,9 +548,7 @@ def _wait_for_workers(client, cluster, n: int, timeout: float, log_dir) -> None:
     job_ids = _job_ids(cluster)
     states, problem = _job_states(job_ids)
     # a job that never ran wrote no log: an empty temporary folder is removed
-    logs = (
-        f" (their logs: {log_dir})" if os.path.isdir(log_dir or "") and os.listdir(log_dir) else ""
-    )
+    logs = f" (their logs: {log_dir})" if log_dir and _has_files(log_dir) else ""
     jobs = (
         f"cannot ask SLURM about job(s) {', '.join(job_ids)}: {problem}"
         if states is None
