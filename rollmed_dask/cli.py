@@ -1,7 +1,11 @@
 """``rollmed-dask``: the command line, a thin layer over ``compute_background``.
 
 Every user mistake ends in one line on stderr and exit status 2, never a
-traceback; Ctrl-C ends with status 130 and leaves existing files as they were.
+traceback. Ctrl-C (SIGINT) ends with status 130 and SIGTERM (``scancel`` of a
+batch job running the CLI, its walltime) with 143, on every scheduler: existing
+files are left as they were, temporary ones removed (a ``--resume`` Zarr
+partial kept), SLURM jobs cancelled, and one line says what was kept. A run
+whose SLURM workers are all lost ends with status 1.
 """
 
 from __future__ import annotations
@@ -9,13 +13,17 @@ from __future__ import annotations
 import argparse
 import pathlib
 import re
+import signal
 import sys
+import threading
 
 from . import batch
-from .cluster import SlurmError
+from .cluster import SlurmError, SlurmJobLost
 
+EXIT_FAILED = 1
 EXIT_USAGE = 2
-EXIT_INTERRUPTED = 130
+EXIT_INTERRUPTED = 128 + signal.SIGINT
+EXIT_TERMINATED = 128 + signal.SIGTERM
 
 DESCRIPTION = """\
 Compute the exact rolling-median background of an image stack, out of core with
@@ -252,24 +260,49 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="start workers as SLURM jobs with dask-jobqueue ([hpc] extra)",
     )
-    g.add_argument("--queue", help="SLURM partition (default: your dask-jobqueue config)")
-    g.add_argument("--cores", type=int, default=1, help="cores per SLURM job (default: 1)")
-    g.add_argument("--memory", default="4GB", help="memory per SLURM job (default: 4GB)")
-    g.add_argument(
-        "--walltime", default="01:00:00", help="walltime per SLURM job (default: 01:00:00)"
+    g = p.add_argument_group(
+        "SLURM jobs (--slurm)",
+        # line breaks of our own: the formatter keeps descriptions as written
+        "Options not given here come from your dask-jobqueue configuration,\n"
+        "jobqueue.slurm in ~/.config/dask/jobqueue.yaml (or in the folder DASK_CONFIG\n"
+        "names); cores and memory must be set in one of the two.",
     )
-    g.add_argument("--jobs", type=int, default=1, help="SLURM jobs to start (default: 1)")
+    g.add_argument("--queue", help="SLURM partition (default: config, else SLURM's default)")
+    g.add_argument("--cores", type=int, help="cores per job (default: config)")
+    g.add_argument("--memory", help="memory per job, e.g. 8GB (default: config)")
+    g.add_argument(
+        "--walltime",
+        metavar="HH:MM:SS",
+        help="time limit per job (default: config; dask-jobqueue ships 00:30:00)",
+    )
+    g.add_argument("--processes", type=int, help="dask worker processes per job (default: config)")
+    g.add_argument("--jobs", type=int, help="SLURM jobs to start (default: 1)")
     g.add_argument(
         "--job-extra",
         action="append",
         default=[],
         metavar="DIRECTIVE",
-        help="extra #SBATCH directive, e.g. --job-extra=--account=abc (repeatable)",
+        help="extra #SBATCH directive, e.g. --job-extra=--account=abc (repeatable; "
+        "added to the config's job-extra-directives)",
     )
     g.add_argument(
         "--scheduler-host",
         metavar="HOST",
-        help="address the SLURM workers use to reach the scheduler",
+        help="address the SLURM workers use to reach the scheduler (default: config)",
+    )
+    g.add_argument(
+        "--log-dir",
+        type=pathlib.Path,
+        metavar="DIR",
+        help="folder for the jobs' logs (default: config, else a temporary folder "
+        "that is removed unless the run fails)",
+    )
+    g.add_argument(
+        "--lost-worker-timeout",
+        type=float,
+        metavar="SECONDS",
+        help="stop when no worker is left: at once when SLURM says their jobs ended, "
+        "else after this long (default: 60)",
     )
 
     g = p.add_argument_group("output on the terminal")
@@ -368,23 +401,65 @@ def _check_args(args, parser) -> None:
         raise UsageError(f"--workers {args.workers} must be at least 1")
 
 
+# option of the CLI -> keyword of start_slurm_cluster; passed only when given, so
+# that the user's dask-jobqueue configuration decides the rest
+_SLURM_OPTIONS = {
+    "queue": "queue",
+    "cores": "cores",
+    "memory": "memory",
+    "walltime": "walltime",
+    "processes": "processes",
+    "jobs": "jobs",
+    "job_extra": "job_extra",
+    "scheduler_host": "scheduler_host",
+    "log_dir": "log_directory",
+    "lost_worker_timeout": "lost_worker_timeout",
+}
+
+
 def _start_cluster(args):
-    """A Client for --workers / --slurm, or None; the caller closes it."""
+    """None, or for --workers / --slurm a function that starts the cluster and
+    returns its Client.
+
+    ``compute_background`` calls the function only once the input, the output
+    and its options have passed its checks, so a run that cannot succeed
+    submits no SLURM job; it closes the cluster (cancelling the jobs) at the end.
+    """
     from . import cluster
 
+    options = [o for o in _SLURM_OPTIONS if getattr(args, o) not in (None, [])]
+    given = {_SLURM_OPTIONS[o]: getattr(args, o) for o in options}
+    if given and not args.slurm:
+        flags = ", ".join("--" + o.replace("_", "-") for o in options)
+        raise UsageError(f"{flags}: SLURM options; add --slurm, or drop them")
+    for keyword in ("cores", "processes", "jobs"):
+        if keyword in given and given[keyword] < 1:
+            raise UsageError(f"--{keyword} {given[keyword]} must be at least 1")
+    if given.get("lost_worker_timeout", 1) <= 0:
+        raise UsageError(f"--lost-worker-timeout {given['lost_worker_timeout']:g} must be > 0")
+    if "log_directory" in given:
+        given["log_directory"] = str(given["log_directory"])
+
     if args.workers is not None:
-        return cluster.start_local_cluster(args.workers)
-    if args.slurm:
-        return cluster.start_slurm_cluster(
-            queue=args.queue,
-            cores=args.cores,
-            memory=args.memory,
-            walltime=args.walltime,
-            jobs=args.jobs,
-            job_extra=args.job_extra,
-            scheduler_host=args.scheduler_host,
-        )
-    return None
+
+        def start():
+            return cluster.start_local_cluster(args.workers)
+
+    elif args.slurm:
+
+        def start():
+            return cluster.start_slurm_cluster(**given)
+
+    else:
+        return None
+
+    def start_and_show():
+        client = start()
+        if not args.quiet:
+            print(f"dashboard: {client.dashboard_link}", file=sys.stderr)
+        return client
+
+    return start_and_show
 
 
 def _run(args) -> int:
@@ -399,35 +474,27 @@ def _run(args) -> int:
         args.overwrite = True
         if not args.quiet:
             print(f"wrote the sample {args.input}", file=sys.stderr)
-    client = _start_cluster(args)
-    try:
-        if client is not None and not args.quiet:
-            print(f"dashboard: {client.dashboard_link}", file=sys.stderr)
-        if batch.is_batch(args):
-            return batch.run_cli(args, client if client is not None else args.scheduler)
-        summary = compute_background(
-            args.input,
-            args.output,
-            args.kernel_size,
-            dataset=args.dataset,
-            output_dataset=args.output_dataset,
-            format=args.format,
-            compression=args.compression,
-            engine=args.engine,
-            scheduler=client if client is not None else args.scheduler,
-            progress=not args.quiet,
-            overwrite=args.overwrite,
-            resume=args.resume,
-            in_place=args.in_place,
-            memory_budget=args.memory_budget,
-            event_chunk=args.event_chunk,
-            batch_size=args.batch_size,
-        )
-    finally:
-        if client is not None:
-            from .cluster import close_client
-
-            close_client(client)
+    starter = _start_cluster(args)
+    if batch.is_batch(args):
+        return batch.run_cli(args, starter or args.scheduler)
+    summary = compute_background(
+        args.input,
+        args.output,
+        args.kernel_size,
+        dataset=args.dataset,
+        output_dataset=args.output_dataset,
+        format=args.format,
+        compression=args.compression,
+        engine=args.engine,
+        scheduler=starter or args.scheduler,
+        progress=not args.quiet,
+        overwrite=args.overwrite,
+        resume=args.resume,
+        in_place=args.in_place,
+        memory_budget=args.memory_budget,
+        event_chunk=args.event_chunk,
+        batch_size=args.batch_size,
+    )
     if not args.quiet:
         print(summary.one_line(), file=sys.stderr)
     return 0
@@ -445,20 +512,60 @@ USER_ERRORS = (
 )
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised where the program is, so that the cleanup of an
+    interrupted run happens (the default action would end the process at once,
+    leaving a partial output behind). A BaseException, like KeyboardInterrupt,
+    so that no ``except Exception`` on the way swallows it."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
+def _what_was_kept(args, existed: bool) -> str:
+    """What an interrupted or failed run left, in a few words."""
+    from .sinks import partial_path
+
+    if args.output is None:
+        return "no output was written"
+    if args.resume and partial_path(args.output).exists():
+        return (
+            f"the partial output {partial_path(args.output)} is kept: run the same "
+            f"command again, with --resume, to continue"
+        )
+    if existed:
+        return f"{args.output} was left as it was"
+    return f"no output was written to {args.output}"
+
+
 def main(argv=None) -> int:
     """Entry point of ``rollmed-dask`` and ``python -m rollmed_dask``."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    if in_main_thread:
+        previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    existed = args.output is not None and args.output.exists()
     try:
         _check_args(args, parser)
         return _run(args)
     except KeyboardInterrupt:
-        print("rollmed-dask: interrupted; existing files were left as they were", file=sys.stderr)
+        print(f"rollmed-dask: interrupted; {_what_was_kept(args, existed)}", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except Terminated:
+        print(f"rollmed-dask: terminated; {_what_was_kept(args, existed)}", file=sys.stderr)
+        return EXIT_TERMINATED
+    except SlurmJobLost as exc:
+        print(f"rollmed-dask: error: {exc}; {_what_was_kept(args, existed)}", file=sys.stderr)
+        return EXIT_FAILED
     except USER_ERRORS as exc:
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         print(f"rollmed-dask: error: {message}", file=sys.stderr)
         return EXIT_USAGE
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -3,8 +3,10 @@
 ``scheduler=`` takes what dask users already know: None (an active
 ``distributed.Client`` if there is one, else threads), ``"threads"``,
 ``"processes"``, ``"synchronous"``, a ``Client``, or a scheduler address
-``"tcp://host:port"``. Nothing here starts a cluster: ``rollmed_dask.cluster``
-does that, and only when the user asks.
+``"tcp://host:port"``; or a function without arguments that starts a cluster
+and returns its Client (``rollmed_dask.cluster`` has such starters): it is
+called only once the job's checks have passed, so a run that cannot succeed
+never submits a SLURM job, and its cluster is closed when the job ends.
 
 Block results are handed to ``on_result`` in the calling process as soon as each
 block finishes, on every scheduler, so a single writer can store them while the
@@ -48,9 +50,15 @@ class Resolved:
         else:
             self.description = f"local {self.local} scheduler"
 
+    #: set when computing the blocks failed: an owned cluster's logs are kept
+    failed: bool = False
+
     def close(self) -> None:
         if self.owns_client:
-            self.client.close()
+            from .cluster import close_client
+
+            # also closes a cluster started for this job (scancel of its jobs)
+            close_client(self.client, keep_logs=self.failed)
 
 
 def _active_client():
@@ -110,6 +118,14 @@ def resolve_scheduler(scheduler=None) -> Resolved:
         )
     if type(scheduler).__name__ == "Client" and hasattr(scheduler, "compute"):
         return Resolved(client=scheduler)
+    if callable(scheduler):
+        client = scheduler()
+        if not (type(client).__name__ == "Client" and hasattr(client, "compute")):
+            raise ValueError(
+                f"scheduler={scheduler!r} returned {client!r}; a function passed as the "
+                f"scheduler must start a cluster and return its distributed Client"
+            )
+        return Resolved(client=client, owns_client=True)
     raise ValueError(
         f"scheduler={scheduler!r} is not a scheduler; pass 'threads', 'processes', "
         f"'synchronous', a distributed Client or an address 'tcp://host:port'"
@@ -126,10 +142,15 @@ def stream_blocks(tasks: list, on_result, resolved: Resolved, num_workers=None) 
     """
     if not tasks:
         return
-    if resolved.client is not None:
-        _stream_distributed(tasks, on_result, resolved.client)
-    else:
-        _stream_local(tasks, on_result, resolved.local, num_workers)
+    try:
+        if resolved.client is not None:
+            _stream_distributed(tasks, on_result, resolved.client)
+        else:
+            _stream_local(tasks, on_result, resolved.local, num_workers)
+    except Exception:
+        # an error, not an interrupt (KeyboardInterrupt is no Exception)
+        resolved.failed = True
+        raise
 
 
 def _stream_local(tasks, on_result, scheduler: str, num_workers) -> None:
@@ -193,12 +214,27 @@ def _local_get(scheduler: str):
 
 
 def _stream_distributed(tasks, on_result, client) -> None:
+    """As blocks finish, write them; meanwhile watch that the cluster still has
+    workers: when a SLURM cluster has lost them all, dask would wait for new
+    ones for ever (``cluster.lost_worker_watch`` raises instead)."""
+    import time
+
     from distributed import as_completed
 
+    from .cluster import lost_worker_watch
+
+    watch = lost_worker_watch(client)
     futures = client.compute(tasks)
     try:
-        for future, result in as_completed(futures, with_results=True):
-            on_result(result)
-            future.release()
+        finished = as_completed(futures, with_results=True)
+        while not finished.is_empty():
+            if finished.has_ready():
+                future, result = next(finished)
+                on_result(result)
+                future.release()
+                continue
+            if watch is not None:
+                watch()
+            time.sleep(0.05)
     finally:
         client.cancel([f for f in futures if not f.done()])

@@ -93,6 +93,21 @@ def test_missing_jobqueue_is_a_friendly_import_error():
     assert 'pip install "rollmed-dask[hpc]"' in out.stdout
 
 
+def test_ctrl_c_stays_a_keyboard_interrupt_after_importing_jobqueue():
+    # dask_jobqueue's runner module makes SIGINT call sys.exit(): a run on SLURM
+    # interrupted with Ctrl-C ended with exit status 0, as if it had succeeded
+    code = (
+        "import signal, dask_jobqueue\n"
+        "from rollmed_dask.cluster import _import_jobqueue\n"
+        "_import_jobqueue()\n"
+        "print(signal.getsignal(signal.SIGINT) is signal.default_int_handler)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
+    )
+    assert out.stdout.strip() == "True"
+
+
 def test_local_cluster_rejects_zero_workers():
     with pytest.raises(ValueError, match="at least one worker"):
         start_local_cluster(0)
@@ -180,6 +195,18 @@ def test_slurm_job_pending_forever_is_a_clear_timeout(slurm, tmp_path):
         )
     assert time.monotonic() - t0 < 60
     assert _wait_gone(name) == []  # the pending job was cancelled
+
+
+@pytest.mark.slurm
+@pytest.mark.parametrize("missing", ["cores", "memory"])
+def test_slurm_cores_and_memory_set_nowhere_fail_before_any_job(slurm, missing):
+    import dask
+
+    given = {"cores": 1, "memory": "1GB"}
+    del given[missing]
+    with dask.config.set({f"jobqueue.slurm.{missing}": None}):
+        with pytest.raises(ValueError, match=rf"^{missing} per SLURM job is not set: pass"):
+            start_slurm_cluster(**given)
 
 
 @pytest.mark.slurm
