@@ -344,13 +344,27 @@ def main(argv=None) -> int:
     try:
         _check_args(args, parser)
         return _run(args)
-    except KeyboardInterrupt:
-        print("rollmed-dask: interrupted; existing files were left as they were", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        print(f"rollmed-dask: interrupted; {_kept(exc)}", file=sys.stderr)
         return EXIT_INTERRUPTED
     except USER_ERRORS as exc:
-        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-        print(f"rollmed-dask: error: {message}", file=sys.stderr)
+        print(f"rollmed-dask: error: {_cli_message(exc)}", file=sys.stderr)
         return EXIT_USAGE
+
+
+def _kept(exc) -> str:
+    partial = getattr(exc, "partial_kept", None)
+    if partial is None:
+        return "existing files were left as they were"
+    return f"the partial Zarr output {partial!r} was kept: rerun with --resume to continue it"
+
+
+def _cli_message(exc) -> str:
+    """The error's message; one that names an API option names the CLI flag instead."""
+    template = getattr(exc, "template", None)
+    if template is not None:
+        return template.replace("{option}", "--" + exc.option.replace("_", "-"))
+    return exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
 
 
 if __name__ == "__main__":
