@@ -200,9 +200,6 @@ def compute_background(
             f"compression={compression!r} is not known; pass one of {', '.join(COMPRESSIONS)}"
         )
     parse_bytes(memory_budget)
-    src: Source = as_source(source, dataset)
-    k = check_kernel_size(kernel_size, src.shape[0])
-    engine = select_engine(engine, src.dtype)
     if in_place:
         # before the input is read: it may be this very file, locked by another program
         _check_in_place_target(target, fmt, output_dataset, overwrite)

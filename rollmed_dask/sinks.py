@@ -441,10 +441,14 @@ class HDF5Sink(Sink):
         move_into_place(self.tmp, self.target)
 
     def abort(self) -> None:
-        if self.h5 is not None:
-            self.h5.close()
-            self.h5 = None
-        _remove_temporary(self.tmp)
+        h5, self.h5 = self.h5, None
+        try:
+            if h5 is not None:
+                h5.close()
+        except (OSError, RuntimeError):
+            pass  # a file HDF5 cannot flush (full disk) is removed all the same
+        finally:
+            _remove_temporary(self.tmp)
 
 
 def _fsync(path: pathlib.Path) -> None:
