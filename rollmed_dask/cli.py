@@ -135,13 +135,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--overwrite",
         action="store_true",
-        help="replace an existing OUTPUT once the new one is complete",
+        help="replace an existing OUTPUT once the new one is complete (a file, or a "
+        "Zarr output of rollmed-dask: other folders are never replaced)",
     )
     g.add_argument(
         "--in-place",
         action="store_true",
         help="add the background to the existing HDF5 file OUTPUT (which may be "
-        "INPUT itself), replacing an old one only when the new is complete",
+        "INPUT itself): a copy beside it gets the background and replaces it when complete",
     )
     g.add_argument(
         "--resume",

@@ -125,7 +125,8 @@ def compute_background(
     Out of core: no task holds more than one block (``memory_budget``), and
     finished blocks are written as they arrive. The result goes to a hidden
     temporary next to ``target`` and is moved into place only when complete,
-    so a failed or interrupted run never touches an existing ``target``.
+    so a failed or interrupted run never touches an existing ``target``. The
+    run holds a lock on ``target``: a second run on it fails at once.
 
     Parameters
     ----------
@@ -150,13 +151,16 @@ def compute_background(
     progress : bool
         Show a progress bar on stderr.
     overwrite : bool
-        Replace an existing ``target`` (only once the new one is complete).
+        Replace an existing ``target`` (only once the new one is complete). Only
+        a file or a Zarr store written by rollmed-dask is ever replaced: any
+        other folder, a symbolic link, or a target holding the input is refused.
     in_place : bool
         Add ``output_dataset`` to the existing HDF5 file ``target`` (which may
         be the input file itself, as dcnum does) instead of creating a new
-        file. The new dataset is copied in under a hidden name and renamed only
-        when complete; an existing one is replaced only with ``overwrite``;
-        every other object and attribute of the file is left as it was.
+        file. The file is never opened for writing: a copy beside it gets the
+        new dataset and a log entry, and replaces it by a rename when complete;
+        everything else is copied as it was. An existing dataset is replaced
+        only with ``overwrite``. ``target`` must hold the input's events.
     resume : bool
         Zarr only: keep the partial output if the run fails, and continue a
         partial output left by an earlier ``resume=True`` run.
@@ -178,6 +182,9 @@ def compute_background(
     ------
     FileNotFoundError, KeyError, ValueError, FileExistsError, PermissionError
         For a bad input or output, with the values and the fix.
+    OSError
+        For a full disk, a file locked by another program, or a target another
+        run is writing (:class:`rollmed_dask.sinks.TargetBusyError`).
 
     Examples
     --------

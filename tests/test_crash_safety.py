@@ -191,15 +191,16 @@ def test_stale_temporaries_are_removed_and_no_other(small_rtdc, tmp_path):
 @pytest.mark.cluster
 @pytest.mark.timeout(300)
 @pytest.mark.filterwarnings("ignore::UserWarning:distributed")
-def test_two_clients_on_one_scheduler_one_killed(long_rtdc, example_dir, tmp_path):
+def test_two_clients_on_one_scheduler_one_killed(example_dir, tmp_path):
     from rollmed_dask.cluster import close_client, start_local_cluster
 
     other = write_example(example_dir / "other-client.rtdc", n_events=600, seed=5)
+    killed_input = write_example(example_dir / "killed-client.rtdc", n_events=1200, seed=6)
     client = start_local_cluster(2)
     try:
         address = client.scheduler.address
         out_a, out_b = tmp_path / "a.rtdc", tmp_path / "b.zarr"
-        killed = start_cli(long_rtdc, out_a, *SLOW, "--scheduler", address)
+        killed = start_cli(killed_input, out_a, *SLOW, "--scheduler", address)
         deadline = time.monotonic() + 60
         while not temporaries(out_a):
             assert killed.poll() is None and time.monotonic() < deadline, killed.communicate()
@@ -212,9 +213,9 @@ def test_two_clients_on_one_scheduler_one_killed(long_rtdc, example_dir, tmp_pat
         assert survivor.returncode == 0, stderr
         np.testing.assert_array_equal(read_images(out_b, "events/image_bg"), expected_bg(other, 9))
         assert not out_a.exists()
-        rerun = run_cli(long_rtdc, out_a, "-k", "20", "--scheduler", address, "-q")
+        rerun = run_cli(killed_input, out_a, "-k", "20", "--scheduler", address, "-q")
         assert rerun.returncode == 0, rerun.stderr
-        expected = expected_bg(long_rtdc, 20)
+        expected = expected_bg(killed_input, 20)
         np.testing.assert_array_equal(read_images(out_a, "events/image_bg"), expected)
     finally:
         close_client(client)
