@@ -172,8 +172,10 @@ class TargetLock:
         return self
 
     def __exit__(self, *exc):
-        os.unlink(self.path)
-        os.close(self.fd)
+        try:
+            os.unlink(self.path)  # before unlocking: a waiting run then sees a new inode
+        finally:
+            os.close(self.fd)
         return False
 
 
@@ -296,6 +298,8 @@ def _remove_temporary(path: pathlib.Path) -> None:
 
 def disk_full_error(exc: OSError, where: pathlib.Path) -> OSError | None:
     """One clear error for a full disk (or quota), or None for other errors."""
+    if (exc.strerror or "").startswith("the disk is full"):  # already says so
+        return exc
     if exc.errno in (errno.ENOSPC, errno.EDQUOT) or "No space left on device" in str(exc):
         return OSError(
             errno.ENOSPC,
