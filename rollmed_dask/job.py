@@ -384,7 +384,7 @@ def _run_job(
         sink.commit(rtdc.bg_ppid_attrs(k, batch_size), log)
     except BaseException as exc:
         sink.abort()
-        if sink.tmp.exists():
+        if resume and sink.tmp.exists():
             exc.partial_kept = str(sink.tmp)  # resumable: the CLI says how to continue
         full = disk_full_error(exc, target) if isinstance(exc, OSError) else None
         if full is not None:
