@@ -196,13 +196,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--overwrite",
         action="store_true",
-        help="replace an existing OUTPUT once the new one is complete",
+        help="replace an existing OUTPUT once the new one is complete (a file, or a "
+        "Zarr output of rollmed-dask: other folders are never replaced)",
     )
     g.add_argument(
         "--in-place",
         action="store_true",
         help="add the background to the existing HDF5 file OUTPUT (which may be "
-        "INPUT itself), replacing an old one only when the new is complete",
+        "INPUT itself): a copy beside it gets the background and replaces it when complete",
     )
     g.add_argument(
         "--resume",
@@ -523,10 +524,17 @@ def _raise_terminated(signum, frame):
     raise Terminated()
 
 
-def _what_was_kept(args, existed: bool) -> str:
+def _what_was_kept(args, existed: bool, exc: BaseException) -> str:
     """What an interrupted or failed run left, in a few words."""
     from .sinks import partial_path
 
+    # the job marks the exception when it kept a resumable partial output
+    partial = getattr(exc, "partial_kept", None)
+    if partial is not None:
+        return (
+            f"the partial output {partial} is kept: run the same command again, "
+            f"with --resume, to continue"
+        )
     if args.output is None:
         return "no output was written"
     if args.resume and partial_path(args.output).exists():
@@ -550,22 +558,29 @@ def main(argv=None) -> int:
     try:
         _check_args(args, parser)
         return _run(args)
-    except KeyboardInterrupt:
-        print(f"rollmed-dask: interrupted; {_what_was_kept(args, existed)}", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        print(f"rollmed-dask: interrupted; {_what_was_kept(args, existed, exc)}", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except Terminated:
-        print(f"rollmed-dask: terminated; {_what_was_kept(args, existed)}", file=sys.stderr)
+    except Terminated as exc:
+        print(f"rollmed-dask: terminated; {_what_was_kept(args, existed, exc)}", file=sys.stderr)
         return EXIT_TERMINATED
     except SlurmJobLost as exc:
-        print(f"rollmed-dask: error: {exc}; {_what_was_kept(args, existed)}", file=sys.stderr)
+        print(f"rollmed-dask: error: {exc}; {_what_was_kept(args, existed, exc)}", file=sys.stderr)
         return EXIT_FAILED
     except USER_ERRORS as exc:
-        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-        print(f"rollmed-dask: error: {message}", file=sys.stderr)
+        print(f"rollmed-dask: error: {_cli_message(exc)}", file=sys.stderr)
         return EXIT_USAGE
     finally:
         if in_main_thread:
             signal.signal(signal.SIGTERM, previous)
+
+
+def _cli_message(exc) -> str:
+    """The error's message; one that names an API option names the CLI flag instead."""
+    template = getattr(exc, "template", None)
+    if template is not None:
+        return template.replace("{option}", "--" + exc.option.replace("_", "-"))
+    return exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
 
 
 if __name__ == "__main__":

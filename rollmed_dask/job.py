@@ -25,7 +25,20 @@ from .pipeline import (
     rolling_median,
 )
 from .scheduling import resolve_scheduler, stream_blocks
-from .sinks import HDF5Sink, ZarrSink, check_target, partial_path
+from .sinks import (
+    HDF5Sink,
+    TargetLock,
+    ZarrSink,
+    check_not_symlink,
+    check_output_folder,
+    check_target,
+    disk_full_error,
+    option_error,
+    partial_path,
+    recover_backup,
+    remove_stale_temporaries,
+    zarr_job_params,
+)
 from .sources import Source, as_source, close_cached_files
 
 FORMATS = ("hdf5", "zarr")
@@ -48,14 +61,23 @@ class BackgroundSummary:
     blocks_resumed: int
     seconds: float
     scheduler: str
+    events_resumed: int = 0
+    complete_already: bool = False
 
     @property
     def events_per_second(self) -> float:
-        return self.events / self.seconds if self.seconds else float("inf")
+        """Events computed by this run per second (resumed blocks do not count)."""
+        computed = self.events - self.events_resumed
+        return computed / self.seconds if self.seconds else float("inf")
 
     def one_line(self) -> str:
         """The line the CLI prints at the end."""
         height, width = self.image_shape
+        if self.complete_already:
+            return (
+                f"nothing to do: {self.target}:{self.dataset} is complete ({self.events} x "
+                f"{height} x {width} {self.dtype}, K={self.kernel_size})"
+            )
         resumed = f", {self.blocks_resumed} resumed" if self.blocks_resumed else ""
         return (
             f"wrote {self.format} {self.target}:{self.dataset} ({self.events} x {height} x "
@@ -103,7 +125,8 @@ def compute_background(
     Out of core: no task holds more than one block (``memory_budget``), and
     finished blocks are written as they arrive. The result goes to a hidden
     temporary next to ``target`` and is moved into place only when complete,
-    so a failed or interrupted run never touches an existing ``target``.
+    so a failed or interrupted run never touches an existing ``target``. The
+    run holds a lock on ``target``: a second run on it fails at once.
 
     Parameters
     ----------
@@ -128,13 +151,16 @@ def compute_background(
     progress : bool
         Show a progress bar on stderr.
     overwrite : bool
-        Replace an existing ``target`` (only once the new one is complete).
+        Replace an existing ``target`` (only once the new one is complete). Only
+        a file or a Zarr store written by rollmed-dask is ever replaced: any
+        other folder, a symbolic link, or a target holding the input is refused.
     in_place : bool
         Add ``output_dataset`` to the existing HDF5 file ``target`` (which may
         be the input file itself, as dcnum does) instead of creating a new
-        file. The new dataset is copied in under a hidden name and renamed only
-        when complete; an existing one is replaced only with ``overwrite``;
-        every other object and attribute of the file is left as it was.
+        file. The file is never opened for writing: a copy beside it gets the
+        new dataset and a log entry, and replaces it by a rename when complete;
+        everything else is copied as it was. An existing dataset is replaced
+        only with ``overwrite``. ``target`` must hold the input's events.
     resume : bool
         Zarr only: keep the partial output if the run fails, and continue a
         partial output left by an earlier ``resume=True`` run.
@@ -156,6 +182,9 @@ def compute_background(
     ------
     FileNotFoundError, KeyError, ValueError, FileExistsError, PermissionError
         For a bad input or output, with the values and the fix.
+    OSError
+        For a full disk, a file locked by another program, or a target another
+        run is writing (:class:`rollmed_dask.sinks.TargetBusyError`).
 
     Examples
     --------
@@ -178,41 +207,101 @@ def compute_background(
             f"compression={compression!r} is not known; pass one of {', '.join(COMPRESSIONS)}"
         )
     parse_bytes(memory_budget)
+    if in_place:
+        # before the input is read: it may be this very file, locked by another program
+        _check_in_place_target(target, fmt, output_dataset, overwrite)
     src: Source = as_source(source, dataset)
     k = check_kernel_size(kernel_size, src.shape[0])
     engine = select_engine(engine, src.dtype)
     if in_place:
-        _check_in_place_target(target, fmt, output_dataset, overwrite)
+        _check_in_place_matches(target, output_dataset, src.shape)
     elif _same_file(src.path, target):
-        raise ValueError(
+        raise option_error(
+            ValueError,
             f"the output {str(target)!r} is the input file; write to another file, or "
-            f"add the background to the input file itself with in_place=True "
-            f"(CLI: --in-place)"
+            f"add the background to the input file itself with {{option}}",
+            "in_place",
         )
-    elif not (resume and fmt == "zarr" and partial_path(target).exists()):
-        check_target(target, overwrite)
+    else:
+        check_not_symlink(target)
+        check_output_folder(target)
     resolved = resolve_scheduler(scheduler)
     try:
-        return _run_job(
-            src,
-            target,
-            fmt,
-            k,
-            engine,
-            resolved,
-            output_dataset=output_dataset,
-            compression=compression,
-            in_place=in_place,
-            resume=resume,
-            progress=progress,
-            batch_size=batch_size,
-            num_workers=num_workers,
-            memory_budget=fit_budget_to_workers(memory_budget, resolved),
-            event_chunk=event_chunk,
-            t0=t0,
-        )
+        # one run per target: a second one is refused while this one writes
+        with TargetLock(target):
+            restored = recover_backup(target)
+            if restored and progress:
+                print(f"rollmed-dask: {restored}", file=sys.stderr)
+            resumable = resume and fmt == "zarr"
+            remove_stale_temporaries(target, keep_resumable=resumable)
+            resuming = resumable and partial_path(target).exists()
+            if not in_place:
+                if resumable and not resuming and _is_complete(target, src, k, compression):
+                    return _complete_summary(src, target, fmt, output_dataset, k, engine, t0)
+                check_target(target, overwrite or resuming, src.path)
+            return _run_job(
+                src,
+                target,
+                fmt,
+                k,
+                engine,
+                resolved,
+                output_dataset=output_dataset,
+                compression=compression,
+                in_place=in_place,
+                resume=resume,
+                progress=progress,
+                batch_size=batch_size,
+                num_workers=num_workers,
+                memory_budget=fit_budget_to_workers(memory_budget, resolved),
+                event_chunk=event_chunk,
+                t0=t0,
+            )
     finally:
         resolved.close()
+
+
+def _result_params(src, k, compression) -> dict:
+    """What decides the stored result (the block length does not)."""
+    n_events, height, width = src.shape
+    return {
+        "input": str(src.path) if src.path else type(src.array).__name__,
+        "dataset": src.dataset,
+        "events": n_events,
+        "image_shape": [height, width],
+        "dtype": str(src.dtype),
+        "kernel_size": k,
+        "compression": compression,
+    }
+
+
+def _is_complete(target: pathlib.Path, src, k, compression) -> bool:
+    """A complete Zarr output of ours made by the same job: nothing to resume."""
+    stored = zarr_job_params(target)
+    if not isinstance(stored, dict):
+        return False
+    stored = {key: value for key, value in stored.items() if key != "block_events"}
+    return stored == _result_params(src, k, compression)
+
+
+def _complete_summary(src, target, fmt, output_dataset, k, engine, t0) -> BackgroundSummary:
+    n_events, height, width = src.shape
+    return BackgroundSummary(
+        target=str(target),
+        format=fmt,
+        dataset=output_dataset,
+        events=n_events,
+        image_shape=(height, width),
+        dtype=str(src.dtype),
+        kernel_size=k,
+        engine=engine,
+        blocks=0,
+        blocks_resumed=0,
+        seconds=time.perf_counter() - t0,
+        scheduler="none",
+        events_resumed=n_events,
+        complete_already=True,
+    )
 
 
 def _run_job(
@@ -252,16 +341,7 @@ def _run_job(
         bg = bg.rechunk({1: height, 2: width})  # sinks take full frames
         event_chunks = bg.chunks[0]
     starts = _block_starts(event_chunks)
-    params = {
-        "input": str(src.path) if src.path else type(src.array).__name__,
-        "dataset": src.dataset,
-        "events": n_events,
-        "image_shape": [height, width],
-        "dtype": str(src.dtype),
-        "kernel_size": k,
-        "block_events": event_chunks[0],
-        "compression": compression,
-    }
+    params = {**_result_params(src, k, compression), "block_events": event_chunks[0]}
     common = dict(
         chunk_events=chunk_events, job_params=dict(params), resume=resume, compression=compression
     )
@@ -292,9 +372,6 @@ def _run_job(
                 bar.update(sink.write(payload))
 
             stream_blocks(tasks, on_result, resolved, num_workers)
-        if in_place and resolved.client is not None:
-            # worker processes hold read handles on the file about to be written
-            resolved.client.run(close_cached_files, os.fspath(target.resolve()))
         params.update(
             engine=engine,
             scheduler=resolved.description,
@@ -305,9 +382,19 @@ def _run_job(
             params, input_path=src.path, output_path=target, time_start=started
         )
         sink.commit(rtdc.bg_ppid_attrs(k, batch_size), log)
-    except BaseException:
+    except BaseException as exc:
         sink.abort()
+        if resume and sink.tmp.exists():
+            exc.partial_kept = str(sink.tmp)  # resumable: the CLI says how to continue
+        full = disk_full_error(exc, target) if isinstance(exc, OSError) else None
+        if full is not None:
+            raise full from None
         raise
+    if in_place:
+        # read handles on the replaced file would keep its old copy on disk
+        close_cached_files(os.fspath(target.resolve()))
+        if resolved.client is not None:
+            resolved.client.run(close_cached_files, os.fspath(target.resolve()))
     return BackgroundSummary(
         target=str(target),
         format=fmt,
@@ -321,6 +408,7 @@ def _run_job(
         blocks_resumed=len(done),
         seconds=time.perf_counter() - t0,
         scheduler=resolved.description,
+        events_resumed=resumed_events,
     )
 
 
@@ -349,26 +437,65 @@ def _check_in_place_target(target: pathlib.Path, fmt: str, dataset: str, overwri
     import h5py
 
     if fmt != "hdf5":
-        raise ValueError("in_place works with HDF5 files only; drop --in-place for Zarr output")
+        raise option_error(
+            ValueError,
+            "in_place works with HDF5 files only; drop {option} for Zarr output",
+            "in_place",
+        )
+    check_not_symlink(target)
     if not target.is_file():
-        raise FileNotFoundError(
+        raise option_error(
+            FileNotFoundError,
             f"in_place needs an existing HDF5 file, but {str(target)!r} does not exist; "
-            f"drop --in-place to create a new file"
+            f"drop {{option}} to create a new file",
+            "in_place",
         )
     try:
         with h5py.File(target, "r") as h5:
             exists = dataset in h5
+    except BlockingIOError:
+        raise OSError(
+            f"{str(target)!r} is locked by another program that has it open for writing "
+            f"(HDF5 file locking); close it there and run again"
+        ) from None
     except OSError:
         raise ValueError(
             f"{str(target)!r} is not a readable HDF5 file; in_place needs an HDF5 (.rtdc) file"
         ) from None
     if not os.access(target, os.W_OK):
         raise PermissionError(f"cannot write to {str(target)!r} (no write permission)")
+    # the new file is built beside the old one and renamed over it
+    check_output_folder(target)
     if exists and not overwrite:
-        raise FileExistsError(
-            f"{str(target)!r} already has {dataset!r}; pass overwrite=True (CLI: --overwrite) "
-            f"to replace it once the new one is complete"
+        raise option_error(
+            FileExistsError,
+            f"{str(target)!r} already has {dataset!r}; pass {{option}} to replace it once "
+            f"the new one is complete",
+            "overwrite",
         )
+
+
+def _check_in_place_matches(target: pathlib.Path, dataset: str, shape: tuple) -> None:
+    """In place into another file: its events must be the input's events."""
+    import posixpath
+
+    import h5py
+
+    group_name, name = posixpath.split(dataset.strip("/"))
+    with h5py.File(target, "r") as h5:
+        group = h5.get(group_name or "/")
+        items = group.items() if isinstance(group, h5py.Group) else []
+        for other, obj in items:
+            if other == name or not isinstance(obj, h5py.Dataset) or obj.ndim == 0:
+                continue
+            if obj.shape[0] != shape[0] or (
+                other == "image" and obj.shape[1:] != tuple(shape[1:])
+            ):
+                raise ValueError(
+                    f"{str(target)!r} holds {obj.shape[0]} events of shape {obj.shape[1:]} "
+                    f"in {obj.name!r}, but the input has {shape[0]} of {tuple(shape[1:])}: "
+                    f"its background does not belong in this file; write a new file instead"
+                )
 
 
 def _is_hdf5_input(src: Source) -> bool:

@@ -10,14 +10,25 @@ event is a multiple of the output chunk length. A sink is used in four steps:
    the single HDF5 writer stores the compressed chunks;
 4. ``commit()`` finishes the file and moves it into place, or ``abort()``
    removes it. An existing target is untouched until ``commit``.
+
+The job holds the target's :class:`TargetLock` for the whole run, so no two
+runs write one target; temporaries carry the run's pid and a random part, and
+the next run on a target removes those of killed runs. A symbolic link, a
+folder that is not a Zarr output of ours, or a target holding the input is
+never replaced (``check_target``).
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import pathlib
+import re
+import secrets
 import shutil
+import signal
+import socket
 
 import numpy as np
 
@@ -30,12 +41,56 @@ HDF5_COMPRESSION = {
     "none": False,
 }
 PROGRESS_DIR = ".rollmed-progress"
+# The root attribute that marks a Zarr store as written (completely) by us.
+ZARR_LOG_ATTR = "rollmed-dask log"
+ZARR_JOB_ATTR = "rollmed-dask job"
+# Test hook: ``ROLLMED_DASK_TEST_KILL_AT=<point>`` SIGKILLs the process at
+# that named point, so the crash-window tests need no timing luck.
+KILL_ENV = "ROLLMED_DASK_TEST_KILL_AT"
+
+
+def crash_point(name: str) -> None:
+    """SIGKILL this process here if the test hook names this point."""
+    if os.environ.get(KILL_ENV) == name:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def option_error(exc_type, template: str, option: str) -> Exception:
+    """``exc_type`` whose message names the keyword ``option`` (``overwrite=True``).
+
+    ``exc.template`` and ``exc.option`` let the command line name its own
+    flag (``--overwrite``) instead: each interface speaks its own language.
+    """
+    exc = exc_type(template.replace("{option}", f"{option}=True"))
+    exc.template, exc.option = template, option
+    return exc
 
 
 def partial_path(target: pathlib.Path) -> pathlib.Path:
-    """The temporary name of ``target``: hidden, in the same folder, so the
-    final move is a rename on the same file system."""
+    """The stable temporary name of ``target``, used by resumable Zarr runs
+    only: hidden, in the same folder, so the final move is a rename on the same
+    file system. The target's lock guards it."""
     return target.with_name(f".{target.name}{PARTIAL_SUFFIX}")
+
+
+def run_partial_path(target: pathlib.Path) -> pathlib.Path:
+    """A temporary name of ``target`` that no other run uses (pid and random)."""
+    return target.with_name(f".{target.name}.{os.getpid()}-{secrets.token_hex(4)}{PARTIAL_SUFFIX}")
+
+
+def backup_path(target: pathlib.Path) -> pathlib.Path:
+    """Where the old output waits while a folder output is swapped in."""
+    return target.with_name(f".{target.name}.old")
+
+
+def temporaries(target: pathlib.Path) -> list[pathlib.Path]:
+    """Temporaries of ``target`` on disk: the resumable one and per-run ones."""
+    pattern = re.compile(
+        re.escape(f".{target.name}.") + r"\d+-[0-9a-f]{8}" + re.escape(PARTIAL_SUFFIX)
+    )
+    found = [p for p in target.parent.iterdir() if pattern.fullmatch(p.name)]
+    stable = partial_path(target)
+    return found + ([stable] if stable.exists() else [])
 
 
 def _remove(path: pathlib.Path) -> None:
@@ -45,28 +100,130 @@ def _remove(path: pathlib.Path) -> None:
         path.unlink()
 
 
+def remove_stale_temporaries(target: pathlib.Path, *, keep_resumable: bool) -> None:
+    """Remove per-run temporaries of killed runs. Only called under the
+    target's lock, so none of them belongs to a live run."""
+    for path in temporaries(target):
+        if not (keep_resumable and path == partial_path(target)):
+            _remove(path)
+
+
+def is_our_zarr(path: pathlib.Path) -> bool:
+    """True for a complete Zarr store written by rollmed-dask."""
+    try:
+        meta = json.loads((path / "zarr.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and ZARR_LOG_ATTR in meta.get("attributes", {})
+
+
+def zarr_job_params(path: pathlib.Path):
+    """The job parameters a complete Zarr output of ours was made with, or None."""
+    try:
+        meta = json.loads((path / "zarr.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return meta.get("attributes", {}).get(ZARR_JOB_ATTR)
+
+
+class TargetBusyError(OSError):
+    """Another run holds the target's lock."""
+
+
+class TargetLock:
+    """An exclusive lock on a target: ``.NAME.lock`` beside it, held with
+    ``flock`` by one process.
+
+    The kernel drops the lock when its holder dies, even by SIGKILL, so a
+    stale lock file needs no pid checks: the next run simply takes it. The file
+    is removed on release; a run that opened the old file before that notices
+    (the inode changed) and opens the new one.
+    """
+
+    def __init__(self, target: pathlib.Path):
+        self.target = target
+        self.path = target.with_name(f".{target.name}.lock")
+        self.fd = None
+
+    def __enter__(self):
+        import fcntl
+
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(fd, 100).decode(errors="replace").strip() or "?"
+                os.close(fd)
+                raise TargetBusyError(
+                    f"another rollmed-dask run (pid {holder}) is writing {str(self.target)!r}; "
+                    f"wait for it to finish, or write to another path"
+                ) from None
+            try:
+                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()} on {socket.gethostname()}\n".encode())
+        self.fd = fd
+        return self
+
+    def __exit__(self, *exc):
+        try:
+            os.unlink(self.path)  # before unlocking: a waiting run then sees a new inode
+        finally:
+            os.close(self.fd)
+        return False
+
+
+def recover_backup(target: pathlib.Path) -> str | None:
+    """Finish a folder swap that a killed run left half done (under the lock).
+
+    ``move_into_place`` parks the old output as ``.NAME.old`` and then moves
+    the new one in. Killed between the two renames, nothing is under the
+    target's name: the old output is put back. Killed after both, the parked
+    old output is what the complete new one replaced, and it is removed.
+    Returns a message when something was restored.
+    """
+    backup = backup_path(target)
+    if not (backup.exists() or backup.is_symlink()):
+        return None
+    if target.exists() or target.is_symlink():
+        _remove(backup)
+        return None
+    os.replace(backup, target)
+    return (
+        f"restored {str(target)!r} from {backup.name}, "
+        f"left by a run that was killed while replacing it"
+    )
+
+
 def move_into_place(tmp: pathlib.Path, target: pathlib.Path) -> None:
-    """Replace ``target`` by the complete ``tmp``; the old target survives any
-    failure before the final rename."""
+    """Replace ``target`` by the complete ``tmp`` (under the target's lock).
+
+    A file onto a file is one atomic rename. ``os.replace`` cannot swap a file
+    and a folder, nor replace a non-empty folder: the old target is parked as
+    ``.NAME.old`` first, and ``recover_backup`` puts it back if the process
+    dies before the new one is in place. At every moment either the target or
+    its parked copy holds a complete output.
+    """
     if target.exists() and (tmp.is_dir() or target.is_dir()):
-        # os.replace cannot swap a file and a directory, nor replace a non-empty
-        # directory: park the old target beside it until the new one is in place
-        old = target.with_name(f".{target.name}.old")
-        _remove(old)
-        os.replace(target, old)
+        backup = backup_path(target)
+        os.replace(target, backup)  # fails if a backup exists: never overwrite one
+        crash_point("move-parked")
         os.replace(tmp, target)
-        _remove(old)
+        crash_point("move-installed")
+        _remove(backup)
     else:
+        crash_point("move-file")
         os.replace(tmp, target)
 
 
-def check_target(target: pathlib.Path, overwrite: bool) -> None:
-    """Fail early, before any work, if the target cannot be written."""
-    if target.exists() and not overwrite:
-        raise FileExistsError(
-            f"output {str(target)!r} already exists; pass overwrite=True (CLI: --overwrite) "
-            f"to replace it once the new result is complete, or choose another path"
-        )
+def check_output_folder(target: pathlib.Path) -> None:
+    """Fail early, before any work, if nothing can be written beside ``target``."""
     parent = target.parent
     if not parent.is_dir():
         raise FileNotFoundError(
@@ -76,16 +233,81 @@ def check_target(target: pathlib.Path, overwrite: bool) -> None:
         raise PermissionError(f"cannot write into the output folder {str(parent)!r}")
 
 
-def _remove_at_exit(path: pathlib.Path) -> None:
-    """Remove ``path`` again when the interpreter exits.
+def check_not_symlink(target: pathlib.Path) -> None:
+    """Refuse a symbolic link as output.
+
+    Replacing it would put a plain file in place of the link and leave the
+    file it points to as it was; writing through it would put the temporary
+    beside a file somewhere else. Neither is what the path says, so the user
+    chooses: the link's target, or another name.
+    """
+    if target.is_symlink():
+        raise ValueError(
+            f"output {str(target)!r} is a symbolic link to {os.readlink(target)!r}; "
+            f"give the path it points to, or another path"
+        )
+
+
+def check_target(target: pathlib.Path, overwrite: bool, input_path=None) -> None:
+    """Fail early, before any work, if the target cannot be written or replaced.
+
+    Only what rollmed-dask writes is ever replaced: a file, or a complete Zarr
+    store of ours. A folder of any other kind is refused even with
+    ``overwrite``, and so is any target that holds the input.
+    """
+    check_not_symlink(target)
+    check_output_folder(target)
+    if not target.exists():
+        return
+    if input_path is not None:
+        inside = pathlib.Path(input_path).resolve()
+        if target.resolve() in (inside, *inside.parents):
+            raise ValueError(
+                f"the output {str(target)!r} holds the input {str(input_path)!r}; "
+                f"write to another path"
+            )
+    if target.is_dir() and not is_our_zarr(target):
+        raise FileExistsError(
+            f"the output {str(target)!r} is a folder that rollmed-dask did not write; "
+            f"it is never replaced: give a new path, such as "
+            f"{str(target / 'background.rtdc')!r}"
+        )
+    if not overwrite:
+        raise option_error(
+            FileExistsError,
+            f"output {str(target)!r} already exists; choose another path, or pass "
+            f"{{option}} to replace it (a file, or a Zarr output of rollmed-dask) once "
+            f"the new result is complete",
+            "overwrite",
+        )
+
+
+def _remove_temporary(path: pathlib.Path) -> None:
+    """Remove a per-run temporary now, and again when the interpreter exits.
 
     After an interrupt, a worker thread may still be finishing its block and
     write a Zarr chunk into the temporary just removed. Python joins worker
-    threads before it runs ``atexit`` handlers, so this removal comes last.
+    threads before it runs ``atexit`` handlers, so that removal comes last. The
+    name is this run's own, so no other run's output can be hit.
     """
     import atexit
 
+    shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
     atexit.register(lambda: path.exists() and _remove(path))
+
+
+def disk_full_error(exc: OSError, where: pathlib.Path) -> OSError | None:
+    """One clear error for a full disk (or quota), or None for other errors."""
+    if (exc.strerror or "").startswith("the disk is full"):  # already says so
+        return exc
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT) or "No space left on device" in str(exc):
+        return OSError(
+            errno.ENOSPC,
+            f"the disk is full (no space left on device) while writing in "
+            f"{str(where.parent)!r}; nothing was changed: free some space there or "
+            f"choose another output folder",
+        )
+    return None
 
 
 class Sink:
@@ -93,7 +315,8 @@ class Sink:
 
     def __init__(self, target, dataset, shape, dtype, *, chunk_events, job_params, resume):
         self.target = pathlib.Path(target)
-        self.tmp = partial_path(self.target)
+        # resumable Zarr needs a name the next run finds; the lock guards it
+        self.tmp = partial_path(self.target) if resume else run_partial_path(self.target)
         self.dataset = dataset
         self.shape = tuple(shape)
         self.dtype = np.dtype(dtype)
@@ -104,8 +327,7 @@ class Sink:
     def abort(self) -> None:
         """Remove the temporary output, unless it is kept to be resumed."""
         if not self.resume:
-            _remove(self.tmp)
-            _remove_at_exit(self.tmp)
+            _remove_temporary(self.tmp)
 
     def done_starts(self) -> set[int]:
         """Event offsets of blocks a previous, interrupted run completed."""
@@ -146,11 +368,17 @@ class HDF5Sink(Sink):
 
         from .h5chunks import ChunkCodec
 
-        # An interrupted HDF5 file may be corrupt: it is never resumed, only replaced.
-        _remove(self.tmp)
-        self.h5 = h5py.File(self.tmp, "w", libver="latest")
-        if self.input_path is not None and not self.in_place:
-            rtdc.prepare_output_file(self.h5, self.input_path)
+        if self.in_place:
+            self._copy_target()
+            self.h5 = h5py.File(self.tmp, "a")
+            if self.dataset in self.h5:
+                # deleted before the new one is written, in one session: HDF5
+                # reuses the freed space, so repeated runs do not grow the file
+                del self.h5[self.dataset]
+        else:
+            self.h5 = h5py.File(self.tmp, "w", libver="latest")
+            if self.input_path is not None:
+                rtdc.prepare_output_file(self.h5, self.input_path)
         self.dset = self.h5.create_dataset(
             self.dataset,
             shape=self.shape,
@@ -163,6 +391,26 @@ class HDF5Sink(Sink):
             self.dset.attrs.create(key, value)
         codec = ChunkCodec.from_dataset(self.dset)
         self.codec = codec if codec.supported else None
+
+    def _copy_target(self) -> None:
+        """In place: a byte-for-byte copy of the target, beside it, to write into.
+
+        HDF5 gives no guarantee for a file killed while open for writing, so the
+        user's file is never opened for writing: the copy gets the new dataset
+        and replaces the file by a rename once complete.
+        """
+        need = self.target.stat().st_size
+        free = shutil.disk_usage(self.target.parent).free
+        if free < need:
+            raise OSError(
+                errno.ENOSPC,
+                f"the disk is full: in_place copies {str(self.target)!r} ({need:,} bytes) "
+                f"beside it first, but only {free:,} bytes are free; free some space "
+                f"there, or write a new file instead",
+            )
+        shutil.copyfile(self.target, self.tmp)
+        shutil.copymode(self.target, self.tmp)
+        crash_point("inplace-copied")
 
     @property
     def prepare(self):
@@ -183,56 +431,38 @@ class HDF5Sink(Sink):
         return data.shape[0]
 
     def commit(self, dataset_attrs: dict, log_lines: list[str]) -> None:
-        log_name = rtdc.run_log_name()
         for key, value in dataset_attrs.items():
             self.dset.attrs[key] = value
         rtdc.write_pipeline_attrs(self.h5, self.dataset)  # dcnum then skips its background
-        if self.in_place:
-            self.h5.close()
-            self.h5 = None
-            install_dataset(self.tmp, self.target, self.dataset, log_name, log_lines)
-            _remove(self.tmp)
-            return
-        rtdc.write_log(self.h5, log_name, log_lines)
+        rtdc.write_log(self.h5, _free_log_name(self.h5, rtdc.run_log_name()), log_lines)
         self.h5.close()
         self.h5 = None
+        _fsync(self.tmp)
+        if self.in_place:
+            crash_point("inplace-written")
+            os.replace(self.tmp, self.target)
+            crash_point("inplace-replaced")
+            return
         move_into_place(self.tmp, self.target)
 
     def abort(self) -> None:
-        if self.h5 is not None:
-            self.h5.close()
-            self.h5 = None
-        _remove(self.tmp)
+        h5, self.h5 = self.h5, None
+        try:
+            if h5 is not None:
+                h5.close()
+        except (OSError, RuntimeError):
+            pass  # a file HDF5 cannot flush (full disk) is removed all the same
+        finally:
+            _remove_temporary(self.tmp)
 
 
-def install_dataset(tmp_file, target_file, dataset: str, log_name: str, log_lines) -> None:
-    """Copy the finished ``dataset`` of ``tmp_file`` into the existing HDF5 file
-    ``target_file`` (in place), replacing an old one only once the copy is complete.
-
-    The copy goes to a hidden sibling name first (HDF5 copies the compressed
-    chunks as they are), then the old dataset is deleted and the new one renamed:
-    every other object and attribute of the file stays as it was.
-    """
-    import posixpath
-
-    import h5py
-
-    from .sources import close_cached_files
-
-    # our own read handle on the input would block opening it for writing
-    close_cached_files(str(pathlib.Path(target_file).resolve()))
-    group_name, name = posixpath.split(dataset.strip("/"))
-    staging = f".{name}{PARTIAL_SUFFIX}"
-    with h5py.File(tmp_file, "r") as src, h5py.File(target_file, "a") as dst:
-        group = dst.require_group(group_name or "/")
-        if staging in group:
-            del group[staging]
-        src.copy(src[dataset], group, name=staging)
-        if name in group:
-            del group[name]
-        group.move(staging, name)
-        rtdc.write_pipeline_attrs(dst, dataset)  # dcnum then skips its background
-        rtdc.write_log(dst, _free_log_name(dst, log_name), log_lines)
+def _fsync(path: pathlib.Path) -> None:
+    """Data on disk before the rename that publishes it."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _free_log_name(h5, name: str) -> str:
@@ -278,7 +508,6 @@ class ZarrSink(Sink):
         if self.resume and self.tmp.exists():
             self._check_resumable()
             return
-        _remove(self.tmp)
         root = zarr.open_group(store=str(self.tmp), mode="w")
         root.create_array(
             self.dataset,
@@ -292,14 +521,24 @@ class ZarrSink(Sink):
         self._params_file().write_text(json.dumps(self.job_params, sort_keys=True))
 
     def _check_resumable(self) -> None:
+        if not (self.tmp / self.dataset / "zarr.json").is_file():
+            raise option_error(
+                ValueError,
+                f"the partial output {str(self.tmp)!r} lacks the metadata of its array "
+                f"{self.dataset!r} (its run was stopped while creating it, or it was "
+                f"damaged), so it cannot be continued; rerun without {{option}} to start over",
+                "resume",
+            )
         try:
             previous = json.loads(self._params_file().read_text())
         except (OSError, ValueError):
             previous = None
         if previous != json.loads(json.dumps(self.job_params, sort_keys=True)):
-            raise ValueError(
+            raise option_error(
+                ValueError,
                 f"the partial output {str(self.tmp)!r} was made by a run with other "
-                f"parameters ({previous}); remove it, or rerun without resume to start over"
+                f"parameters ({previous}); rerun without {{option}} to start over",
+                "resume",
             )
 
     def done_starts(self) -> set[int]:
@@ -325,7 +564,10 @@ class ZarrSink(Sink):
         array.attrs.update(
             {**{k: _plain(v) for k, v in rtdc.IMAGE_ATTRS.items()}, **dataset_attrs}
         )
-        root.attrs.update({"rollmed-dask log": {rtdc.run_log_name(): log_lines}})
+        # the log marks the store as ours: only such a folder is ever replaced
+        root.attrs.update(
+            {ZARR_LOG_ATTR: {rtdc.run_log_name(): log_lines}, ZARR_JOB_ATTR: self.job_params}
+        )
         _remove(self.tmp / PROGRESS_DIR)
         move_into_place(self.tmp, self.target)
 
@@ -350,7 +592,10 @@ def _zarr_write_block(store_path: str, dataset: str, block, start: int):
 
     array = zarr.open_array(store=store_path, path=dataset, mode="r+")
     array[start : start + len(block)] = block
-    # One marker per block start, written only after the block's data.
+    crash_point("zarr-data")
+    # One marker per block start, written only after the block's data: resume
+    # trusts a marker, so a block without one is computed again.
     marker = pathlib.Path(store_path) / PROGRESS_DIR / str(start)
     marker.touch()
+    crash_point("zarr-marker")
     return start, len(block)

@@ -15,13 +15,14 @@ import tempfile
 import time
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
-from conftest import flip_bytes_in_chunk, read_images, write_bad_stacks
+from conftest import _in_ci, flip_bytes_in_chunk, read_images, write_bad_stacks
 
 from rollmed_dask import compute_background, rolling_median_reference
 from rollmed_dask.example import write_example
-from rollmed_dask.sinks import partial_path
+from rollmed_dask.sinks import partial_path, temporaries
 
 SLOW = ["-k", "20", "--engine", "scipy", "--event-chunk", "40"]
 
@@ -54,9 +55,8 @@ def run_cli(*args, timeout=300):
 
 def wait_until_running(proc, out: Path, seconds=60):
     """Until the temporary output exists and a block or two are done."""
-    tmp = partial_path(out)
     deadline = time.monotonic() + seconds
-    while not tmp.exists():
+    while not temporaries(out):
         assert proc.poll() is None, proc.communicate()
         assert time.monotonic() < deadline, "the job never started writing"
         time.sleep(0.1)
@@ -132,7 +132,7 @@ def test_sigkill_keeps_the_old_output_and_a_rerun_is_exact(long_rtdc, tmp_path):
     assert rerun.returncode == 0, rerun.stderr
     expected = rolling_median_reference(read_images(long_rtdc), 20)
     np.testing.assert_array_equal(read_images(out, "events/image_bg"), expected)
-    assert not partial_path(out).exists(), "the rerun replaced the stale temporary"
+    assert not temporaries(out), "the rerun removed the stale temporary"
 
 
 @pytest.mark.timeout(300)
@@ -162,7 +162,7 @@ def test_damaged_chunk_is_caught_and_named(rtdc_copy, tmp_path):
     out = tmp_path / "bg.rtdc"
     with pytest.raises(OSError, match="events 120 to 159"):
         compute_background(rtdc_copy, out, 10, progress=False)
-    assert not out.exists() and not partial_path(out).exists()
+    assert not out.exists() and not temporaries(out)
     result = run_cli(rtdc_copy, out, "-k", "10")
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
@@ -261,3 +261,251 @@ def test_api_bad_input_matrix(source, target, kwargs, error, message, bad_inputs
     with pytest.raises(error, match=message):
         compute_background(bad_inputs / source, bad_inputs / target, **kwargs)
     assert {p.name: p.stat().st_mtime_ns for p in bad_inputs.iterdir()} == before
+
+
+# --- Targets that are not ours are never replaced (issue 11, item 1) ---
+
+
+def one_error_line(result) -> str:
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("rollmed-dask: error: ")
+    return line
+
+
+def snapshot(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize("fmt", ["hdf5", "zarr"])
+def test_an_ordinary_folder_is_never_replaced(fmt, small_rtdc, tmp_path):
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "notes.txt").write_text("the user's own file")
+    line = one_error_line(
+        run_cli(small_rtdc, results, "-k", "5", "--format", fmt, "--overwrite", "-q")
+    )
+    assert "is a folder that rollmed-dask did not write" in line
+    assert "--overwrite" not in line, "the message must not lead into deleting the folder"
+    assert snapshot(results) == {"notes.txt": b"the user's own file"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results"]
+
+
+def test_the_folder_that_holds_the_input_is_never_replaced(small_rtdc, tmp_path):
+    mydata = tmp_path / "mydata"
+    mydata.mkdir()
+    raw = Path(shutil.copy(small_rtdc, mydata / "run1.rtdc"))
+    before = snapshot(mydata)
+    line = one_error_line(run_cli(raw, mydata, "-k", "5", "--overwrite", "-q"))
+    assert "holds the input" in line
+    assert snapshot(mydata) == before
+
+
+def test_our_zarr_output_is_replaced_with_overwrite(small_rtdc, tmp_path):
+    out = tmp_path / "bg.zarr"
+    compute_background(small_rtdc, out, 5, progress=False)
+    compute_background(small_rtdc, out, 7, progress=False, overwrite=True)
+    expected = rolling_median_reference(read_images(small_rtdc), 7)
+    np.testing.assert_array_equal(read_images(out, "events/image_bg"), expected)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bg.zarr"]
+
+
+def test_a_symlink_output_is_refused(small_rtdc, tmp_path):
+    real = tmp_path / "real.rtdc"
+    real.write_bytes(b"the file the link points to")
+    link = tmp_path / "link.rtdc"
+    link.symlink_to(real)
+    line = one_error_line(run_cli(small_rtdc, link, "-k", "5", "--overwrite", "-q"))
+    assert "is a symbolic link to" in line and str(real) in line
+    assert link.is_symlink() and real.read_bytes() == b"the file the link points to"
+
+
+def test_the_cli_names_its_flags_and_the_api_its_keywords(small_rtdc, tmp_path):
+    out = tmp_path / "bg.rtdc"
+    out.write_bytes(b"keep me")
+    line = one_error_line(run_cli(small_rtdc, out, "-k", "5"))
+    assert "pass --overwrite to replace it" in line
+    assert "overwrite=True" not in line and "CLI:" not in line
+    with pytest.raises(FileExistsError, match="pass overwrite=True to replace it") as info:
+        compute_background(small_rtdc, out, 5, progress=False)
+    assert "CLI" not in str(info.value)
+    line = one_error_line(run_cli(small_rtdc, small_rtdc, "-k", "5"))
+    assert line.endswith("with --in-place")
+
+
+# --- In place into another file (item 3), a locked file (item 11), growth (item 13) ---
+
+
+def test_in_place_into_a_file_with_other_events_is_refused(small_rtdc, tmp_path):
+    other = write_example(tmp_path / "other.rtdc", n_events=500, seed=2)
+    before = other.read_bytes()
+    line = one_error_line(run_cli(small_rtdc, other, "--in-place", "-k", "5", "-q"))
+    assert "holds 500 events" in line and "has 300" in line
+    assert other.read_bytes() == before
+
+
+def test_in_place_on_a_file_open_for_writing_elsewhere_says_it_is_locked(rtdc_copy):
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sys, h5py; f = h5py.File(sys.argv[1], 'a'); print('open', flush=True); "
+         "sys.stdin.read()", rtdc_copy],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "open"
+        line = one_error_line(run_cli(rtdc_copy, rtdc_copy, "--in-place", "-k", "5", "-q"))
+        assert "is locked by another program" in line
+        assert "damaged" not in line
+    finally:
+        holder.communicate("", timeout=30)
+
+
+def test_in_place_overwrite_does_not_grow_the_file(rtdc_copy):
+    sizes = []
+    for _ in range(3):
+        result = run_cli(rtdc_copy, rtdc_copy, "--in-place", "--overwrite", "-k", "5", "-q")
+        assert result.returncode == 0, result.stderr
+        sizes.append(rtdc_copy.stat().st_size)
+    with h5py.File(rtdc_copy) as h5:
+        bg_bytes = h5["events/image_bg"].id.get_storage_size()
+        logs = [name for name in h5["logs"] if name.startswith("rollmed-dask-job")]
+    # each run adds its log entry (a few KiB), not another copy of the dataset
+    assert sizes[2] - sizes[1] < bg_bytes / 10, (sizes, bg_bytes)
+    assert len(logs) == 3
+    expected = rolling_median_reference(read_images(rtdc_copy), 5)
+    np.testing.assert_array_equal(read_images(rtdc_copy, "events/image_bg"), expected)
+
+
+# --- A full disk (item 4), on a real 16 MiB tmpfs ---
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mount = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", disk], capture_output=True, text=True
+    )
+    if mount.returncode != 0:
+        if _in_ci():
+            pytest.fail(f"CI must be able to mount a small tmpfs (as root): {mount.stderr}")
+        pytest.skip(f"cannot mount a tmpfs here: {mount.stderr.strip()}")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", disk], check=True)
+
+
+def fill_disk(disk: Path, leave: int) -> None:
+    """Leave only ``leave`` bytes free on ``disk``."""
+    free = shutil.disk_usage(disk).free
+    with open(disk / "filler", "wb") as f:
+        f.write(bytes(free - leave))
+
+
+@pytest.mark.parametrize("suffix", [".rtdc", ".zarr"])
+def test_a_full_disk_is_one_line_and_leaves_nothing(suffix, small_rtdc, small_disk):
+    fill_disk(small_disk, 300_000)
+    line = one_error_line(run_cli(small_rtdc, small_disk / f"bg{suffix}", "-k", "10", "-q"))
+    assert "[Errno 28] the disk is full" in line and str(small_disk) in line
+    assert sorted(p.name for p in small_disk.iterdir()) == ["filler"]
+
+
+@pytest.mark.parametrize("spare", [-1_000_000, 100_000], ids=["no-room-to-copy", "full-midway"])
+def test_a_full_disk_in_place_leaves_the_raw_file_as_it_was(spare, small_rtdc, small_disk):
+    raw = Path(shutil.copy(small_rtdc, small_disk / "raw.rtdc"))
+    before = raw.read_bytes()
+    fill_disk(small_disk, len(before) + spare)
+    line = one_error_line(run_cli(raw, raw, "--in-place", "-k", "10", "-q"))
+    assert "the disk is full" in line
+    assert raw.read_bytes() == before
+    assert sorted(p.name for p in small_disk.iterdir()) == ["filler", "raw.rtdc"]
+
+
+# --- Resume, interrupts (items 5 and 11) ---
+
+
+def test_resume_of_a_complete_output_has_nothing_to_do(small_rtdc, tmp_path):
+    out = tmp_path / "bg.zarr"
+    assert run_cli(small_rtdc, out, "-k", "5", "--resume").returncode == 0
+    before = snapshot(out)
+    result = run_cli(small_rtdc, out, "-k", "5", "--resume")
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith(f"nothing to do: {out}")
+    assert snapshot(out) == before
+    # another job on the same output is not "nothing to do"
+    line = one_error_line(run_cli(small_rtdc, out, "-k", "7", "--resume", "-q"))
+    assert "already exists" in line
+
+
+@pytest.mark.timeout(300)
+def test_ctrl_c_with_resume_says_the_partial_was_kept(long_rtdc, tmp_path):
+    out = tmp_path / "bg.zarr"
+    proc = start_cli(long_rtdc, out, *SLOW, "--resume")
+    wait_until_running(proc, out)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == 130, stderr
+    last = stderr.strip().splitlines()[-1]
+    assert f"partial output {partial_path(out)} is kept" in last
+    assert "run the same command again, with --resume, to continue" in last
+    assert partial_path(out).is_dir()
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("attempt", [1, 2])
+def test_two_quick_ctrl_c_end_with_130_and_leave_nothing(attempt, long_rtdc, tmp_path):
+    out = tmp_path / "bg.zarr"
+    proc = start_cli(long_rtdc, out, "-k", "20", "--engine", "scipy", "--event-chunk", "40")
+    wait_until_running(proc, out)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.05 * attempt)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr and "Errno" not in stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_partial_without_array_metadata_says_what_to_do(small_rtdc, tmp_path):
+    out = tmp_path / "bg.zarr"
+    env = {**os.environ, "ROLLMED_DASK_TEST_KILL_AT": "zarr-marker"}
+    killed = subprocess.run(
+        [sys.executable, "-m", "rollmed_dask", small_rtdc, out, "-k", "5", "--resume", "-q"],
+        env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert killed.returncode == -signal.SIGKILL
+    (partial_path(out) / "events" / "image_bg" / "zarr.json").unlink()
+    line = one_error_line(run_cli(small_rtdc, out, "-k", "5", "--resume", "-q"))
+    assert "lacks the metadata" in line and "rerun without --resume to start over" in line
+    assert run_cli(small_rtdc, out, "-k", "5", "-q").returncode == 0
+    expected = rolling_median_reference(read_images(small_rtdc), 5)
+    np.testing.assert_array_equal(read_images(out, "events/image_bg"), expected)
+
+
+def test_events_per_second_counts_only_computed_events(small_rtdc, tmp_path):
+    out = tmp_path / "bg.zarr"
+    env = {**os.environ, "ROLLMED_DASK_TEST_KILL_AT": "zarr-marker"}
+    subprocess.run(
+        [sys.executable, "-m", "rollmed_dask", small_rtdc, out, "-k", "5", "--resume", "-q",
+         "--event-chunk", "40", "--scheduler", "synchronous"],
+        env=env, capture_output=True, timeout=120,
+    )  # fmt: skip
+    summary = compute_background(
+        small_rtdc, out, 5, resume=True, event_chunk=40, scheduler="synchronous", progress=False
+    )
+    assert summary.blocks_resumed == 1 and 0 < summary.events_resumed < 300
+    assert summary.events_per_second == (300 - summary.events_resumed) / summary.seconds
+
+
+def test_a_failed_run_never_removes_a_later_runs_resumable_partial(tmp_path):
+    # The cleanup that a failed run leaves for the interpreter's exit names
+    # only its own temporary, never the resumable partial of another run.
+    script = Path(__file__).with_name("crash_helper_atexit.py")
+    out = tmp_path / "bg.zarr"
+    result = subprocess.run(
+        [sys.executable, script, out], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert partial_path(out).is_dir(), "the resumable partial was removed at exit"
