@@ -128,18 +128,15 @@ def test_example_opens_in_dclab_and_is_valid(tmp_path):
     assert alerts == []
 
 
-def test_example_deterministic_and_fast(tmp_path):
-    t0 = time.perf_counter()
+def test_example_deterministic(tmp_path):
+    # no timing assert here (shared, noisy machines): the benchmark times the generator
     a = write_example(tmp_path / "a.rtdc", n_events=2000, seed=0)
-    elapsed = time.perf_counter() - t0
     b = write_example(tmp_path / "b.rtdc", n_events=50, seed=0)
     c = write_example(tmp_path / "c.rtdc", n_events=50, seed=1)
     with h5py.File(a) as ha, h5py.File(b) as hb, h5py.File(c) as hc:
         # the same seed gives the same events, whatever n_events
         assert np.array_equal(ha["events/image"][:50], hb["events/image"][:])
         assert not np.array_equal(hb["events/image"][:], hc["events/image"][:])
-    # generous bound (shared 2-core machine); typically ~1.5 s
-    assert elapsed < 8, elapsed
 
 
 def test_example_bad_arguments(tmp_path):
