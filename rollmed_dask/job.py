@@ -225,20 +225,22 @@ def compute_background(
     else:
         check_not_symlink(target)
         check_output_folder(target)
-    resolved = resolve_scheduler(scheduler)
-    try:
-        # one run per target: a second one is refused while this one writes
-        with TargetLock(target):
-            restored = recover_backup(target)
-            if restored and progress:
-                print(f"rollmed-dask: {restored}", file=sys.stderr)
-            resumable = resume and fmt == "zarr"
-            remove_stale_temporaries(target, keep_resumable=resumable)
-            resuming = resumable and partial_path(target).exists()
-            if not in_place:
-                if resumable and not resuming and _is_complete(target, src, k, compression):
-                    return _complete_summary(src, target, fmt, output_dataset, k, engine, t0)
-                check_target(target, overwrite or resuming, src.path)
+    # one run per target: a second one is refused while this one writes
+    with TargetLock(target):
+        restored = recover_backup(target)
+        if restored and progress:
+            print(f"rollmed-dask: {restored}", file=sys.stderr)
+        resumable = resume and fmt == "zarr"
+        remove_stale_temporaries(target, keep_resumable=resumable)
+        resuming = resumable and partial_path(target).exists()
+        if not in_place:
+            if resumable and not resuming and _is_complete(target, src, k, compression):
+                return _complete_summary(src, target, fmt, output_dataset, k, engine, t0)
+            check_target(target, overwrite or resuming, src.path)
+        # only now: a scheduler may be a starter that submits SLURM jobs, and no
+        # job is submitted for a run that the checks above refuse
+        resolved = resolve_scheduler(scheduler)
+        try:
             return _run_job(
                 src,
                 target,
@@ -257,8 +259,8 @@ def compute_background(
                 event_chunk=event_chunk,
                 t0=t0,
             )
-    finally:
-        resolved.close()
+        finally:
+            resolved.close()
 
 
 def _result_params(src, k, compression) -> dict:
@@ -386,7 +388,7 @@ def _run_job(
         sink.abort()
         if resume and sink.tmp.exists():
             exc.partial_kept = str(sink.tmp)  # resumable: the CLI says how to continue
-        full = disk_full_error(exc, target) if isinstance(exc, OSError) else None
+        full = disk_full_error(exc, target)
         if full is not None:
             raise full from None
         raise

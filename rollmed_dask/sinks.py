@@ -296,11 +296,22 @@ def _remove_temporary(path: pathlib.Path) -> None:
     atexit.register(lambda: path.exists() and _remove(path))
 
 
-def disk_full_error(exc: OSError, where: pathlib.Path) -> OSError | None:
-    """One clear error for a full disk (or quota), or None for other errors."""
-    if (exc.strerror or "").startswith("the disk is full"):  # already says so
+def disk_full_error(exc: BaseException, where: pathlib.Path) -> OSError | None:
+    """One clear error for a full disk (or quota), or None for other errors.
+
+    HDF5 reports a failed write inside some calls (``h5py``'s ``copy``) as a
+    RuntimeError whose text carries the errno, so the text is checked too.
+    """
+    if not isinstance(exc, OSError | RuntimeError):
+        return None
+    if (getattr(exc, "strerror", None) or "").startswith("the disk is full"):  # already says so
         return exc
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT) or "No space left on device" in str(exc):
+    text = str(exc)
+    if (
+        getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT)
+        or "No space left on device" in text
+        or "Disk quota exceeded" in text
+    ):
         return OSError(
             errno.ENOSPC,
             f"the disk is full (no space left on device) while writing in "

@@ -283,12 +283,20 @@ def test_an_ordinary_folder_is_never_replaced(fmt, small_rtdc, tmp_path):
     results = tmp_path / "results"
     results.mkdir()
     (results / "notes.txt").write_text("the user's own file")
-    line = one_error_line(
-        run_cli(small_rtdc, results, "-k", "5", "--format", fmt, "--overwrite", "-q")
-    )
-    assert "is a folder that rollmed-dask did not write" in line
-    assert "--overwrite" not in line, "the message must not lead into deleting the folder"
+    # the API refuses the folder as a target, with a message that does not
+    # lead into deleting it
+    with pytest.raises(FileExistsError, match="is a folder that rollmed-dask did not write") as e:
+        compute_background(small_rtdc, results, 5, format=fmt, overwrite=True, progress=False)
+    assert "overwrite" not in str(e.value)
     assert snapshot(results) == {"notes.txt": b"the user's own file"}
+    # the CLI reads an existing folder as the place to write into (README:
+    # Folders of measurements): the folder and the user's file stay
+    result = run_cli(small_rtdc, results, "-k", "5", "--format", fmt, "--overwrite", "-q")
+    assert result.returncode == 0, result.stderr
+    out = results / f"small_bg.{'zarr' if fmt == 'zarr' else 'rtdc'}"
+    expected = rolling_median_reference(read_images(small_rtdc), 5)
+    np.testing.assert_array_equal(read_images(out, "events/image_bg"), expected)
+    assert (results / "notes.txt").read_text() == "the user's own file"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["results"]
 
 
@@ -297,9 +305,15 @@ def test_the_folder_that_holds_the_input_is_never_replaced(small_rtdc, tmp_path)
     mydata.mkdir()
     raw = Path(shutil.copy(small_rtdc, mydata / "run1.rtdc"))
     before = snapshot(mydata)
-    line = one_error_line(run_cli(raw, mydata, "-k", "5", "--overwrite", "-q"))
-    assert "holds the input" in line
+    with pytest.raises(ValueError, match="holds the input"):
+        compute_background(raw, mydata, 5, overwrite=True, progress=False)
     assert snapshot(mydata) == before
+    # the CLI writes beside the input, into the folder, and touches nothing else
+    result = run_cli(raw, mydata, "-k", "5", "--overwrite", "-q")
+    assert result.returncode == 0, result.stderr
+    after = snapshot(mydata)
+    assert after.pop("run1_bg.rtdc")
+    assert after == before
 
 
 def test_our_zarr_output_is_replaced_with_overwrite(small_rtdc, tmp_path):

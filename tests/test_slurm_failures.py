@@ -28,7 +28,7 @@ from conftest import read_images
 
 from rollmed_dask import rolling_median_reference
 from rollmed_dask.example import write_example
-from rollmed_dask.sinks import partial_path
+from rollmed_dask.sinks import partial_path, temporaries
 
 OLD = b"the old output"
 # slow enough to interrupt on the local schedulers: scipy on 40-event blocks
@@ -91,7 +91,7 @@ def test_signal_on_a_local_scheduler(scheduler, sig, status, word, long_rtdc, tm
     out = tmp_path / "bg.rtdc"
     out.write_bytes(OLD)
     proc = start_cli(long_rtdc, out, *SLOW, "--overwrite", "--scheduler", scheduler)
-    wait_for(partial_path(out).exists, 120, proc, "temporary output")
+    wait_for(lambda: bool(temporaries(out)), 120, proc, "temporary output")
     time.sleep(1)
     assert proc.poll() is None, "the run must still be going when the signal comes"
     proc.send_signal(sig)
