@@ -758,8 +758,9 @@ def is_batch(args) -> bool:
     return folder_in or folder_out
 
 
-def run_cli(args, scheduler) -> int:
-    """``rollmed-dask INPUT... OUTPUT`` with several inputs or folders."""
+def run_cli(args, options: dict) -> int:
+    """``rollmed-dask INPUT... OUTPUT`` with several inputs or folders; ``options``
+    are the job's keyword arguments (``cli.job_options``)."""
     paths = list(args.paths)
     if args.in_place and not args.recursive:
         raise ValueError(
@@ -787,21 +788,8 @@ def run_cli(args, scheduler) -> int:
             files_at_once=None,
             num_workers=None,
             lines=not args.quiet,
-            kernel_size=args.kernel_size,
             recursive=args.recursive,
-            dataset=args.dataset,
-            output_dataset=args.output_dataset,
-            format=args.format,
-            compression=args.compression,
-            engine=args.engine,
-            scheduler=scheduler,
-            progress=not args.quiet,
-            overwrite=args.overwrite,
-            resume=args.resume,
-            in_place=args.in_place,
-            memory_budget=args.memory_budget,
-            event_chunk=args.event_chunk,
-            batch_size=args.batch_size,
+            **options,
         )
     except BatchInterrupted as stopped:
         _finish(args, stopped.results, time.perf_counter() - t0)

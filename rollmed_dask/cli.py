@@ -463,6 +463,27 @@ def _start_cluster(args):
     return start_and_show
 
 
+def job_options(args, scheduler) -> dict:
+    """The keyword arguments of one file's job, as the command line gives them:
+    the same for ``compute_background`` and for every file of a batch."""
+    return dict(
+        kernel_size=args.kernel_size,
+        dataset=args.dataset,
+        output_dataset=args.output_dataset,
+        format=args.format,
+        compression=args.compression,
+        engine=args.engine,
+        scheduler=scheduler,
+        progress=not args.quiet,
+        overwrite=args.overwrite,
+        resume=args.resume,
+        in_place=args.in_place,
+        memory_budget=args.memory_budget,
+        event_chunk=args.event_chunk,
+        batch_size=args.batch_size,
+    )
+
+
 def _run(args) -> int:
     from .job import compute_background
 
@@ -475,27 +496,10 @@ def _run(args) -> int:
         args.overwrite = True
         if not args.quiet:
             print(f"wrote the sample {args.input}", file=sys.stderr)
-    starter = _start_cluster(args)
+    options = job_options(args, scheduler=_start_cluster(args) or args.scheduler)
     if batch.is_batch(args):
-        return batch.run_cli(args, starter or args.scheduler)
-    summary = compute_background(
-        args.input,
-        args.output,
-        args.kernel_size,
-        dataset=args.dataset,
-        output_dataset=args.output_dataset,
-        format=args.format,
-        compression=args.compression,
-        engine=args.engine,
-        scheduler=starter or args.scheduler,
-        progress=not args.quiet,
-        overwrite=args.overwrite,
-        resume=args.resume,
-        in_place=args.in_place,
-        memory_budget=args.memory_budget,
-        event_chunk=args.event_chunk,
-        batch_size=args.batch_size,
-    )
+        return batch.run_cli(args, options)
+    summary = compute_background(args.input, args.output, **options)
     if not args.quiet:
         print(summary.one_line(), file=sys.stderr)
     return 0
