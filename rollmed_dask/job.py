@@ -286,7 +286,8 @@ def _is_complete(target: pathlib.Path, src, k, compression) -> bool:
     return stored == _result_params(src, k, compression)
 
 
-def _complete_summary(src, target, fmt, output_dataset, k, engine, t0) -> BackgroundSummary:
+def _summary(src, target, fmt, output_dataset, k, engine, t0, **run) -> BackgroundSummary:
+    """The summary of a job on ``src``; ``run`` says what this run did."""
     n_events, height, width = src.shape
     return BackgroundSummary(
         target=str(target),
@@ -297,11 +298,24 @@ def _complete_summary(src, target, fmt, output_dataset, k, engine, t0) -> Backgr
         dtype=str(src.dtype),
         kernel_size=k,
         engine=engine,
+        seconds=time.perf_counter() - t0,
+        **run,
+    )
+
+
+def _complete_summary(src, target, fmt, output_dataset, k, engine, t0) -> BackgroundSummary:
+    return _summary(
+        src,
+        target,
+        fmt,
+        output_dataset,
+        k,
+        engine,
+        t0,
         blocks=0,
         blocks_resumed=0,
-        seconds=time.perf_counter() - t0,
         scheduler="none",
-        events_resumed=n_events,
+        events_resumed=src.shape[0],
         complete_already=True,
     )
 
@@ -397,18 +411,16 @@ def _run_job(
         close_cached_files(os.fspath(target.resolve()))
         if resolved.client is not None:
             resolved.client.run(close_cached_files, os.fspath(target.resolve()))
-    return BackgroundSummary(
-        target=str(target),
-        format=fmt,
-        dataset=output_dataset,
-        events=n_events,
-        image_shape=(height, width),
-        dtype=str(src.dtype),
-        kernel_size=k,
-        engine=engine,
+    return _summary(
+        src,
+        target,
+        fmt,
+        output_dataset,
+        k,
+        engine,
+        t0,
         blocks=len(starts),
         blocks_resumed=len(done),
-        seconds=time.perf_counter() - t0,
         scheduler=resolved.description,
         events_resumed=resumed_events,
     )
