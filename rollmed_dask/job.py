@@ -39,7 +39,7 @@ from .sinks import (
     remove_stale_temporaries,
     zarr_job_params,
 )
-from .sources import Source, as_source, close_cached_files
+from .sources import Source, as_source
 
 FORMATS = ("hdf5", "zarr")
 COMPRESSIONS = ("zstd", "gzip", "none")
@@ -406,11 +406,6 @@ def _run_job(
         if full is not None:
             raise full from None
         raise
-    if in_place:
-        # read handles on the replaced file would keep its old copy on disk
-        close_cached_files(os.fspath(target.resolve()))
-        if resolved.client is not None:
-            resolved.client.run(close_cached_files, os.fspath(target.resolve()))
     return _summary(
         src,
         target,

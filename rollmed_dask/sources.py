@@ -81,19 +81,6 @@ def open_h5_readonly(path: str):
                 entry[0].close()
 
 
-def close_cached_files(path: str | None = None) -> None:
-    """Close the read handles (all, or those of one path) that this process holds.
-
-    Handles live only while a read is in progress, so after a computation there
-    are none; this closes any still open, for callers about to write the file.
-    """
-    with _open_files_lock:
-        for key in [key for key in _open_files if path is None or key[0] == path]:
-            h5, _ = _open_files.pop(key)
-            if h5.id.valid:
-                h5.close()
-
-
 class HDF5Reader:
     """A picklable, lazily opened view of one HDF5 dataset.
 
