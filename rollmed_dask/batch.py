@@ -342,6 +342,11 @@ def _error_line(exc: BaseException) -> str:
     return str(message).splitlines()[0] if str(message) else type(exc).__name__
 
 
+# options of compute_backgrounds that are not compute_background's, or that
+# each file gets in its own way (one shared scheduler, no per-file progress bar)
+_BATCH_ONLY = ("recursive", "scheduler", "progress")
+
+
 def _run_one(job: _Job, opts: dict, scheduler, num_workers, stop) -> FileResult:
     from .job import compute_background
 
@@ -352,23 +357,14 @@ def _run_one(job: _Job, opts: dict, scheduler, num_workers, stop) -> FileResult:
         if stop.event.is_set():
             result.status = "not started"
             return result
+        # the batch's own options stay here; every other one is the file job's
+        keywords = {k: v for k, v in opts.items() if k not in _BATCH_ONLY}
         summary = compute_background(
             job.input,
             job.output,
-            opts["kernel_size"],
-            dataset=opts["dataset"],
-            output_dataset=opts["output_dataset"],
-            format=opts["format"],
-            compression=opts["compression"],
-            engine=opts["engine"],
+            **keywords,
             scheduler=scheduler,
             progress=False,
-            overwrite=opts["overwrite"],
-            resume=opts["resume"],
-            in_place=opts["in_place"],
-            memory_budget=opts["memory_budget"],
-            event_chunk=opts["event_chunk"],
-            batch_size=opts["batch_size"],
             num_workers=num_workers,
         )
         result.status, result.events = "done", summary.events
