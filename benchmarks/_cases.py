@@ -504,8 +504,7 @@ def case_graph(a):
     import numpy as np
 
     from rollmed_dask import rolling_median, rtdc
-    from rollmed_dask.job import _block_starts, _plan_stored_blocks, _stored_block_tasks
-    from rollmed_dask.pipeline import DEFAULT_MEMORY_BUDGET
+    from rollmed_dask.pipeline import block_tasks, plan_block_tasks
     from rollmed_dask.sources import as_source
 
     import_done = time.perf_counter()
@@ -538,8 +537,8 @@ def case_graph(a):
     t0 = time.perf_counter()
     src = as_source(path, "events/image")
     chunk_events = rtdc.default_chunk_events(shape[1:], src.dtype)
-    starts = _block_starts(_plan_stored_blocks(src, k, chunk_events, DEFAULT_MEMORY_BUDGET, None))
-    blocks = _stored_block_tasks(src, k, "numba", starts, _second, skip=set())
+    chunks = plan_block_tasks(src, k, align_events=chunk_events)
+    blocks = block_tasks(src, k, "numba", chunks, _second)
     res["ooc_setup_s"] = time.perf_counter() - t0
     res["ooc_blocks"] = len(blocks)
     path.unlink()

@@ -12,18 +12,9 @@ import sys
 import time
 from dataclasses import dataclass
 
-import numpy as np
-
 from . import rtdc
 from .core import check_kernel_size, select_engine
-from .pipeline import (
-    DEFAULT_MEMORY_BUDGET,
-    RollingMedianView,
-    default_min_blocks,
-    parse_bytes,
-    plan_chunks,
-    rolling_median,
-)
+from .pipeline import DEFAULT_MEMORY_BUDGET, block_tasks, parse_bytes, plan_block_tasks
 from .scheduling import resolve_scheduler, stream_blocks
 from .sinks import (
     HDF5Sink,
@@ -343,21 +334,10 @@ def _run_job(
     started = time.time()
     n_events, height, width = src.shape
     chunk_events = rtdc.default_chunk_events((height, width), src.dtype)
-    if src.on_disk:
-        event_chunks = _plan_stored_blocks(src, k, chunk_events, memory_budget, event_chunk)
-    else:
-        bg = rolling_median(
-            src,
-            k,
-            engine=engine,
-            memory_budget=memory_budget,
-            event_chunk=event_chunk,
-            align_events=chunk_events,
-        )
-        bg = bg.rechunk({1: height, 2: width})  # sinks take full frames
-        event_chunks = bg.chunks[0]
-    starts = _block_starts(event_chunks)
-    params = {**_result_params(src, k, compression), "block_events": event_chunks[0]}
+    chunks = plan_block_tasks(
+        src, k, memory_budget=memory_budget, event_chunk=event_chunk, align_events=chunk_events
+    )
+    params = {**_result_params(src, k, compression), "block_events": chunks[0][0]}
     common = dict(
         chunk_events=chunk_events, job_params=dict(params), resume=resume, compression=compression
     )
@@ -377,11 +357,9 @@ def _run_job(
     try:
         sink.open()
         done = sink.done_starts()
-        if src.on_disk:
-            tasks = _stored_block_tasks(src, k, engine, starts, sink.prepare, skip=done)
-        else:
-            tasks = _block_tasks(bg, starts, sink.prepare, skip=done)
-        resumed_events = sum(_block_length(starts, n_events, s) for s in done)
+        blocks = block_tasks(src, k, engine, chunks, sink.prepare)
+        tasks = [block.task for block in blocks if block.start not in done]
+        resumed_events = sum(block.stop - block.start for block in blocks if block.start in done)
         with _progress_bar(n_events, resumed_events, progress) as bar:
 
             def on_result(payload):
@@ -414,7 +392,7 @@ def _run_job(
         k,
         engine,
         t0,
-        blocks=len(starts),
+        blocks=len(blocks),
         blocks_resumed=len(done),
         scheduler=resolved.description,
         events_resumed=resumed_events,
@@ -509,95 +487,6 @@ def _check_in_place_matches(target: pathlib.Path, dataset: str, shape: tuple) ->
 
 def _is_hdf5_input(src: Source) -> bool:
     return src.path is not None and src.path.is_file()
-
-
-def _block_starts(event_chunks) -> list[int]:
-    starts, offset = [], 0
-    for length in event_chunks:
-        starts.append(offset)
-        offset += length
-    return starts
-
-
-def _block_length(starts: list[int], n_events: int, start: int) -> int:
-    i = starts.index(start)
-    return (starts[i + 1] if i + 1 < len(starts) else n_events) - start
-
-
-def _plan_stored_blocks(src, k, chunk_events, memory_budget, event_chunk) -> tuple[int, ...]:
-    """Event blocks of a stored source; each task reads and computes whole frames."""
-    n_events, height, width = src.shape
-    storage = (src.storage_chunks[0], height, width) if src.storage_chunks else None
-    chunks = plan_chunks(
-        src.shape,
-        src.dtype,
-        k,
-        storage,
-        align_events=chunk_events,
-        memory_budget=memory_budget,
-        event_chunk=event_chunk,
-        min_blocks=default_min_blocks(),
-    )
-    return chunks[0]
-
-
-def _stored_block_tasks(src, k, engine, starts, prepare, skip) -> list:
-    """One Delayed per block of a stored source that reads, computes and ``prepare``s it.
-
-    Each task reads its own overlap through a :class:`RollingMedianView`, so
-    only the prepared payload leaves the worker. Built with ``dask.delayed``
-    rather than ``dask.array``: a file job then never imports dask.array (0.2 to
-    0.5 s of every CLI run, measured) and makes no rechunk or fusion pass. The
-    view is one key of the graph that every task depends on: it holds the
-    reader, and a mapped basin's reader holds an index as long as the stack.
-    """
-    from dask.base import tokenize
-    from dask.delayed import delayed
-
-    from .sources import data_token
-
-    view = RollingMedianView(src.array, k, engine)
-    # The input's state in the token: a file rewritten on disk must not share
-    # keys with its old contents. prepare in the token: two jobs on one input
-    # (say HDF5 and Zarr output) on one distributed client must not share keys.
-    token = tokenize(data_token(src.array), k, engine, starts, prepare)
-    shared_view = delayed(view, name=f"rolling_median-view-{token}", traverse=False)
-    ends = starts[1:] + [src.shape[0]]
-    return [
-        delayed(_stored_block, pure=True)(
-            shared_view, start, end, prepare, dask_key_name=f"rolling_median-{token}-{i}"
-        )
-        for i, (start, end) in enumerate(zip(starts, ends, strict=True))
-        if start not in skip
-    ]
-
-
-def _stored_block(view, start: int, end: int, prepare):
-    return prepare(view[start:end], start)
-
-
-def _block_tasks(bg, starts, prepare, skip) -> list:
-    """One Delayed per full-frame block that computes the block and ``prepare``s it.
-
-    ``prepare`` joins the array graph, so dask fuses reading, the median and
-    compression into one task: only the prepared payload (compressed chunks)
-    leaves the worker, never the raw block.
-    """
-    payloads = bg.map_blocks(
-        _prepare_block,
-        prepare=prepare,
-        event_chunk=bg.chunks[0][0],
-        dtype=object,
-        meta=np.empty((0, 0, 0), dtype=object),
-        token="prepared",  # tokenized with bg and prepare: two jobs never share keys
-    )
-    blocks = payloads.to_delayed(optimize_graph=True).ravel()
-    return [block for block, start in zip(blocks, starts, strict=True) if start not in skip]
-
-
-def _prepare_block(block, *, prepare, event_chunk, block_id=None):
-    # event chunks are uniform but for the last, so the start follows the index
-    return prepare(block, block_id[0] * event_chunk)
 
 
 class _progress_bar:

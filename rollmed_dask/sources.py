@@ -173,8 +173,11 @@ class Source:
     storage_chunks: tuple | None
     path: pathlib.Path | None = None
     dataset: str | None = None
-    on_disk: bool = False
-    """True when ``array`` reads from storage and pickles small (a file path)."""
+    pickles_small: bool = False
+    """True when ``array`` reads from storage on demand and pickles as a reference
+    to it (a path and a dataset name): every task can carry it and read its own
+    rows. False for data in memory, and for a mapped basin (its reader pickles
+    an index as long as the stack), although both may be read from a file."""
 
     @property
     def shape(self) -> tuple:
@@ -230,7 +233,13 @@ def open_path(path, dataset: str) -> Source:
         ) from None
     reader = HDF5Reader(location.path, location.dataset, location.mapping)
     _check_stack(reader.shape, reader.dtype, f"dataset {dataset!r} in {str(path)!r}")
-    return Source(reader, reader.chunks, path=path, dataset=dataset, on_disk=_on_disk(reader))
+    return Source(
+        reader,
+        reader.chunks,
+        path=path,
+        dataset=dataset,
+        pickles_small=_reader_pickles_small(reader),
+    )
 
 
 def _open_zarr_path(path: pathlib.Path, dataset: str) -> Source:
@@ -254,7 +263,7 @@ def _open_zarr_path(path: pathlib.Path, dataset: str) -> Source:
             )
         node = node[dataset]
     _check_stack(node.shape, node.dtype, f"Zarr array in {str(path)!r}")
-    return Source(node, tuple(node.chunks), path=path, dataset=dataset, on_disk=True)
+    return Source(node, tuple(node.chunks), path=path, dataset=dataset, pickles_small=True)
 
 
 def as_source(images, dataset: str = "events/image") -> Source:
@@ -276,14 +285,17 @@ def as_source(images, dataset: str = "events/image") -> Source:
         if isinstance(images, zarr.Group):
             return _open_zarr_group(images, dataset)
         _check_stack(images.shape, images.dtype, "the Zarr array")
-        return Source(images, tuple(images.chunks), on_disk=_zarr_on_disk(images))
+        return Source(images, tuple(images.chunks), pickles_small=_zarr_pickles_small(images))
     if module.startswith("dask"):
         _check_stack(images.shape, images.dtype, "the dask array")
         return Source(images, _regular_chunks(images.chunks))
     if isinstance(images, HDF5Reader):
         _check_stack(images.shape, images.dtype, repr(images))
         return Source(
-            images, images.chunks, path=pathlib.Path(images.path), on_disk=_on_disk(images)
+            images,
+            images.chunks,
+            path=pathlib.Path(images.path),
+            pickles_small=_reader_pickles_small(images),
         )
     if _is_lazy_array(images):
         # xarray and the like: read block by block, never loaded whole
@@ -363,16 +375,16 @@ def _from_h5py_object(obj, dataset: str) -> Source:
         reader.chunks,
         path=pathlib.Path(reader.path),
         dataset=obj.name,
-        on_disk=_on_disk(reader),
+        pickles_small=_reader_pickles_small(reader),
     )
 
 
-def _on_disk(reader: HDF5Reader) -> bool:
+def _reader_pickles_small(reader: HDF5Reader) -> bool:
     # a mapped reader pickles its index array, which may be large
     return reader.mapping is None
 
 
-def _zarr_on_disk(array) -> bool:
+def _zarr_pickles_small(array) -> bool:
     from zarr.storage import MemoryStore
 
     return not isinstance(array.store, MemoryStore)

@@ -238,7 +238,7 @@ def test_sources_on_disk_read_their_own_overlap_exactly(zarr_dir, n, data, dtype
         store=str(zarr_dir / f"s{seed}.zarr"), data=img, chunks=store_chunks, overwrite=True
     )
     source = as_source(array)
-    assert source.on_disk
+    assert source.pickles_small
     result = rolling_median(source, k, engine=engine, event_chunk=event_chunk)
     assert not any("overlap" in name for name in result.__dask_graph__().layers)
     np.testing.assert_array_equal(
