@@ -24,6 +24,8 @@ import threading
 import time
 from dataclasses import asdict, dataclass
 
+from .pipeline import DEFAULT_MEMORY_BUDGET
+
 OUTPUT_SUFFIX = "_bg"
 RUN_LOG_PREFIX = "rollmed-dask-job"
 # Files computed at once: enough to overlap one file's serial work with
@@ -475,7 +477,7 @@ def compute_backgrounds(
     overwrite: bool = False,
     resume: bool = False,
     in_place: bool = False,
-    memory_budget="256MiB",
+    memory_budget=DEFAULT_MEMORY_BUDGET,
     event_chunk: int | None = None,
     batch_size: int = 10000,
     num_workers: int | None = None,

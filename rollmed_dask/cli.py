@@ -19,6 +19,9 @@ import threading
 
 from . import batch
 from .cluster import SlurmError, SlurmJobLost
+from .core import ENGINES
+from .job import COMPRESSIONS, FORMATS
+from .pipeline import DEFAULT_MEMORY_BUDGET, MiB
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -170,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--engine",
-        choices=("auto", "numba", "scipy", "numpy"),
+        choices=ENGINES,
         default="auto",
         help="per-block kernel, all bit-identical (default: %(default)s)",
     )
@@ -184,12 +187,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--format",
-        choices=("hdf5", "zarr"),
+        choices=FORMATS,
         help="output format (default: from the suffix, .zarr is Zarr)",
     )
     g.add_argument(
         "--compression",
-        choices=("zstd", "gzip", "none"),
+        choices=COMPRESSIONS,
         default="zstd",
         help="output compression; zstd level 5 is what dcnum writes (default: %(default)s)",
     )
@@ -229,7 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("memory")
     g.add_argument(
         "--memory-budget",
-        default="256MiB",
+        default=f"{DEFAULT_MEMORY_BUDGET // MiB}MiB",
         type=_size,
         metavar="BYTES",
         help="memory one task may use, e.g. 128MiB, 1GB; it sets the block length, and "

@@ -14,12 +14,11 @@ asserts, or deletes an old ``image_bg`` and then fails); and an existing
 
 from __future__ import annotations
 
-import numbers
 import os
 import pathlib
 
 from . import rtdc
-from .core import check_kernel_size
+from .core import check_count, check_kernel_size
 from .sources import as_source
 
 
@@ -95,9 +94,8 @@ class BackgroundRollMed:
         ValueError
             For a non-integer or non-positive ``kernel_size`` or ``batch_size``.
         """
-        for name, value in (("kernel_size", kernel_size), ("batch_size", batch_size)):
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-                raise ValueError(f"{name}={value!r} must be a positive integer")
+        check_kernel_size(kernel_size)  # and against N once the input is open
+        check_count("batch_size", batch_size, example=10000)
 
     def get_ppid(self) -> str:
         """The dcnum pipeline id of this background, e.g. ``rollmed:k=100^b=10000``."""

@@ -21,30 +21,63 @@ import numpy as np
 ENGINES = ("auto", "numba", "scipy", "numpy")
 
 
-def check_kernel_size(kernel_size, num_events: int) -> int:
-    """Validate ``kernel_size`` against the number of events, return it as int.
+class NotAWholeNumber(TypeError, ValueError):
+    """A count given as something other than a whole number.
+
+    Both a wrong type and a wrong value: ``except TypeError`` (what
+    :func:`rollmed_dask.rtdc.bg_ppid` has always raised) and ``except
+    ValueError`` (what every other check raises) both catch it.
+    """
+
+
+def check_count(name: str, value, example: int = 100) -> int:
+    """Validate a count of at least 1 (``batch_size``, ...), return it as int.
+
+    Raises
+    ------
+    NotAWholeNumber
+        For a bool, a float or a string: with the value and what to pass instead.
+    ValueError
+        For a count below 1.
+
+    Examples
+    --------
+    >>> check_count("batch_size", 10000)
+    10000
+    >>> check_count("batch_size", 0)
+    Traceback (most recent call last):
+    ...
+    ValueError: batch_size=0 must be at least 1; pass a positive batch_size
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise NotAWholeNumber(
+            f"{name}={value!r} must be a whole number; pass an integer such as {name}={example}"
+        )
+    if value < 1:
+        raise ValueError(f"{name}={value} must be at least 1; pass a positive {name}")
+    return int(value)
+
+
+def check_kernel_size(kernel_size, num_events: int | None = None) -> int:
+    """Validate ``kernel_size``, K, and return it as int: the one place K is checked.
+
+    K is a whole number with ``1 <= K < N``. Without ``num_events``, before the
+    stack is known (a pipeline id, the arguments of ``BackgroundRollMed``),
+    only ``K >= 1`` is checked.
 
     Raises
     ------
     ValueError
-        With the offending values and what to pass instead.
+        With the offending values and what to pass instead
+        (:class:`NotAWholeNumber`, also a TypeError, for a non-integer).
     """
-    if isinstance(kernel_size, bool) or not isinstance(kernel_size, numbers.Integral):
-        raise ValueError(
-            f"kernel_size={kernel_size!r} must be a whole number of events; "
-            f"pass an integer such as kernel_size=100"
-        )
-    kernel_size = int(kernel_size)
     if num_events == 0:
         raise ValueError(
             "the image stack has no events (N=0); a rolling median needs at least "
             "2 events: check the input dataset"
         )
-    if kernel_size < 1:
-        raise ValueError(
-            f"kernel_size={kernel_size} must be at least 1; pass a positive kernel_size"
-        )
-    if kernel_size >= num_events:
+    kernel_size = check_count("kernel_size", kernel_size)
+    if num_events is not None and kernel_size >= num_events:
         raise ValueError(
             f"kernel_size={kernel_size} must be smaller than the number of events "
             f"({num_events}); pass a kernel_size of at most {num_events - 1}"

@@ -873,6 +873,8 @@ def median_windows_numba(stack: np.ndarray, kernel_size: int) -> np.ndarray:
         k = -1 if isinstance(kernel_size, bool) else operator.index(kernel_size)
     except TypeError:
         k = -1
+    # Not the user's K rule (core.check_kernel_size has run): the kernel's own
+    # contract, K within this block's M frames, guarding the compiled loops.
     if not 1 <= k <= m_events:
         raise ValueError(
             f"kernel_size={kernel_size!r} must be a whole number between 1 and the "

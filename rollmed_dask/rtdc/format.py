@@ -7,7 +7,6 @@ background ``events/image_bg`` holds, for dcnum's pipeline to take it as its own
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Mapping
 
 import h5py
@@ -16,6 +15,8 @@ import h5py
 # reading the zstd-compressed logs/tables/images of an .rtdc file fails.
 import hdf5plugin
 import numpy as np
+
+from ..core import check_count, check_kernel_size
 
 #: HDF5 image attributes dcnum and dclab put on every 2D-per-event dataset.
 #: They must be fixed-length byte strings: dclab's integrity check flags
@@ -224,14 +225,6 @@ def _store_feature(h5: h5py.File, feat: str, data: np.ndarray, compression=True)
 # ---------------------------------------------------------------------------
 
 
-def _positive_int(name, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name}={value!r} must be an integer, e.g. {name}=100")
-    if value < 1:
-        raise ValueError(f"{name}={value} must be at least 1")
-    return int(value)
-
-
 def bg_ppid(kernel_size: int, batch_size: int) -> str:
     """dcnum's background pipeline identifier, ``"rollmed:k=K^b=B"``.
 
@@ -244,8 +237,8 @@ def bg_ppid(kernel_size: int, batch_size: int) -> str:
     >>> bg_ppid(100, 10000)
     'rollmed:k=100^b=10000'
     """
-    k = _positive_int("kernel_size", kernel_size)
-    b = _positive_int("batch_size", batch_size)
+    k = check_kernel_size(kernel_size)
+    b = check_count("batch_size", batch_size, example=10000)
     return f"rollmed:k={k}^b={b}"
 
 
