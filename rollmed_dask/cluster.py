@@ -490,7 +490,8 @@ def _accounted_states(job_ids) -> dict[str, tuple[str, str]]:
     return states
 
 
-def _describe(job_ids, states) -> str:
+def _describe_jobs(job_ids, states) -> str:
+    """What became of the SLURM jobs, for the error when no worker came."""
     if not job_ids:
         return "no job was submitted (sbatch failed: see the log above)"
     described = []
@@ -552,7 +553,7 @@ def _wait_for_workers(client, cluster, n: int, timeout: float, log_dir) -> None:
     jobs = (
         f"cannot ask SLURM about job(s) {', '.join(job_ids)}: {problem}"
         if states is None
-        else _describe(job_ids, states)
+        else _describe_jobs(job_ids, states)
     )
     raise TimeoutError(
         f"no SLURM worker started within {timeout:g} s: {jobs} — "

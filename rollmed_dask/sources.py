@@ -188,7 +188,8 @@ class Source:
         return np.dtype(self.array.dtype)
 
 
-def _list_datasets(h5) -> list[str]:
+def _dataset_names(h5) -> list[str]:
+    """The name of every dataset in an open file, for the error that lists them."""
     names = []
     h5.visititems(lambda name, obj: names.append(name) if hasattr(obj, "shape") else None)
     return names
@@ -359,7 +360,7 @@ def _from_h5py_object(obj, dataset: str) -> Source:
         if dataset not in obj:
             raise KeyError(
                 f"HDF5 file {obj.file.filename!r} has no dataset {dataset!r}; it has: "
-                f"{', '.join(_list_datasets(obj.file)) or 'no datasets'}"
+                f"{', '.join(_dataset_names(obj.file)) or 'no datasets'}"
             )
         obj = obj[dataset]
     # An open dataset is re-opened by path so no h5py handle enters the graph.
