@@ -87,7 +87,7 @@ def case_dcnum(a):
 
 
 def _tail_fill(computed, n_events, kernel):
-    """Rows 0..N-K-1 computed, the last K rows repeat row N-K-1 (DESIGN section 1)."""
+    """Rows 0..N-K-1 computed, the last K rows repeat row N-K-1 (README, "What it computes")."""
     import numpy as np
 
     return np.concatenate([computed[: n_events - kernel], np.repeat(
@@ -107,7 +107,7 @@ def case_scipy(a):
     with h5py.File(a.input, "r") as h5:
         img = h5["events/image"][:]
     n = img.shape[0]
-    # DESIGN section 1: the scipy one-liner with dcnum's result
+    # the scipy one-liner with dcnum's result (README, "What it computes")
     med = ndimage.median_filter(img[: n - 1], size=(k, 1, 1), origin=(-(k // 2), 0, 0),
                                 mode="nearest")  # fmt: skip
     del img

@@ -21,6 +21,13 @@ slip into an error instead of a different graph. A dask input keeps its own
 chunks (only runs shorter than K are joined): each block learns where it lies
 from dask (``block_info``), so chunks need not be uniform.
 
+Two lengths along the events, never to be confused: a *storage chunk*
+(``chunk_events``, the events in one HDF5/Zarr chunk, 40 frames of 80x320
+uint8 say) and a *block* (``block_events``, the events one task computes, a
+dask chunk along the events; hundreds to thousands). Blocks are whole numbers
+of storage chunks, of the input and of the output (``align_events``). The
+public keyword ``event_chunk`` forces the block length.
+
 Graph names are tokenized from the input (numpy by content, files by path and
 state, see :func:`rollmed_dask.sources.data_token`) and every parameter, as
 dask's own are: two different results never share a key, in one
@@ -117,23 +124,23 @@ def plan_event_chunks(
     event_chunk: int | None = None,
     min_blocks: int = 1,
 ) -> tuple[int, ...]:
-    """Event-chunk lengths: uniform, a multiple of ``unit``, at least K each.
+    """Block lengths along the events: uniform, a multiple of ``unit``, at least K each.
 
     Parameters
     ----------
     n_events : int
         N, the length of the stack.
     kernel_size : int
-        K; no chunk may be shorter (see the module docstring).
+        K; no block may be shorter (see the module docstring).
     row_bytes : int
         Bytes of one event in one pixel tile.
     unit : int
-        Chunks are whole multiples of this (the storage chunk of the input and
+        Blocks are whole multiples of this (the storage chunk of the input and
         of the output), so that no stored chunk is read or written by two tasks.
     memory_budget : int or str
-        Memory one task may use; decides the chunk length.
+        Memory one task may use; decides the block length.
     event_chunk : int, optional
-        Force this chunk length (rounded up to a multiple of ``unit``).
+        Force this block length (rounded up to a multiple of ``unit``).
     min_blocks : int
         Split a short stack into at least this many blocks so that every core
         has work, but never into blocks shorter than 4K, where reading the
@@ -158,7 +165,7 @@ def plan_event_chunks(
         if event_chunk < kernel_size:
             raise ValueError(
                 f"event_chunk={event_chunk} is shorter than kernel_size={kernel_size}; "
-                f"a chunk must hold at least one window: pass event_chunk >= {kernel_size}"
+                f"a block must hold at least one window: pass event_chunk >= {kernel_size}"
             )
         length = unit * math.ceil(event_chunk / unit)
     # whole units, within the budget (a forced length rounds up), never shorter than K
@@ -166,12 +173,12 @@ def plan_event_chunks(
     if length >= n_events:
         return (n_events,)
     count, rest = divmod(n_events, length)
-    chunks = [length] * count
+    blocks = [length] * count
     if rest >= kernel_size:
-        chunks.append(rest)
+        blocks.append(rest)
     elif rest:
-        chunks[-1] += rest  # a last chunk shorter than K would be rechunked by dask
-    return tuple(chunks)
+        blocks[-1] += rest  # a last block shorter than K would be rechunked by dask
+    return tuple(blocks)
 
 
 def plan_chunks(
@@ -185,10 +192,11 @@ def plan_chunks(
     event_chunk: int | None = None,
     min_blocks: int = 1,
 ) -> tuple[tuple[int, ...], ...]:
-    """The dask chunks for a stack: event chunks by budget, pixel tiles by storage.
+    """The dask chunks for a stack: blocks by budget, pixel tiles by storage.
 
-    ``align_events`` is the event-chunk length of the output's storage; event
-    chunks are multiples of it and of the input's storage chunk.
+    ``align_events`` is the storage chunk length of the output (its
+    ``chunk_events``); blocks are multiples of it and of the input's storage
+    chunk. ``event_chunk`` forces the block length.
     """
     n_events, height, width = shape
     tile_h, tile_w = plan_pixel_tiles((height, width), storage_chunks)
@@ -196,7 +204,7 @@ def plan_chunks(
     row_bytes = tile_h * tile_w * np.dtype(dtype).itemsize
     if event_chunk is None:
         check_budget_holds_a_row(parse_bytes(memory_budget), kernel_size, row_bytes)
-    events = plan_event_chunks(
+    block_lengths = plan_event_chunks(
         n_events,
         kernel_size,
         row_bytes,
@@ -205,7 +213,7 @@ def plan_chunks(
         event_chunk=event_chunk,
         min_blocks=min_blocks,
     )
-    return events, _split(height, tile_h), _split(width, tile_w)
+    return block_lengths, _split(height, tile_h), _split(width, tile_w)
 
 
 def _split(size: int, step: int) -> tuple[int, ...]:
@@ -342,7 +350,7 @@ class RollingMedianView:
 
 
 def rolling_median_dask(x, kernel_size: int, engine: str = "auto"):
-    """Exact rolling median of a dask array whose event chunks are at least K long.
+    """Exact rolling median of a dask array whose blocks (chunks along events) are at least K long.
 
     Any chunking dask allows, uniform or not; ``map_overlap`` with
     ``allow_rechunk=False`` refuses a chunk shorter than K rather than
@@ -354,14 +362,14 @@ def rolling_median_dask(x, kernel_size: int, engine: str = "auto"):
     n_events = x.shape[0]
     k = check_kernel_size(kernel_size, n_events)
     engine = select_engine(engine, x.dtype)
-    event_chunks = x.chunks[0]
-    if len(event_chunks) > 1 and min(event_chunks) < k:
+    block_lengths = x.chunks[0]
+    if len(block_lengths) > 1 and min(block_lengths) < k:
         raise ValueError(
-            f"event chunks {event_chunks[:3]}... must each be at least "
+            f"event chunks {block_lengths[:3]}... must each be at least "
             f"kernel_size={k} long; let plan_chunks choose them"
         )
     func = partial(_median_block, kernel_size=k, n_events=n_events, engine=engine)
-    depth = {0: (k, k - 1), 1: 0, 2: 0} if len(event_chunks) > 1 else {0: 0, 1: 0, 2: 0}
+    depth = {0: (k, k - 1), 1: 0, 2: 0} if len(block_lengths) > 1 else {0: 0, 1: 0, 2: 0}
     return da.map_overlap(
         func,
         x,
@@ -377,7 +385,7 @@ def rolling_median_dask(x, kernel_size: int, engine: str = "auto"):
 
 
 def _dask_input_chunks(source, kernel_size, memory_budget, min_blocks):
-    """A dask input's own chunks, with event chunks shorter than K joined."""
+    """A dask input's own chunks, with blocks shorter than K joined."""
     x = source.array
     unit = source.storage_chunks[0] if source.storage_chunks else 1
     row_bytes = max(x.chunks[1]) * max(x.chunks[2]) * x.dtype.itemsize
@@ -626,11 +634,12 @@ def rolling_median(
     dataset : str
         Dataset inside a file or group.
     memory_budget : int or str
-        Memory one task may use, e.g. ``"256MiB"``; decides the event-chunk length.
+        Memory one task may use, e.g. ``"256MiB"``; decides the block length.
     event_chunk : int, optional
-        Force the event-chunk length (at least K); rechunks a dask input.
+        Force the block length: the events one task computes (at least K,
+        rounded up to whole storage chunks); rechunks a dask input.
     align_events : int
-        Make event chunks multiples of this (the output's storage chunk);
+        Make blocks multiples of this (the output's storage chunk length);
         rechunks a dask input if more than 1.
 
     Returns

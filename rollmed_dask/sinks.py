@@ -346,7 +346,7 @@ class Sink:
 
 
 class HDF5Sink(Sink):
-    """``events/image_bg`` in an ``.rtdc``-compatible HDF5 file (DESIGN section 4).
+    """``events/image_bg`` in an ``.rtdc``-compatible HDF5 file (README, "Output format").
 
     Chunks are compressed by the workers (``prepare``) when the filter pipeline
     is one we can reproduce byte for byte (zstd, gzip, shuffle, fletcher32), and

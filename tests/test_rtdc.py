@@ -168,7 +168,7 @@ def test_default_chunk_events_matches_dcnum(shape, dtype):
     expected = dcnum_writer.HDF5Writer.get_best_nd_chunks(shape, feat_dtype=dtype)[0]
     assert rtdc.default_chunk_events(shape, dtype) == expected
     if len(shape) == 2 and np.dtype(dtype).itemsize == 1:
-        # DESIGN section 4's formula for uint8
+        # the README's formula ("Output format") for uint8
         assert expected == min(1000, max(10, 2**20 // (shape[0] * shape[1])))
 
 
