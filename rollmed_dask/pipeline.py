@@ -518,27 +518,14 @@ class BlockTask:
     task: object
 
 
-def plan_block_tasks(
-    source,
-    kernel_size: int,
-    *,
-    memory_budget=DEFAULT_MEMORY_BUDGET,
-    event_chunk: int | None = None,
-    align_events: int = 1,
-) -> tuple[tuple[int, ...], ...]:
+def plan_block_tasks(source, kernel_size: int, **planning) -> tuple[tuple[int, ...], ...]:
     """The chunks :func:`block_tasks` takes: a stored source's blocks are whole frames.
 
     Planned before the tasks because the sink that gives ``finish`` records
-    the block length.
+    the block length. ``planning``: ``memory_budget``, ``event_chunk`` and
+    ``align_events``, as for :func:`plan_source_chunks`.
     """
-    return plan_source_chunks(
-        source,
-        kernel_size,
-        memory_budget=memory_budget,
-        event_chunk=event_chunk,
-        align_events=align_events,
-        whole_frames=source.pickles_small,
-    )
+    return plan_source_chunks(source, kernel_size, whole_frames=source.pickles_small, **planning)
 
 
 def block_tasks(source, kernel_size: int, engine: str, chunks, finish) -> list[BlockTask]:
@@ -570,9 +557,14 @@ def block_tasks(source, kernel_size: int, engine: str, chunks, finish) -> list[B
         fused into each, with the block's place given by dask.
     """
     if source.pickles_small:
-        name, graph = _stored_graph(source, kernel_size, engine, chunks, finish)
         from dask.delayed import Delayed
 
+        if len(chunks[1]) != 1 or len(chunks[2]) != 1:
+            raise ValueError(
+                f"block_tasks takes blocks of whole frames, not pixel tiles {chunks[1:]}; "
+                f"plan them with plan_block_tasks"
+            )
+        name, graph = _stored_graph(source, kernel_size, engine, chunks, finish)
         return [
             BlockTask(start, stop, Delayed((name, i, 0, 0), graph, layer=name))
             for i, (start, stop) in enumerate(_bounds(chunks[0]))

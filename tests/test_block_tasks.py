@@ -105,3 +105,10 @@ def test_keys_are_tokenized_by_input_and_finish(tmp_path):
         assert not keys(same) & keys(same, other_keep), "two sinks on one input"
         assert not keys(same) & keys(same, keep, K + 1)
         assert not keys(same) & keys(other)
+
+
+def test_stored_blocks_must_be_whole_frames(tmp_path):
+    src = as_source(write_h5(tmp_path / "x.h5", stack(6)))
+    tiled = plan_source_chunks(src, K, event_chunk=40)[:1] + ((3, 3), (5, 5))
+    with pytest.raises(ValueError, match="whole frames.*plan_block_tasks"):
+        block_tasks(src, K, "numpy", tiled, keep)
