@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import rtdc
+from . import kernel_warmup, rtdc
 from .core import check_kernel_size, select_engine
 from .pipeline import (
     DEFAULT_MEMORY_BUDGET,
@@ -240,6 +240,7 @@ def compute_background(
         # only now: a scheduler may be a starter that submits SLURM jobs, and no
         # job is submitted for a run that the checks above refuse
         resolved = resolve_scheduler(scheduler)
+        kernel_warmup.start(engine, src.dtype, resolved)  # overlaps the set-up below
         try:
             return _run_job(
                 src,

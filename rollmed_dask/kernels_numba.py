@@ -63,6 +63,7 @@ dask threads run them on separate blocks in parallel.
 from __future__ import annotations
 
 import operator
+import os
 import sys
 import threading
 import time
@@ -77,7 +78,7 @@ from .core import median_windows_numpy
 # before the first @numba.njit: numba picks a function's cache folder when decorating it
 numba_cache.install()
 
-__all__ = ["compile_kernels", "median_windows_numba"]
+__all__ = ["compile_kernels", "median_windows_numba", "prepare"]
 
 # Pixels per block of the 256-bin histogram: 512 x 256 uint16 counts = 256 KiB,
 # in L2 while each frame row of the block is one contiguous read. 128..1024
@@ -740,6 +741,16 @@ _NOTICE = _CompileNotice()
 event.register("numba:compile", _NOTICE)
 
 
+#: What the first job of an installation compiles, so that the first call of any
+#: of these in a later process only loads the kernels (all integer dtypes share
+#: their kernels with these: int8 with uint8, int32 with uint32, ...).
+COMMON_DTYPES = ("uint8", "uint16", "int16", "uint32", "float32", "float64")
+# compile_kernels(COMMON_DTYPES) on a fresh cache: 20.3 s of CPU, 30.7 s wall at load
+# 2.6 on the 2-core EPYC (numba 0.68): uint8 1.4, uint16 3.5, uint32 13.0 (sorted
+# windows and ranks of 32-bit keys), float32 1.6, float64 10.6 s wall.
+_COMPILE_ALL_CPU_S = 20
+
+
 def _stacks_reaching_every_kernel(dtype: np.dtype):
     """(stack, K) pairs of ``dtype`` that reach every algorithm its key width has.
 
@@ -763,9 +774,7 @@ def _stacks_reaching_every_kernel(dtype: np.dtype):
         yield zeros, 3
 
 
-def compile_kernels(
-    dtypes=("uint8", "uint16", "int16", "uint32", "float32", "float64"), *, file=None
-) -> dict:
+def compile_kernels(dtypes=COMMON_DTYPES, *, file=None) -> dict:
     """Compile (or load from numba's cache) every kernel these dtypes can reach.
 
     The first call of :func:`median_windows_numba` for a key width compiles
@@ -803,7 +812,78 @@ def compile_kernels(
         if stream:
             print(f"rollmed-dask: numba kernels for {dtype.name} ready "
                   f"({spent[dtype.name]:.1f} s)", file=stream, flush=True)  # fmt: skip
+    if set(COMMON_DTYPES) <= set(spent):
+        _mark_ready()
     return spent
+
+
+def _ready_marker() -> str | None:
+    """File whose existence says every kernel of :data:`COMMON_DTYPES` is cached; None if
+    the cache does not outlive this process.
+
+    Named after what numba's cache index depends on (numba and Python versions,
+    this file's modification time and size), so that an upgrade or an edit
+    compiles everything again once.
+    """
+    if not numba_cache.is_kept():
+        return None
+    st = os.stat(__file__)
+    name = (f"ready-numba{numba.__version__}-py{sys.version_info[0]}{sys.version_info[1]}"
+            f"-{int(st.st_mtime)}-{st.st_size}")  # fmt: skip
+    return os.path.join(numba_cache.installation_dir(__file__), name)
+
+
+def _mark_ready() -> None:
+    marker = _ready_marker()
+    if marker is not None:
+        try:
+            os.makedirs(os.path.dirname(marker), exist_ok=True)
+            open(marker, "a").close()
+        except OSError:  # next time compile again: slower, never wrong
+            pass
+
+
+def prepare(dtype, *, file=None) -> None:
+    """Get every kernel a stack of ``dtype`` can reach into memory, compiling if needed.
+
+    :mod:`rollmed_dask.kernel_warmup` runs this on a thread of its own at the
+    start of a job, so that the job's first block finds its kernels loaded.
+    The first job of an installation (no kernels cached yet) compiles those
+    of all :data:`COMMON_DTYPES`, its own dtype first, announced by one line
+    on stderr: it costs about 20 s of CPU once, and then the first call of
+    any of them in a new process loads in a fraction of a second instead of
+    compiling for 1 to 7 s. If the cache does not outlive the process (no
+    writable cache folder), only ``dtype``'s kernels are compiled.
+
+    Parameters
+    ----------
+    dtype : dtype-like
+        The images' dtype.
+    file : text stream, optional
+        Where the line about compiling goes (default: stderr); ``False`` for none.
+    """
+    with _PREPARE_LOCK:  # two dtypes' threads: one compiles everything, the other then loads
+        _prepare(np.dtype(dtype), file)
+
+
+_PREPARE_LOCK = threading.Lock()
+
+
+def _prepare(dtype: np.dtype, file) -> None:
+    marker = _ready_marker()
+    if marker is None or os.path.exists(marker):
+        for stack, k in _stacks_reaching_every_kernel(dtype):
+            median_windows_numba(stack, k)
+        return
+    others = [np.dtype(d) for d in COMMON_DTYPES if np.dtype(d) != dtype]
+    with _NOTICE.lock:  # this line replaces the notice per dtype
+        _NOTICE.told.update([dtype, *others])
+    stream = sys.stderr if file is None else file
+    if stream:
+        print(f"rollmed-dask: compiling the numba kernels once for this installation (about "
+              f"{_COMPILE_ALL_CPU_S} s of CPU; later runs load them from "
+              f"{numba_cache.installation_dir(__file__)})", file=stream, flush=True)  # fmt: skip
+    compile_kernels([dtype, *others], file=False)
 
 
 # --------------------------------------------------------------------------
