@@ -354,17 +354,25 @@ def case_first_call(a):
     """Set-up of the first ``compute_background`` call over the steady state.
 
     Three calls on the same input in this fresh process, wall and CPU time of
-    each. With ``--parts`` the set-up the first call would do is done first,
-    piece by piece, and timed: importing numba, numba's target set-up (its
-    registries; it imports scipy.linalg to probe for BLAS), loading the cached
-    kernel of the input's dtype, importing dask, h5py/hdf5plugin/numcodecs; the
-    first call then shows what is left.
+    each. The job loads its kernels on a thread of its own while it sets up
+    (``rollmed_dask.kernel_warmup``), so part of the load overlaps. With
+    ``--parts`` the set-up the first call would do is done first, piece by
+    piece, and timed: importing numba, numba's target set-up (its registries;
+    it imports scipy.linalg to probe for BLAS), loading the cached kernels of
+    the input's dtype, importing dask, h5py/hdf5plugin/numcodecs; the first
+    call then shows what is left. With ``--dtype`` the stack is the input's
+    first ``--dtype-events`` frames converted to that dtype, in memory (floats
+    scaled to 0..1, 16-bit and wider integers times 16), as a user with such
+    data runs it after installing.
     """
+    import numpy as np
+
     import rollmed_dask
     from rollmed_dask import compute_background
 
     import_done = time.perf_counter()
     rss0 = _rss_mb()
+    load0 = os.getloadavg()[0]
     parts = {}
 
     def part(name, fn):
@@ -372,6 +380,28 @@ def case_first_call(a):
         fn()
         parts[name] = {"wall_s": time.perf_counter() - w, "cpu_s": time.process_time() - c}
 
+    source = a.input
+    if a.dtype:
+        import h5py
+        import hdf5plugin  # noqa: F401
+
+        dt = np.dtype(a.dtype)
+        with h5py.File(a.input, "r") as h5:
+            frames = h5["events/image"][: a.dtype_events]
+        if dt.kind == "f":
+            source = (frames / 255).astype(dt)
+        elif dt.itemsize >= 2:
+            source = (frames.astype(np.int64) * 16).astype(dt)
+        else:
+            source = frames.astype(dt)
+        del frames
+    if a.dtype:
+        dtype = np.dtype(a.dtype)
+    else:
+        import h5py
+
+        with h5py.File(a.input, "r") as h5:
+            dtype = h5["events/image"].dtype
     if a.parts:
 
         def numba_setup():
@@ -381,19 +411,13 @@ def case_first_call(a):
             cpu_target.target_context.refresh()
 
         def kernel_load():
-            import h5py
-            import hdf5plugin  # noqa: F401
-            import numpy as np
+            from rollmed_dask.kernels_numba import prepare
 
-            from rollmed_dask.kernels_numba import median_windows_numba
-
-            with h5py.File(a.input, "r") as h5:
-                dtype = h5["events/image"].dtype
-            median_windows_numba(np.zeros((3, 2), dtype=dtype), 2)
+            prepare(dtype)
 
         part("import numba", lambda: __import__("numba"))
         part("numba target set-up (registries, scipy.linalg)", numba_setup)
-        part("load the cached kernel of the dtype", kernel_load)
+        part("load the cached kernels of the dtype", kernel_load)
         part("import dask (delayed, threaded)", lambda: __import__("dask.threaded"))
         part("import h5py, hdf5plugin, numcodecs, h5chunks",
              lambda: __import__("rollmed_dask.h5chunks"))  # fmt: skip
@@ -401,13 +425,20 @@ def case_first_call(a):
     out = pathlib.Path(a.output)
     for _ in range(3):
         w, c = time.perf_counter(), time.process_time()
-        compute_background(a.input, out, a.kernel, progress=False, overwrite=True,
+        compute_background(source, out, a.kernel, progress=False, overwrite=True,
                            num_workers=a.workers)  # fmt: skip
         calls.append({"wall_s": time.perf_counter() - w, "cpu_s": time.process_time() - c})
     out.unlink()
+    import rollmed_dask.kernels_numba as kn
+
+    # compiled in this process (0 after installation: every kernel came from the cache)
+    compiled = sum(sum(d.stats.cache_misses.values()) for d in vars(kn).values()
+                   if hasattr(d, "stats"))  # fmt: skip
     first = calls[0]
     steady = {key: min(c[key] for c in calls[1:]) for key in ("wall_s", "cpu_s")}
     extra = {"calls": calls, "parts": parts, "version": rollmed_dask.__version__,
+             "dtype": dtype.name, "events": len(source) if a.dtype else None,
+             "kernels_compiled": compiled, "load_avg": [load0, os.getloadavg()[0]],
              "setup_wall_s": first["wall_s"] - steady["wall_s"],
              "setup_cpu_s": first["cpu_s"] - steady["cpu_s"]}  # fmt: skip
     return import_done, rss0, first["wall_s"], extra
@@ -599,6 +630,8 @@ def main(argv=None):
     p.add_argument("--frames-after-k", type=int, default=1000, help="kernel-noise")
     p.add_argument("--height", type=int, default=80, help="kernel-noise: frame height")
     p.add_argument("--parts", action="store_true", help="first-call: time the set-up parts")
+    p.add_argument("--dtype", help="first-call: the input's frames converted to this dtype")
+    p.add_argument("--dtype-events", type=int, default=2000, help="first-call with --dtype")
     a = p.parse_args(argv)
     result = {"case": a.case, "pid": os.getpid()}
     try:
