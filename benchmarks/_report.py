@@ -265,7 +265,7 @@ def first_call_text(fc: dict) -> str:
              f"K={fc['kernel']}; wall and CPU seconds; set-up = first call - fastest of "
              f"calls 2 and 3):"]  # fmt: skip
     modes = [("plain", "as a user runs it"), ("parts", "after the set-up below")]
-    modes += [(m, f"{m} stack") for m in fc if m not in _FIRST_CALL_KEYS]
+    modes += [(m, f"{m} images") for m in fc if m not in _FIRST_CALL_KEYS]
     for mode, what in modes:
         row = fc[mode]
         if row["status"] != "ok":
@@ -273,7 +273,7 @@ def first_call_text(fc: dict) -> str:
             continue
         ex = row["extra"]
         if ex.get("events"):
-            what = f"{what} ({ex['events']} frames of the input, in memory)"
+            what = f"{what} (file of {ex['events']} frames of the input)"
         calls = ", ".join(f"{c['wall_s']:.2f} / {c['cpu_s']:.2f}" for c in ex["calls"])
         load = ex.get("load_avg")
         note = f"; load {load[0]:.2f}-{load[1]:.2f}" if load else ""

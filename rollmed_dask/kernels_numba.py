@@ -51,13 +51,20 @@ those windows.
 
 Numba compiles an algorithm for a key width when a call first needs it (never
 at import; the choice per block is made in Python so that nothing else is
-compiled) and caches the machine code on disk (``cache=True``), so a second
-process starts quickly. A compile prints one line on stderr (it takes 1 to
-20 s); :func:`compile_kernels` does them all ahead of time. A fresh process
-still pays numba's own start, about 0.6 s of CPU (importing numba and setting
-up its target, which imports scipy.linalg); loading a cached kernel takes
-5 to 30 ms. The kernels release the GIL (``nogil=True``) and are single-threaded:
-dask threads run them on separate blocks in parallel.
+compiled) and caches the machine code on disk (``cache=True``, in the folder
+:mod:`rollmed_dask.numba_cache` chooses), so a second process starts quickly.
+A compile prints one line on stderr (it takes 1 to 13 s per dtype);
+:func:`compile_kernels` does them all ahead of time, and so does the first
+job of an installation (:func:`prepare`, about 20 s of CPU once), so that a
+later first call of any common dtype only loads. A fresh process still pays
+numba's own start, about 0.6 s of CPU (importing numba, 0.15-0.3 s, and
+setting up its CPU target, 0.3-0.45 s: numba's registries of implementations,
+one of which imports scipy.linalg, 0.12-0.17 s, to see whether a BLAS is
+there); loading a cached kernel takes 5 to 20 ms. A job starts that on a
+thread of its own as soon as it knows its dtype
+(:mod:`rollmed_dask.kernel_warmup`). The kernels release the GIL
+(``nogil=True``) and are single-threaded: dask threads run them on separate
+blocks in parallel.
 """
 
 from __future__ import annotations

@@ -21,9 +21,14 @@ can be written:
    belongs to this user; else a new private temporary folder for this process.
 
 Inside it, each installation of the package has a subfolder of its own
-(``rollmed_dask_`` and a hash of its path), holding numba's ``.nbi`` index and
-``.nbc`` code files. Deleting the folder is always safe: the kernels compile
-again on their next use. ``NUMBA_CACHE_DIR`` does not apply to these kernels;
+(``rollmed_dask_`` and a hash of its path, :func:`installation_dir`), holding
+numba's ``.nbi`` index and ``.nbc`` code files, and a ``ready-...`` file once
+the first job has compiled the kernels of every common dtype
+(:func:`rollmed_dask.kernels_numba.prepare`). Deleting the folder is always
+safe: the kernels compile again on their next use. A read-only installation
+caches like any other, in the user's folder; only if no folder above can be
+written does each process compile what it uses (and no more) into a folder of
+its own. ``NUMBA_CACHE_DIR`` does not apply to these kernels;
 other numba code keeps numba's own rules.
 
 :func:`install` puts the locator in front of numba's own; ``kernels_numba``
