@@ -714,13 +714,15 @@ class _CompileNotice(event.Listener):
     """Prints one line when a kernel of this module compiles (a numba cache miss).
 
     numba fires ``numba:compile`` only when it compiles, not when it loads a
-    kernel from its disk cache (5 to 30 ms), so the line appears exactly when
-    a user waits 1 to 3 s per key width and algorithm: once per installation.
+    kernel from its disk cache (5 to 20 ms), so the line appears exactly when
+    a user waits 1 to 13 s per dtype: once per installation. On the thread of
+    :func:`prepare` that compiles every common dtype, one line says so
+    instead, and no line follows for any of them.
     """
 
     def __init__(self):
         self.lock = threading.Lock()
-        self.serving = threading.local()  # dtype of the call on this thread
+        self.serving = threading.local()  # dtype of the call on this thread; installing
         self.told: set = set()
 
     def on_start(self, ev):
@@ -728,17 +730,22 @@ class _CompileNotice(event.Listener):
         if getattr(disp, "py_func", None) is None or disp.py_func.__module__ != __name__:
             return
         dtype = getattr(self.serving, "dtype", None)
+        installing = getattr(self.serving, "installing", False)
         with self.lock:
-            if dtype in self.told:
+            if dtype in self.told or (installing and "installation" in self.told):
                 return
             self.told.add(dtype)
-        what = f"{dtype} data" if dtype is not None else "this data"
-        print(
-            f"rollmed-dask: compiling the numba kernels for {what}: once per "
-            f"installation, 1 to 20 s (later runs load them from numba's cache)",
-            file=sys.stderr,
-            flush=True,
-        )
+            if installing:
+                self.told.update(["installation", *map(np.dtype, COMMON_DTYPES)])
+        if installing:
+            line = (f"compiling the numba kernels once for this installation (about "
+                    f"{_COMPILE_ALL_CPU_S} s of CPU; later runs load them from "
+                    f"{numba_cache.installation_dir(__file__)})")  # fmt: skip
+        else:
+            what = f"{dtype} data" if dtype is not None else "this data"
+            line = (f"compiling the numba kernels for {what}: once per installation, "
+                    f"1 to 20 s (later runs load them from numba's cache)")  # fmt: skip
+        print(f"rollmed-dask: {line}", file=sys.stderr, flush=True)
 
     def on_end(self, ev):
         pass
@@ -850,47 +857,54 @@ def _mark_ready() -> None:
             pass
 
 
-def prepare(dtype, *, file=None) -> None:
+def prepare(dtype) -> None:
     """Get every kernel a stack of ``dtype`` can reach into memory, compiling if needed.
 
     :mod:`rollmed_dask.kernel_warmup` runs this on a thread of its own at the
     start of a job, so that the job's first block finds its kernels loaded.
-    The first job of an installation (no kernels cached yet) compiles those
-    of all :data:`COMMON_DTYPES`, its own dtype first, announced by one line
-    on stderr: it costs about 20 s of CPU once, and then the first call of
-    any of them in a new process loads in a fraction of a second instead of
-    compiling for 1 to 7 s. If the cache does not outlive the process (no
-    writable cache folder), only ``dtype``'s kernels are compiled.
+    If this dtype's kernels had to be compiled and the installation's cache
+    has no mark that everything is compiled (a new installation, or numba or
+    this file changed), the kernels of all :data:`COMMON_DTYPES` are compiled
+    too, announced by one line on stderr: about 20 s of CPU once, after which
+    the first call of any of them in a new process loads in a fraction of a
+    second instead of compiling for 1 to 13 s. A process that found this
+    dtype cached leaves the rest to the process that compiled it, so that
+    two jobs started together do not both compile everything. If the cache
+    does not outlive the process (no writable cache folder), only this
+    dtype's kernels are compiled.
 
     Parameters
     ----------
     dtype : dtype-like
         The images' dtype.
-    file : text stream, optional
-        Where the line about compiling goes (default: stderr); ``False`` for none.
     """
     with _PREPARE_LOCK:  # two dtypes' threads: one compiles everything, the other then loads
-        _prepare(np.dtype(dtype), file)
+        _prepare(np.dtype(dtype))
 
 
 _PREPARE_LOCK = threading.Lock()
 
 
-def _prepare(dtype: np.dtype, file) -> None:
+def _compiles_so_far() -> int:
+    """Kernels this process compiled (numba cache misses), all dispatchers of this module."""
+    return sum(
+        sum(d.stats.cache_misses.values()) for d in globals().values() if hasattr(d, "stats")
+    )
+
+
+def _prepare(dtype: np.dtype) -> None:
     marker = _ready_marker()
-    if marker is None or os.path.exists(marker):
+    installing = marker is not None and not os.path.exists(marker)
+    before = _compiles_so_far()
+    _NOTICE.serving.installing = installing
+    try:
         for stack, k in _stacks_reaching_every_kernel(dtype):
             median_windows_numba(stack, k)
-        return
-    others = [np.dtype(d) for d in COMMON_DTYPES if np.dtype(d) != dtype]
-    with _NOTICE.lock:  # this line replaces the notice per dtype
-        _NOTICE.told.update([dtype, *others])
-    stream = sys.stderr if file is None else file
-    if stream:
-        print(f"rollmed-dask: compiling the numba kernels once for this installation (about "
-              f"{_COMPILE_ALL_CPU_S} s of CPU; later runs load them from "
-              f"{numba_cache.installation_dir(__file__)})", file=stream, flush=True)  # fmt: skip
-    compile_kernels([dtype, *others], file=False)
+        if installing and _compiles_so_far() > before:
+            others = [d for d in COMMON_DTYPES if np.dtype(d) != dtype]
+            compile_kernels([dtype, *others], file=False)  # marks the installation ready
+    finally:
+        _NOTICE.serving.installing = False
 
 
 # --------------------------------------------------------------------------

@@ -92,3 +92,26 @@ def test_the_first_job_compiles_the_common_dtypes_once(tmp_path):
     later = run_python(job.replace("DTYPES", "['float32', 'float64', 'uint16', 'int16']"), env=env)
     assert later.stderr == ""
     assert json.loads(later.stdout) == 0
+
+
+def test_a_job_whose_kernels_are_cached_leaves_compiling_the_rest_to_others(tmp_path):
+    # another process compiled uint8 and compiles (or compiled) the rest: a uint8 job
+    # started meanwhile loads its kernels and compiles nothing, silently
+    env = dict(os.environ, ROLLMED_DASK_CACHE_DIR=str(tmp_path / "cache"))
+    run_python(
+        "import numpy as np\n"
+        "from rollmed_dask.kernels_numba import median_windows_numba\n"
+        "median_windows_numba(np.arange(60, dtype=np.uint8).reshape(20, 3), 5)\n",
+        env=env,
+    )
+    job = run_python(
+        "import numpy as np, rollmed_dask.kernels_numba as kn\n"
+        "from rollmed_dask import compute_background\n"
+        "x = np.arange(40 * 4 * 4).reshape(40, 4, 4).astype(np.uint8)\n"
+        f"compute_background(x, {str(tmp_path / 'bg.h5')!r}, 5, progress=False,\n"
+        "                   scheduler='threads')\n"
+        "print(kn._compiles_so_far())\n",
+        env=env,
+    )
+    assert job.stderr == "" and job.stdout.strip() == "0"
+    assert not list((tmp_path / "cache").glob("rollmed_dask_*/ready-*"))
