@@ -793,9 +793,11 @@ def compile_kernels(dtypes=COMMON_DTYPES, *, file=None) -> dict:
 
     The first call of :func:`median_windows_numba` for a key width compiles
     what that call needs, 1 to 3 s of CPU per algorithm, with a line on
-    stderr; run this once after installing (or in a job script before the real
-    work) and later first calls only load the kernels from numba's cache. All
-    the default dtypes took 17 s of CPU (54 s on a loaded 2-core machine).
+    stderr; the first job of an installation runs this for the default dtypes
+    (:func:`prepare`), and so may a job script before the real work: later
+    first calls only load the kernels from numba's cache. All the default
+    dtypes took 20 s of CPU (31 s wall on a loaded 2-core machine); once they
+    are all done, the installation's cache folder is marked ready.
 
     Parameters
     ----------
