@@ -64,7 +64,7 @@ SCHEMA_VERSION = 1
 OURS = ("ours-threads", "ours-processes", "ours-scipy-engine")
 BASELINES = ("dcnum", "scipy", "dask-image")
 KERNEL_MAX_EVENTS = 20000
-# first-call: stacks of these dtypes too (the input's frames converted), each in a fresh process
+# first-call: files of these dtypes too (the input's frames converted), each in a fresh process
 FIRST_CALL_DTYPES = ("float32", "float64", "uint16", "int16")
 ALL_CONTESTANTS = ("kernel", "kernel-noise", "first-call", "io-stages", "graph", *IO_FLOORS,
                    "ours-threads", "ours-processes", "ours-scipy-engine",
@@ -472,7 +472,7 @@ class Suite:
 
     def first_call(self, input_path, n):
         """First ``compute_background`` call over the steady one: as a user runs it, with
-        its set-up done piece by piece beforehand, and on other dtypes' stacks, each in
+        its set-up done piece by piece beforehand, and on files of other dtypes, each in
         a fresh process after installation (every kernel compiled and cached first)."""
         a = self.a
         k = 100 if 100 in a.kernels else a.kernels[0]
