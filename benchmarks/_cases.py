@@ -354,17 +354,26 @@ def case_first_call(a):
     """Set-up of the first ``compute_background`` call over the steady state.
 
     Three calls on the same input in this fresh process, wall and CPU time of
-    each. With ``--parts`` the set-up the first call would do is done first,
-    piece by piece, and timed: importing numba, numba's target set-up (its
-    registries; it imports scipy.linalg to probe for BLAS), loading the cached
-    kernel of the input's dtype, importing dask, h5py/hdf5plugin/numcodecs; the
-    first call then shows what is left.
+    each. The job loads its kernels on a thread of its own while it sets up
+    (``rollmed_dask.kernel_warmup``), so part of the load overlaps. With
+    ``--parts`` the set-up the first call would do is done first, piece by
+    piece, and timed: importing numba, numba's target set-up (its registries;
+    it imports scipy.linalg to probe for BLAS), loading the cached kernels of
+    the input's dtype, importing dask, h5py/hdf5plugin/numcodecs; the first
+    call then shows what is left. With ``--dtype`` the input is a new HDF5
+    file of the input's first ``--dtype-events`` frames converted to that
+    dtype (floats scaled to 0..1, 16-bit and wider integers times 16; zstd,
+    fletcher32, 1 MiB chunks), as a user with such data runs it after
+    installing.
     """
+    import numpy as np
+
     import rollmed_dask
     from rollmed_dask import compute_background
 
     import_done = time.perf_counter()
     rss0 = _rss_mb()
+    load0 = os.getloadavg()[0]
     parts = {}
 
     def part(name, fn):
@@ -372,6 +381,34 @@ def case_first_call(a):
         fn()
         parts[name] = {"wall_s": time.perf_counter() - w, "cpu_s": time.process_time() - c}
 
+    source = a.input
+    if a.dtype:
+        import h5py
+        import hdf5plugin
+
+        dt = np.dtype(a.dtype)
+        with h5py.File(a.input, "r") as h5:
+            frames = h5["events/image"][: a.dtype_events]
+        if dt.kind == "f":
+            frames = (frames / 255).astype(dt)
+        else:
+            frames = (frames.astype(np.int64) * (16 if dt.itemsize >= 2 else 1)).astype(dt)
+        # a file like the input, as a user's camera would write it: the job reads it
+        # as it reads the input (an in-memory stack would take the dask.array path)
+        source = pathlib.Path(a.output).with_suffix(f".{dt.name}.h5")
+        with h5py.File(source, "w") as h5:
+            h5.create_dataset("events/image", data=frames, fletcher32=True,
+                              chunks=(max(1, 2**20 // frames[0].nbytes), *frames.shape[1:]),
+                              **hdf5plugin.Zstd(clevel=5))  # fmt: skip
+        events = len(frames)
+        del frames
+    if a.dtype:
+        dtype = np.dtype(a.dtype)
+    else:
+        import h5py
+
+        with h5py.File(a.input, "r") as h5:
+            dtype = h5["events/image"].dtype
     if a.parts:
 
         def numba_setup():
@@ -381,19 +418,13 @@ def case_first_call(a):
             cpu_target.target_context.refresh()
 
         def kernel_load():
-            import h5py
-            import hdf5plugin  # noqa: F401
-            import numpy as np
+            from rollmed_dask.kernels_numba import prepare
 
-            from rollmed_dask.kernels_numba import median_windows_numba
-
-            with h5py.File(a.input, "r") as h5:
-                dtype = h5["events/image"].dtype
-            median_windows_numba(np.zeros((3, 2), dtype=dtype), 2)
+            prepare(dtype)
 
         part("import numba", lambda: __import__("numba"))
         part("numba target set-up (registries, scipy.linalg)", numba_setup)
-        part("load the cached kernel of the dtype", kernel_load)
+        part("load the cached kernels of the dtype", kernel_load)
         part("import dask (delayed, threaded)", lambda: __import__("dask.threaded"))
         part("import h5py, hdf5plugin, numcodecs, h5chunks",
              lambda: __import__("rollmed_dask.h5chunks"))  # fmt: skip
@@ -401,13 +432,22 @@ def case_first_call(a):
     out = pathlib.Path(a.output)
     for _ in range(3):
         w, c = time.perf_counter(), time.process_time()
-        compute_background(a.input, out, a.kernel, progress=False, overwrite=True,
+        compute_background(source, out, a.kernel, progress=False, overwrite=True,
                            num_workers=a.workers)  # fmt: skip
         calls.append({"wall_s": time.perf_counter() - w, "cpu_s": time.process_time() - c})
     out.unlink()
+    if a.dtype:
+        source.unlink()
+    import rollmed_dask.kernels_numba as kn
+
+    # compiled in this process (0 after installation: every kernel came from the cache)
+    compiled = sum(sum(d.stats.cache_misses.values()) for d in vars(kn).values()
+                   if hasattr(d, "stats"))  # fmt: skip
     first = calls[0]
     steady = {key: min(c[key] for c in calls[1:]) for key in ("wall_s", "cpu_s")}
     extra = {"calls": calls, "parts": parts, "version": rollmed_dask.__version__,
+             "dtype": dtype.name, "events": events if a.dtype else None,
+             "kernels_compiled": compiled, "load_avg": [load0, os.getloadavg()[0]],
              "setup_wall_s": first["wall_s"] - steady["wall_s"],
              "setup_cpu_s": first["cpu_s"] - steady["cpu_s"]}  # fmt: skip
     return import_done, rss0, first["wall_s"], extra
@@ -598,6 +638,8 @@ def main(argv=None):
     p.add_argument("--frames-after-k", type=int, default=1000, help="kernel-noise")
     p.add_argument("--height", type=int, default=80, help="kernel-noise: frame height")
     p.add_argument("--parts", action="store_true", help="first-call: time the set-up parts")
+    p.add_argument("--dtype", help="first-call: the input's frames converted to this dtype")
+    p.add_argument("--dtype-events", type=int, default=2000, help="first-call with --dtype")
     a = p.parse_args(argv)
     result = {"case": a.case, "pid": os.getpid()}
     try:

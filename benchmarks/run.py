@@ -64,6 +64,8 @@ SCHEMA_VERSION = 1
 OURS = ("ours-threads", "ours-processes", "ours-scipy-engine")
 BASELINES = ("dcnum", "scipy", "dask-image")
 KERNEL_MAX_EVENTS = 20000
+# first-call: files of these dtypes too (the input's frames converted), each in a fresh process
+FIRST_CALL_DTYPES = ("float32", "float64", "uint16", "int16")
 ALL_CONTESTANTS = ("kernel", "kernel-noise", "first-call", "io-stages", "graph", *IO_FLOORS,
                    "ours-threads", "ours-processes", "ours-scipy-engine",
                    *BASELINES)  # fmt: skip
@@ -469,12 +471,25 @@ class Suite:
             log(f"  kernel-noise: done in {row['process_s']:.1f} s")
 
     def first_call(self, input_path, n):
-        """First ``compute_background`` call over the steady one, twice: as a user
-        runs it, and with its set-up done piece by piece beforehand."""
+        """First ``compute_background`` call over the steady one: as a user runs it, with
+        its set-up done piece by piece beforehand, and on files of other dtypes, each in
+        a fresh process after installation (every kernel compiled and cached first)."""
         a = self.a
         k = 100 if 100 in a.kernels else a.kernels[0]
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, "-c", "from rollmed_dask.kernels_numba import "
+                        "compile_kernels; compile_kernels(file=False)"], cwd=ROOT,
+                       env=dict(os.environ, PYTHONPATH=os.pathsep.join(
+                           [str(ROOT), os.environ.get("PYTHONPATH", "")])),
+                       check=True, timeout=a.case_timeout)  # fmt: skip
+        log(
+            f"first-call: kernels of every common dtype compiled or cached "
+            f"({time.perf_counter() - t0:.1f} s, as the first job of an installation does)"
+        )
         res = {"events": n, "kernel": k}
-        for mode, extra in (("plain", []), ("parts", ["--parts"])):
+        modes = [("plain", []), ("parts", ["--parts"])]
+        modes += [(dt, ["--dtype", dt]) for dt in FIRST_CALL_DTYPES]
+        for mode, extra in modes:
             label = f"first-call-{mode}"
             log(f"run {label} N={n} K={k} ...")
             out = self.out_path(label, n, k)

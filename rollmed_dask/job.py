@@ -12,7 +12,7 @@ import sys
 import time
 from dataclasses import dataclass
 
-from . import rtdc
+from . import kernel_warmup, rtdc
 from .core import check_kernel_size, select_engine
 from .pipeline import DEFAULT_MEMORY_BUDGET, block_tasks, parse_bytes, plan_block_tasks
 from .scheduling import resolve_scheduler, stream_blocks
@@ -231,6 +231,7 @@ def compute_background(
         # only now: a scheduler may be a starter that submits SLURM jobs, and no
         # job is submitted for a run that the checks above refuse
         resolved = resolve_scheduler(scheduler)
+        kernel_warmup.start(engine, src.dtype, resolved)  # overlaps the set-up below
         try:
             return _run_job(
                 src,

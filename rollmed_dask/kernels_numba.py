@@ -51,18 +51,26 @@ those windows.
 
 Numba compiles an algorithm for a key width when a call first needs it (never
 at import; the choice per block is made in Python so that nothing else is
-compiled) and caches the machine code on disk (``cache=True``), so a second
-process starts quickly. A compile prints one line on stderr (it takes 1 to
-20 s); :func:`compile_kernels` does them all ahead of time. A fresh process
-still pays numba's own start, about 0.6 s of CPU (importing numba and setting
-up its target, which imports scipy.linalg); loading a cached kernel takes
-5 to 30 ms. The kernels release the GIL (``nogil=True``) and are single-threaded:
-dask threads run them on separate blocks in parallel.
+compiled) and caches the machine code on disk (``cache=True``, in the folder
+:mod:`rollmed_dask.numba_cache` chooses), so a second process starts quickly.
+A compile prints one line on stderr (it takes 1 to 13 s per dtype);
+:func:`compile_kernels` does them all ahead of time, and so does the first
+job of an installation (:func:`prepare`, about 20 s of CPU once), so that a
+later first call of any common dtype only loads. A fresh process still pays
+numba's own start, about 0.6 s of CPU (importing numba, 0.15-0.3 s, and
+setting up its CPU target, 0.3-0.45 s: numba's registries of implementations,
+one of which imports scipy.linalg, 0.12-0.17 s, to see whether a BLAS is
+there); loading a cached kernel takes 5 to 20 ms. A job starts that on a
+thread of its own as soon as it knows its dtype
+(:mod:`rollmed_dask.kernel_warmup`). The kernels release the GIL
+(``nogil=True``) and are single-threaded: dask threads run them on separate
+blocks in parallel.
 """
 
 from __future__ import annotations
 
 import operator
+import os
 import sys
 import threading
 import time
@@ -77,7 +85,7 @@ from .core import median_windows_numpy
 # before the first @numba.njit: numba picks a function's cache folder when decorating it
 numba_cache.install()
 
-__all__ = ["compile_kernels", "median_windows_numba"]
+__all__ = ["compile_kernels", "median_windows_numba", "prepare"]
 
 # Pixels per block of the 256-bin histogram: 512 x 256 uint16 counts = 256 KiB,
 # in L2 while each frame row of the block is one contiguous read. 128..1024
@@ -706,13 +714,15 @@ class _CompileNotice(event.Listener):
     """Prints one line when a kernel of this module compiles (a numba cache miss).
 
     numba fires ``numba:compile`` only when it compiles, not when it loads a
-    kernel from its disk cache (5 to 30 ms), so the line appears exactly when
-    a user waits 1 to 3 s per key width and algorithm: once per installation.
+    kernel from its disk cache (5 to 20 ms), so the line appears exactly when
+    a user waits 1 to 13 s per dtype: once per installation. On the thread of
+    :func:`prepare` that compiles every common dtype, one line says so
+    instead, and no line follows for any of them.
     """
 
     def __init__(self):
         self.lock = threading.Lock()
-        self.serving = threading.local()  # dtype of the call on this thread
+        self.serving = threading.local()  # dtype of the call on this thread; installing
         self.told: set = set()
 
     def on_start(self, ev):
@@ -720,17 +730,22 @@ class _CompileNotice(event.Listener):
         if getattr(disp, "py_func", None) is None or disp.py_func.__module__ != __name__:
             return
         dtype = getattr(self.serving, "dtype", None)
+        installing = getattr(self.serving, "installing", False)
         with self.lock:
-            if dtype in self.told:
+            if dtype in self.told or (installing and "installation" in self.told):
                 return
             self.told.add(dtype)
-        what = f"{dtype} data" if dtype is not None else "this data"
-        print(
-            f"rollmed-dask: compiling the numba kernels for {what}: once per "
-            f"installation, 1 to 20 s (later runs load them from numba's cache)",
-            file=sys.stderr,
-            flush=True,
-        )
+            if installing:
+                self.told.update(["installation", *map(np.dtype, COMMON_DTYPES)])
+        if installing:
+            line = (f"compiling the numba kernels once for this installation (about "
+                    f"{_COMPILE_ALL_CPU_S} s of CPU; later runs load them from "
+                    f"{numba_cache.installation_dir(__file__)})")  # fmt: skip
+        else:
+            what = f"{dtype} data" if dtype is not None else "this data"
+            line = (f"compiling the numba kernels for {what}: once per installation, "
+                    f"1 to 20 s (later runs load them from numba's cache)")  # fmt: skip
+        print(f"rollmed-dask: {line}", file=sys.stderr, flush=True)
 
     def on_end(self, ev):
         pass
@@ -738,6 +753,16 @@ class _CompileNotice(event.Listener):
 
 _NOTICE = _CompileNotice()
 event.register("numba:compile", _NOTICE)
+
+
+#: What the first job of an installation compiles, so that the first call of any
+#: of these in a later process only loads the kernels (all integer dtypes share
+#: their kernels with these: int8 with uint8, int32 with uint32, ...).
+COMMON_DTYPES = ("uint8", "uint16", "int16", "uint32", "float32", "float64")
+# compile_kernels(COMMON_DTYPES) on a fresh cache: 20.3 s of CPU, 30.7 s wall at load
+# 2.6 on the 2-core EPYC (numba 0.68): uint8 1.4, uint16 3.5, uint32 13.0 (sorted
+# windows and ranks of 32-bit keys), float32 1.6, float64 10.6 s wall.
+_COMPILE_ALL_CPU_S = 20
 
 
 def _stacks_reaching_every_kernel(dtype: np.dtype):
@@ -763,16 +788,16 @@ def _stacks_reaching_every_kernel(dtype: np.dtype):
         yield zeros, 3
 
 
-def compile_kernels(
-    dtypes=("uint8", "uint16", "int16", "uint32", "float32", "float64"), *, file=None
-) -> dict:
+def compile_kernels(dtypes=COMMON_DTYPES, *, file=None) -> dict:
     """Compile (or load from numba's cache) every kernel these dtypes can reach.
 
     The first call of :func:`median_windows_numba` for a key width compiles
     what that call needs, 1 to 3 s of CPU per algorithm, with a line on
-    stderr; run this once after installing (or in a job script before the real
-    work) and later first calls only load the kernels from numba's cache. All
-    the default dtypes took 17 s of CPU (54 s on a loaded 2-core machine).
+    stderr; the first job of an installation runs this for the default dtypes
+    (:func:`prepare`), and so may a job script before the real work: later
+    first calls only load the kernels from numba's cache. All the default
+    dtypes took 20 s of CPU (31 s wall on a loaded 2-core machine); once they
+    are all done, the installation's cache folder is marked ready.
 
     Parameters
     ----------
@@ -803,7 +828,85 @@ def compile_kernels(
         if stream:
             print(f"rollmed-dask: numba kernels for {dtype.name} ready "
                   f"({spent[dtype.name]:.1f} s)", file=stream, flush=True)  # fmt: skip
+    if set(COMMON_DTYPES) <= set(spent):
+        _mark_ready()
     return spent
+
+
+def _ready_marker() -> str | None:
+    """File whose existence says every kernel of :data:`COMMON_DTYPES` is cached; None if
+    the cache does not outlive this process.
+
+    Named after what numba's cache index depends on (numba and Python versions,
+    this file's modification time and size), so that an upgrade or an edit
+    compiles everything again once.
+    """
+    if not numba_cache.is_kept():
+        return None
+    st = os.stat(__file__)
+    name = (f"ready-numba{numba.__version__}-py{sys.version_info[0]}{sys.version_info[1]}"
+            f"-{int(st.st_mtime)}-{st.st_size}")  # fmt: skip
+    return os.path.join(numba_cache.installation_dir(__file__), name)
+
+
+def _mark_ready() -> None:
+    marker = _ready_marker()
+    if marker is not None:
+        try:
+            os.makedirs(os.path.dirname(marker), exist_ok=True)
+            open(marker, "a").close()
+        except OSError:  # next time compile again: slower, never wrong
+            pass
+
+
+def prepare(dtype) -> None:
+    """Get every kernel a stack of ``dtype`` can reach into memory, compiling if needed.
+
+    :mod:`rollmed_dask.kernel_warmup` runs this on a thread of its own at the
+    start of a job, so that the job's first block finds its kernels loaded.
+    If this dtype's kernels had to be compiled and the installation's cache
+    has no mark that everything is compiled (a new installation, or numba or
+    this file changed), the kernels of all :data:`COMMON_DTYPES` are compiled
+    too, announced by one line on stderr: about 20 s of CPU once, after which
+    the first call of any of them in a new process loads in a fraction of a
+    second instead of compiling for 1 to 13 s. A process that found this
+    dtype cached leaves the rest to the process that compiled it, so that
+    two jobs started together do not both compile everything. If the cache
+    does not outlive the process (no writable cache folder), only this
+    dtype's kernels are compiled.
+
+    Parameters
+    ----------
+    dtype : dtype-like
+        The images' dtype.
+    """
+    with _PREPARE_LOCK:  # two dtypes' threads: one compiles everything, the other then loads
+        _prepare(np.dtype(dtype))
+
+
+_PREPARE_LOCK = threading.Lock()
+
+
+def _compiles_so_far() -> int:
+    """Kernels this process compiled (numba cache misses), all dispatchers of this module."""
+    return sum(
+        sum(d.stats.cache_misses.values()) for d in globals().values() if hasattr(d, "stats")
+    )
+
+
+def _prepare(dtype: np.dtype) -> None:
+    marker = _ready_marker()
+    installing = marker is not None and not os.path.exists(marker)
+    before = _compiles_so_far()
+    _NOTICE.serving.installing = installing
+    try:
+        for stack, k in _stacks_reaching_every_kernel(dtype):
+            median_windows_numba(stack, k)
+        if installing and _compiles_so_far() > before:
+            others = [d for d in COMMON_DTYPES if np.dtype(d) != dtype]
+            compile_kernels([dtype, *others], file=False)  # marks the installation ready
+    finally:
+        _NOTICE.serving.installing = False
 
 
 # --------------------------------------------------------------------------

@@ -21,9 +21,14 @@ can be written:
    belongs to this user; else a new private temporary folder for this process.
 
 Inside it, each installation of the package has a subfolder of its own
-(``rollmed_dask_`` and a hash of its path), holding numba's ``.nbi`` index and
-``.nbc`` code files. Deleting the folder is always safe: the kernels compile
-again on their next use. ``NUMBA_CACHE_DIR`` does not apply to these kernels;
+(``rollmed_dask_`` and a hash of its path, :func:`installation_dir`), holding
+numba's ``.nbi`` index and ``.nbc`` code files, and a ``ready-...`` file once
+the first job has compiled the kernels of every common dtype
+(:func:`rollmed_dask.kernels_numba.prepare`). Deleting the folder is always
+safe: the kernels compile again on their next use. A read-only installation
+caches like any other, in the user's folder; only if no folder above can be
+written does each process compile what it uses (and no more) into a folder of
+its own. ``NUMBA_CACHE_DIR`` does not apply to these kernels;
 other numba code keeps numba's own rules.
 
 :func:`install` puts the locator in front of numba's own; ``kernels_numba``
@@ -46,6 +51,9 @@ from numba.core import caching
 
 # numba renamed it from _CacheImpl (0.59) to CacheImpl
 _CACHE_IMPL = getattr(caching, "CacheImpl", None) or caching._CacheImpl
+
+#: Cache folders made for this process alone: the next one will not find them.
+_THROWAWAY: set = set()
 
 #: The folder of this package: only functions defined in its files are cached here.
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -76,7 +84,9 @@ def _private_temp_dir() -> str:
     info = os.lstat(path)
     if stat.S_ISDIR(info.st_mode) and info.st_uid == uid and _usable(path):
         return path
-    return tempfile.mkdtemp(prefix="rollmed-dask-numba-")
+    path = tempfile.mkdtemp(prefix="rollmed-dask-numba-")
+    _THROWAWAY.add(path)
+    return path
 
 
 @functools.cache
@@ -101,14 +111,35 @@ def cache_dir() -> str:
     return _private_temp_dir()
 
 
+def is_kept() -> bool:
+    """Whether :func:`cache_dir` is found again by the next process (not made for this one).
+
+    >>> is_kept()
+    True
+    """
+    return cache_dir() not in _THROWAWAY
+
+
+def installation_dir(py_file: str) -> str:
+    """The subfolder of :func:`cache_dir` that holds the kernels defined in ``py_file``.
+
+    One per installation of the package (numba names it after a hash of the
+    package's folder).
+
+    >>> installation_dir(__file__).startswith(cache_dir())
+    True
+    """
+    subfolder = caching._CacheLocator.get_suitable_cache_subpath(py_file)
+    return os.path.join(cache_dir(), subfolder)
+
+
 class PackageCacheLocator(caching._SourceFileBackedLocatorMixin, caching._CacheLocator):
     """numba cache locator for the functions of this package: they go to :func:`cache_dir`."""
 
     def __init__(self, py_func, py_file):
         self._py_file = py_file
         self._lineno = py_func.__code__.co_firstlineno
-        subfolder = self.get_suitable_cache_subpath(py_file)  # one per installation
-        self._cache_path = os.path.join(cache_dir(), subfolder)
+        self._cache_path = installation_dir(py_file)
 
     def get_cache_path(self):
         return self._cache_path

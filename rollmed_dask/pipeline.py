@@ -285,7 +285,8 @@ def background_rows(read, start: int, stop: int, n_events: int, kernel_size: int
     first_tail = n_events - k
     j0 = min(start, first_tail - 1)
     j1 = min(stop, first_tail)
-    medians = get_window_kernel(engine)(read(j0, j1 - 1 + k), k)
+    block = read(j0, j1 - 1 + k)  # first: overlaps a kernel load still under way
+    medians = get_window_kernel(engine)(block, k)
     if stop <= first_tail:
         return medians
     out = np.empty((stop - start,) + medians.shape[1:], dtype=medians.dtype)

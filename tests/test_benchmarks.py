@@ -85,10 +85,11 @@ def test_quick_benchmark_json_and_exactness(quick_run):
     assert kn["status"] == "ok" and kn["extra"]["exact_every_7th_pixel"] is True
     assert len(kn["extra"]["rows"]) == 4  # sigma 1, 4 x no cells, cells at K=20
     assert all(r["ns_per_pixel_event"] > 0 for r in kn["extra"]["rows"])
-    for mode in ("plain", "parts"):
+    for mode in ("plain", "parts", "float32", "float64", "uint16", "int16"):
         fc = doc["first_call"][mode]
         assert fc["status"] == "ok", fc.get("error")
         assert len(fc["extra"]["calls"]) == 3
+        assert fc["extra"]["kernels_compiled"] == 0, "after installation every kernel loads"
     assert len(doc["first_call"]["parts"]["extra"]["parts"]) == 5
     stages = doc["io_stages"]
     assert stages["status"] == "ok", stages.get("error")
