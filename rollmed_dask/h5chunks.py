@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 import struct
 import zlib
 
@@ -40,8 +41,11 @@ __all__ = [
     "FILTER_ZSTD",
     "ChunkChecksumError",
     "ChunkCodec",
+    "ChunkCopy",
     "ChunkError",
     "EncodedBlock",
+    "can_copy_chunks",
+    "create_empty_like",
     "encode_block",
     "fletcher32",
     "read_block",
@@ -800,3 +804,153 @@ def write_chunks(dset, start, block: EncodedBlock) -> None:
         )
     for offset, data in zip(offsets, block.chunks, strict=True):
         dset.id.write_direct_chunk(offset, data, filter_mask=0)
+
+
+# --------------------------------------------------------------------------
+# copying a dataset chunk by chunk
+# --------------------------------------------------------------------------
+
+
+def can_copy_chunks(dset) -> bool:
+    """Whether :class:`ChunkCopy` can copy ``dset``: chunked, stored in its own file.
+
+    Contiguous, compact, virtual and external datasets have no stored chunks
+    to move; copy those with ``h5py.Group.copy``.
+    """
+    plist = dset.id.get_create_plist()
+    return (
+        plist.get_layout() == h5py.h5d.CHUNKED
+        and plist.get_external_count() == 0
+        and not dset.is_virtual
+    )
+
+
+def create_empty_like(group, name: str, src):
+    """Create ``group[name]`` exactly like ``src`` (of any file), without its data.
+
+    The same datatype, shape and maximum shape, creation properties (chunks,
+    filter pipeline with its flags and parameters, fill value, allocation
+    time) and attributes with their stored types, as ``h5py.Group.copy``
+    gives; :class:`ChunkCopy` then moves the stored chunks. Attributes of
+    fixed-size types are copied as raw bytes with their file type, so a
+    string keeps its padding and character set; variable-length ones go
+    through h5py.
+
+    Returns
+    -------
+    h5py.Dataset
+    """
+    tid = src.id.get_type().copy()  # transient: a committed type of another file cannot be used
+    dsid = h5py.h5d.create(
+        group.id, name.encode(), tid, src.id.get_space(), dcpl=src.id.get_create_plist()
+    )
+    dst = h5py.Dataset(dsid)
+    for key in src.attrs:
+        _copy_attribute(src, dst, key)
+    return dst
+
+
+def _copy_attribute(src, dst, key: str) -> None:
+    aid = src.attrs.get_id(key)
+    tid = aid.get_type()
+    raw = not (
+        tid.detect_class(h5py.h5t.VLEN)
+        or tid.detect_class(h5py.h5t.REFERENCE)
+        or (tid.get_class() == h5py.h5t.STRING and tid.is_variable_str())
+        or not key.isascii()
+    )
+    if not raw:
+        dst.attrs.create(key, src.attrs[key], dtype=aid.dtype)
+        return
+    new = h5py.h5a.create(dst.id, key.encode(), tid, aid.get_space())
+    try:
+        if aid.shape is not None:  # None: a null dataspace (h5py.Empty), nothing to write
+            buf = np.empty(aid.shape, dtype=np.dtype(f"V{tid.get_size()}"))
+            aid.read(buf, mtype=tid)
+            new.write(buf, mtype=tid)
+    finally:
+        new.close()
+
+
+class ChunkCopy:
+    """Copy the stored chunks of one dataset into an empty twin, one at a time.
+
+    ``h5py.Group.copy`` moves a whole dataset in one call that holds h5py's
+    lock throughout (seconds for GBs of images), so nothing else in the
+    process can read or write HDF5 meanwhile. Here each chunk is one short
+    ``write_direct_chunk``: the stored bytes stay as they are (no decompression,
+    the checksum travels with them), and the chunks can be copied between
+    other work or by a thread beside it (:meth:`run`).
+
+    The bytes are read with ``os.pread`` at the chunk's file address, outside
+    h5py's lock and the GIL, so a cold input is read from disk while the
+    other threads go on. The address is checked against
+    ``read_direct_chunk`` on the first chunk; a file where they differ (or
+    not a plain file) is read through h5py instead.
+
+    Parameters
+    ----------
+    src : h5py.Dataset
+        A chunked dataset (:func:`can_copy_chunks`), open for reading.
+    dst : h5py.Dataset
+        Its empty twin (:func:`create_empty_like`).
+    """
+
+    def __init__(self, src, dst):
+        self.src, self.dst = src, dst
+        stored = []
+        src.id.chunk_iter(
+            lambda info: stored.append(
+                (info.chunk_offset, info.filter_mask, info.byte_offset, info.size)
+            )
+        )
+        stored.sort(key=lambda chunk: chunk[2])  # file order: the disk reads sequentially
+        self.chunks = stored
+        self.done = 0
+        self.nbytes = sum(chunk[3] for chunk in stored)
+        self.fd = self._open_raw()
+
+    def _open_raw(self):
+        """A file descriptor to read the chunks from, or None to read through h5py."""
+        if not self.chunks or self.src.file.driver != "sec2":
+            return None
+        fd = os.open(self.src.file.filename, os.O_RDONLY)
+        offset, _mask, address, size = self.chunks[0]
+        if os.pread(fd, size, address) == self.src.id.read_direct_chunk(offset)[1]:
+            return fd
+        os.close(fd)
+        return None
+
+    def step(self) -> int:
+        """Copy the next chunk; returns its size in bytes (0 when all are copied)."""
+        if self.done >= len(self.chunks):
+            return 0
+        offset, mask, address, size = self.chunks[self.done]
+        if self.fd is not None:
+            data = os.pread(self.fd, size, address)
+            if len(data) != size:
+                raise ChunkError(
+                    f"{_describe(self.src)}: the chunk at offset {tuple(offset)} is cut short "
+                    f"({len(data)} of {size} bytes): the file was truncated"
+                )
+        else:
+            mask, data = self.src.id.read_direct_chunk(offset)
+        self.dst.id.write_direct_chunk(offset, data, filter_mask=mask)
+        self.done += 1
+        return size
+
+    def run(self, stop=None, on_chunk=None) -> None:
+        """Copy the remaining chunks; stop early when ``stop`` (an Event) is set.
+
+        ``on_chunk(nbytes)`` is called after each chunk.
+        """
+        while self.done < len(self.chunks) and (stop is None or not stop.is_set()):
+            size = self.step()
+            if on_chunk is not None:
+                on_chunk(size)
+
+    def close(self) -> None:
+        """Release the raw file descriptor (the datasets belong to the caller)."""
+        fd, self.fd = self.fd, None
+        if fd is not None:
+            os.close(fd)
