@@ -570,3 +570,45 @@ def test_contiguous_dataset_is_not_copied_by_chunks(tmp_path):
     with h5py.File(tmp_path / "src.h5", "w") as h5:
         h5["x"] = np.arange(10)
         assert not hc.can_copy_chunks(h5["x"])
+
+
+# --- reading stored chunks with pread, outside h5py's lock ---
+
+
+def test_raw_chunks_read_the_bytes_h5py_reads(tmp_path):
+    path = tmp_path / "frames.h5"
+    data = np.random.default_rng(5).integers(0, 255, (50, 6, 7), dtype=np.uint8)
+    with h5py.File(path, "w") as h5:
+        ds = h5.create_dataset(
+            "x", shape=data.shape, dtype=data.dtype, chunks=(8, 6, 7), fletcher32=True,
+            **hdf5plugin.Zstd(clevel=5),
+        )  # fmt: skip
+        ds[:16] = data[:16]
+        ds[24:] = data[24:]  # events 16..23: a chunk never written, read as the fill value
+    with h5py.File(path, "r") as h5:
+        ds = h5["x"]
+        with hc.RawChunks.of(ds) as raw:
+            assert raw is not None
+            for first in (0, 8, 48):  # 48: the edge chunk
+                mask, stored = raw.read((first, 0, 0))
+                assert (mask, bytes(stored)) == ds.id.read_direct_chunk((first, 0, 0))
+            with pytest.raises(KeyError):
+                raw.read((16, 0, 0))
+        np.testing.assert_array_equal(hc.read_block(ds, 3, 50), ds[3:50])
+        assert not ds[16:24].any()
+
+
+def test_raw_chunks_follow_a_rewritten_file(tmp_path):
+    path = tmp_path / "frames.h5"
+    for value in (1, 2):
+        with h5py.File(path, "w") as h5:
+            h5.create_dataset("x", data=np.full((30, 4, 4), value, np.uint8), chunks=(10, 4, 4))
+        with h5py.File(path, "r") as h5:
+            assert (hc.read_block(h5["x"], 0, 30) == value).all()
+
+
+def test_raw_chunks_only_for_full_frame_chunks(tmp_path):
+    with h5py.File(tmp_path / "tiles.h5", "w") as h5:
+        ds = h5.create_dataset("x", data=np.zeros((30, 4, 4), np.uint8), chunks=(10, 2, 4))
+        with hc.RawChunks.of(ds) as raw:
+            assert raw is None
