@@ -29,6 +29,7 @@ import secrets
 import shutil
 import signal
 import socket
+import sys
 
 import numpy as np
 
@@ -542,17 +543,18 @@ class WriteBehind:
 
     The job writes GBs (the compressed background, and the input's images in a
     new file) that the kernel keeps as dirty pages; the ``fsync`` before the
-    output is renamed into place would then wait for all of them, seconds
-    while every core idles. Here a thread calls ``fdatasync`` whenever
-    another :data:`STEP` bytes were written, so the disk works beside the
-    computation and the final sync only has the rest. Its file descriptor is
-    opened once and also does the final ``fsync`` (:meth:`close`): an error
-    of an earlier writeback (a full disk, an I/O error) is reported there,
-    not lost in the thread.
+    output is renamed into place would then wait for all of them while
+    every core idles (0.7 s at N = 200000, measured). Here a thread starts
+    the writeback (:func:`_start_writeback`) whenever another :data:`STEP`
+    bytes were written, so the disk works beside the computation and the
+    final sync only has the rest (0.00-0.01 s, same runs). Its file
+    descriptor is opened once and also does the final ``fsync``
+    (:meth:`close`): an error of an earlier writeback (a full disk, an I/O
+    error) is reported there, not lost in the thread.
     """
 
-    #: Bytes written between two syncs: enough to keep the disk busy, few
-    #: enough that the final sync is short (64 MiB take about 0.2 s here).
+    #: Bytes written between two writebacks: enough to keep the disk busy,
+    #: few enough that the final sync is short (64 MiB take about 0.2 s here).
     STEP = 64 * 2**20
 
     def __init__(self, path: pathlib.Path):
@@ -583,7 +585,7 @@ class WriteBehind:
             if self.closing:
                 return
             try:
-                _fdatasync(self.fd)
+                _start_writeback(self.fd)
             except OSError as exc:
                 self.error = exc  # raised by close(sync=True)
                 return
@@ -738,6 +740,38 @@ def _zarr_write_block(store_path: str, dataset: str, block, start: int):
     return start, len(block)
 
 
-def _fdatasync(fd: int) -> None:
-    """``fdatasync`` where the platform has it (not macOS), else ``fsync``."""
-    getattr(os, "fdatasync", os.fsync)(fd)
+def _start_writeback(fd: int) -> None:
+    """Start writing a file's dirty pages to disk, without waiting for them.
+
+    Linux's ``sync_file_range(SYNC_FILE_RANGE_WRITE)`` (through ctypes: Python
+    has no binding) only queues the pages: no journal commit, no cache flush
+    of the device, unlike ``fdatasync``. Elsewhere ``fdatasync`` (or
+    ``fsync``) in this background thread does the same job, at a higher cost.
+    """
+    sync_file_range = _sync_file_range()
+    if sync_file_range is None:
+        getattr(os, "fdatasync", os.fsync)(fd)
+    elif sync_file_range(fd, 0, 0, 2) != 0:  # 2: SYNC_FILE_RANGE_WRITE
+        import ctypes
+
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+_SYNC_FILE_RANGE = []
+
+
+def _sync_file_range():
+    """libc's ``sync_file_range`` on Linux, else None (looked up once)."""
+    if not _SYNC_FILE_RANGE:
+        func = None
+        if sys.platform.startswith("linux"):
+            import ctypes
+
+            try:
+                func = ctypes.CDLL(None, use_errno=True).sync_file_range
+                func.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+            except (OSError, AttributeError):
+                func = None
+        _SYNC_FILE_RANGE.append(func)
+    return _SYNC_FILE_RANGE[0]
