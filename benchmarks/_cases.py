@@ -181,7 +181,10 @@ def case_io_floor(a):
     compresses ~5x faster than the noisy input, and writing the input back
     would make the floor far too high. Reading the background costs a little
     (one decode of highly compressible chunks); the floor is a slight
-    overestimate for it.
+    overestimate for it. Like ``compute_background``'s, the output is a new
+    ``.rtdc`` file with a copy of the input's images (``HDF5Sink`` with the
+    input path, :func:`rollmed_dask.rtdc.prepare_output_file`), made by the
+    same thread beside the blocks: both sides pay for it inside their time.
     """
     import dask
     import dask.array as da

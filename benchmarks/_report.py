@@ -225,7 +225,10 @@ def table(rows) -> str:
                 f"{r['block_events']}; median {r['ns_per_pixel_event_median']:.2f} ns"
             )
         elif r["case"] in IO_FLOORS:
-            note = f"no compute: reads the input, writes the known result ({r['background_from']})"
+            note = (
+                f"no compute: reads the input, writes the known result ({r['background_from']}) "
+                f"and, like ours, a copy of the input's images"
+            )
         lay = r.get("layout")
         if lay and (lay["chunks"] != EXPECTED_LAYOUT["chunks"]
                     or lay["filters"] != EXPECTED_LAYOUT["filters"]):  # fmt: skip

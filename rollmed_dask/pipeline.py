@@ -44,6 +44,7 @@ from functools import partial
 import numpy as np
 
 from .core import check_kernel_size, get_window_kernel, select_engine
+from .scheduling import whole_rounds
 
 MiB = 2**20
 DEFAULT_MEMORY_BUDGET = 256 * MiB
@@ -144,7 +145,8 @@ def plan_event_chunks(
     min_blocks : int
         Split a short stack into at least this many blocks so that every core
         has work, but never into blocks shorter than 4K, where reading the
-        overlap would cost more than it gains.
+        overlap would cost more than it gains. Above 1, blocks may also be shortened
+        a little so that the cores finish together (``whole_rounds``).
 
     Returns
     -------
@@ -170,6 +172,8 @@ def plan_event_chunks(
         length = unit * math.ceil(event_chunk / unit)
     # whole units, within the budget (a forced length rounds up), never shorter than K
     length = max(unit * (length // unit), unit * math.ceil(kernel_size / unit))
+    if event_chunk is None and min_blocks > 1:  # no core idling through a last, lone block
+        length = whole_rounds(n_events, length, unit, kernel_size, min(length, 4 * kernel_size))
     if length >= n_events:
         return (n_events,)
     count, rest = divmod(n_events, length)

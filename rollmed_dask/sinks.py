@@ -29,6 +29,7 @@ import secrets
 import shutil
 import signal
 import socket
+import sys
 
 import numpy as np
 
@@ -372,6 +373,8 @@ class HDF5Sink(Sink):
         self.h5 = None
         self.dset = None
         self.codec = None
+        self.image_copy = None  # BackgroundCopy of the input's images into a new file
+        self.write_behind = None
 
     def open(self) -> None:
         import h5py
@@ -381,6 +384,8 @@ class HDF5Sink(Sink):
 
         if self.in_place:
             self._copy_target()
+            self.write_behind = WriteBehind(self.tmp)
+            self.write_behind.wrote(self.tmp.stat().st_size)
             self.h5 = h5py.File(self.tmp, "a")
             if self.dataset in self.h5:
                 # deleted before the new one is written, in one session: HDF5
@@ -388,8 +393,12 @@ class HDF5Sink(Sink):
                 del self.h5[self.dataset]
         else:
             self.h5 = h5py.File(self.tmp, "w", libver="latest")
+            self.write_behind = WriteBehind(self.tmp)
             if self.input_path is not None:
-                rtdc.prepare_output_file(self.h5, self.input_path)
+                copy = rtdc.prepare_output_file(self.h5, self.input_path, defer_images=True)
+                if copy is not None:
+                    # the images' chunks are copied beside the computation, not before it
+                    self.image_copy = BackgroundCopy(copy, self.write_behind.wrote)
         self.dset = self.h5.create_dataset(
             self.dataset,
             shape=self.shape,
@@ -432,23 +441,31 @@ class HDF5Sink(Sink):
         return partial(_encode_block_task, self.codec)
 
     def write(self, payload) -> int:
+        if self.image_copy is not None:
+            self.image_copy.check()  # a failed copy (a full disk) ends the job now
         start, data = payload
         if isinstance(data, np.ndarray):
             self.dset[start : start + len(data)] = data
+            self.write_behind.wrote(data.nbytes)
             return len(data)
         from .h5chunks import write_chunks
 
         write_chunks(self.dset, start, data)
+        self.write_behind.wrote(data.nbytes)
         return data.shape[0]
 
     def commit(self, dataset_attrs: dict, log_lines: list[str]) -> None:
+        if self.image_copy is not None:
+            self.image_copy.finish()
+            self.image_copy = None
         for key, value in dataset_attrs.items():
             self.dset.attrs[key] = value
         rtdc.write_pipeline_attrs(self.h5, self.dataset)  # dcnum then skips its background
         rtdc.write_log(self.h5, _free_log_name(self.h5, rtdc.run_log_name()), log_lines)
         self.h5.close()
         self.h5 = None
-        _fsync(self.tmp)
+        write_behind, self.write_behind = self.write_behind, None
+        write_behind.close(sync=True)  # the data on disk before the rename that publishes it
         if self.in_place:
             crash_point("inplace-written")
             os.replace(self.tmp, self.target)
@@ -457,8 +474,14 @@ class HDF5Sink(Sink):
         move_into_place(self.tmp, self.target)
 
     def abort(self) -> None:
+        copy, self.image_copy = self.image_copy, None
+        write_behind, self.write_behind = self.write_behind, None
         h5, self.h5 = self.h5, None
         try:
+            if copy is not None:
+                copy.cancel()  # before the file closes: the copy writes into it
+            if write_behind is not None:
+                write_behind.close(sync=False)
             if h5 is not None:
                 h5.close()
         except (OSError, RuntimeError):
@@ -467,13 +490,118 @@ class HDF5Sink(Sink):
             _remove_temporary(self.tmp)
 
 
-def _fsync(path: pathlib.Path) -> None:
-    """Data on disk before the rename that publishes it."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+class BackgroundCopy:
+    """Runs an :class:`rollmed_dask.rtdc.ImageCopy` in a thread beside the job.
+
+    Copying a large input's images takes seconds (GBs to read and write) and
+    little CPU; done before the computation, as ``h5py.Group.copy`` would, it
+    is time in which the cores wait. Each chunk is one short HDF5 call, so the
+    workers' reads and the writer's chunks go on in between. The thread's
+    error (a full disk) is raised in the job by :meth:`check` (at the next
+    block) or :meth:`finish` (at commit); :meth:`cancel` stops it at the next
+    chunk. Only a finished copy leaves a complete output.
+    """
+
+    def __init__(self, copy, on_chunk):
+        import threading
+
+        self.copy = copy
+        self.on_chunk = on_chunk
+        self.stop = threading.Event()
+        self.error = None
+        self.thread = threading.Thread(target=self._run, name="rollmed-image-copy", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            self.copy.run(self.stop, self.on_chunk)
+        except BaseException as exc:  # raised in the job's thread, see check()
+            self.error = exc
+
+    def check(self) -> None:
+        """Raise the copy's error, if it failed."""
+        if self.error is not None:
+            raise self.error
+
+    def finish(self) -> None:
+        """Wait for the copy to end, and raise its error if it failed."""
+        self.thread.join()
+        try:
+            self.check()
+        finally:
+            self.copy.close()
+
+    def cancel(self) -> None:
+        """Stop the copy at the next chunk; its error no longer matters."""
+        self.stop.set()
+        self.thread.join()
+        self.copy.close()
+
+
+class WriteBehind:
+    """Writes a file's new data to disk while the job still runs.
+
+    The job writes GBs (the compressed background, and the input's images in a
+    new file) that the kernel keeps as dirty pages; the ``fsync`` before the
+    output is renamed into place would then wait for all of them while
+    every core idles (0.7 s at N = 200000, measured). Here a thread starts
+    the writeback (:func:`_start_writeback`) whenever another :data:`STEP`
+    bytes were written, so the disk works beside the computation and the
+    final sync only has the rest (0.00-0.01 s, same runs). Its file
+    descriptor is opened once and also does the final ``fsync``
+    (:meth:`close`): an error of an earlier writeback (a full disk, an I/O
+    error) is reported there, not lost in the thread.
+    """
+
+    #: Bytes written between two writebacks: enough to keep the disk busy,
+    #: few enough that the final sync is short (64 MiB take about 0.2 s here).
+    STEP = 64 * 2**20
+
+    def __init__(self, path: pathlib.Path):
+        import threading
+
+        self.fd = os.open(path, os.O_RDONLY)
+        self.pending = 0
+        self.error = None
+        self.closing = False
+        self.lock = threading.Lock()
+        self.wake = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="rollmed-write-behind", daemon=True)
+        self.thread.start()
+
+    def wrote(self, nbytes: int) -> None:
+        """Count ``nbytes`` more written; wake the thread every :data:`STEP` bytes."""
+        with self.lock:
+            self.pending += nbytes
+            if self.pending < self.STEP:
+                return
+            self.pending = 0
+        self.wake.set()
+
+    def _run(self) -> None:
+        while True:
+            self.wake.wait()
+            self.wake.clear()
+            if self.closing:
+                return
+            try:
+                _start_writeback(self.fd)
+            except OSError as exc:
+                self.error = exc  # raised by close(sync=True)
+                return
+
+    def close(self, sync: bool) -> None:
+        """Stop the thread; with ``sync``, ``fsync`` the file and raise any write error."""
+        self.closing = True
+        self.wake.set()
+        self.thread.join()
+        try:
+            if sync:
+                if self.error is not None:
+                    raise self.error
+                os.fsync(self.fd)
+        finally:
+            os.close(self.fd)
 
 
 def _free_log_name(h5, name: str) -> str:
@@ -610,3 +738,40 @@ def _zarr_write_block(store_path: str, dataset: str, block, start: int):
     marker.touch()
     crash_point("zarr-marker")
     return start, len(block)
+
+
+def _start_writeback(fd: int) -> None:
+    """Start writing a file's dirty pages to disk, without waiting for them.
+
+    Linux's ``sync_file_range(SYNC_FILE_RANGE_WRITE)`` (through ctypes: Python
+    has no binding) only queues the pages: no journal commit, no cache flush
+    of the device, unlike ``fdatasync``. Elsewhere ``fdatasync`` (or
+    ``fsync``) in this background thread does the same job, at a higher cost.
+    """
+    sync_file_range = _sync_file_range()
+    if sync_file_range is None:
+        getattr(os, "fdatasync", os.fsync)(fd)
+    elif sync_file_range(fd, 0, 0, 2) != 0:  # 2: SYNC_FILE_RANGE_WRITE
+        import ctypes
+
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+_SYNC_FILE_RANGE = []
+
+
+def _sync_file_range():
+    """libc's ``sync_file_range`` on Linux, else None (looked up once)."""
+    if not _SYNC_FILE_RANGE:
+        func = None
+        if sys.platform.startswith("linux"):
+            import ctypes
+
+            try:
+                func = ctypes.CDLL(None, use_errno=True).sync_file_range
+                func.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+            except (OSError, AttributeError):
+                func = None
+        _SYNC_FILE_RANGE.append(func)
+    return _SYNC_FILE_RANGE[0]

@@ -463,3 +463,152 @@ def test_concurrent_reads_from_threads(tmp_path):
             t.join()
         assert not errors
         np.testing.assert_array_equal(out, data)
+
+
+# --- copying a dataset chunk by chunk (the images of a new .rtdc output) ---
+
+
+def _dcpl_properties(dset) -> tuple:
+    plist = dset.id.get_create_plist()
+    filters = tuple(plist.get_filter(i)[:3] for i in range(plist.get_nfilters()))
+    fill = np.zeros(1, dtype=dset.dtype)
+    plist.get_fill_value(fill)
+    return (
+        plist.get_layout(),
+        plist.get_chunk(),
+        filters,
+        fill.tobytes(),
+        plist.fill_value_defined(),
+        plist.get_alloc_time(),
+        plist.get_fill_time(),
+    )
+
+
+def _attrs_raw(dset) -> dict:
+    """Each attribute's stored type (compared by HDF5) and value."""
+    out = {}
+    for key in dset.attrs:
+        aid = dset.attrs.get_id(key)
+        out[key] = (aid.get_type(), aid.shape, repr(dset.attrs[key]))
+    return out
+
+
+def _stored_chunks(dset) -> dict:
+    offsets = []
+    dset.id.chunk_iter(lambda info: offsets.append(info.chunk_offset))  # None: go on
+    return {off: dset.id.read_direct_chunk(off) for off in offsets}
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(chunks=(4, 6, 5), fletcher32=True, **hdf5plugin.Zstd(clevel=5)),
+        dict(chunks=(3, 6, 5), compression="gzip", shuffle=True, fillvalue=7),
+        dict(chunks=(4, 3, 5), maxshape=(None, 6, 5)),
+    ],
+    ids=["zstd-fletcher32", "gzip-shuffle-fill", "plain-tiles-maxshape"],
+)
+def test_chunk_copy_equals_h5py_copy(tmp_path, kwargs):
+    """Layout, attributes (with their exact stored types) and stored bytes as Group.copy."""
+    rng = np.random.default_rng(3)
+    src_path = tmp_path / "src.h5"
+    with h5py.File(src_path, "w") as h5:
+        data = rng.integers(0, 40, (22, 6, 5)).astype(np.uint16)
+        ds = h5.create_dataset("events/image", data=data, **kwargs)
+        ds[8:12] = 0  # a chunk of zeros
+        ds.attrs.create("CLASS", np.bytes_("IMAGE"))
+        ds.attrs["text"] = "variable length"
+        ds.attrs["numbers"] = np.arange(3, dtype=">i4")
+        ds.attrs["empty"] = h5py.Empty("f8")
+        # a NULLTERM string, as C writers make them: h5py would store NULLPAD
+        tid = h5py.h5t.C_S1.copy()
+        tid.set_size(6)
+        tid.set_strpad(h5py.h5t.STR_NULLTERM)
+        aid = h5py.h5a.create(ds.id, b"nullterm", tid, h5py.h5s.create(h5py.h5s.SCALAR))
+        aid.write(np.array(b"abc", dtype="S6"), mtype=tid)
+        aid.close()
+        # an unallocated chunk stays unallocated
+        h5.create_dataset("sparse", shape=(12, 4), chunks=(4, 4), dtype="i2")[4:8] = 5
+    with h5py.File(src_path, "r") as hi, h5py.File(tmp_path / "out.h5", "w") as ho:
+        for name in ("events/image", "sparse"):
+            src = hi[name]
+            assert hc.can_copy_chunks(src)
+            hi.copy(src, ho, f"by-h5py-{name.replace('/', '-')}")
+            ours = hc.create_empty_like(ho, f"ours-{name.replace('/', '-')}", src)
+            copy = hc.ChunkCopy(src, ours)
+            assert copy.fd is not None  # read with pread, checked on the first chunk
+            seen = []
+            copy.run(on_chunk=seen.append)
+            copy.close()
+            theirs = ho[f"by-h5py-{name.replace('/', '-')}"]
+            assert (ours.shape, ours.maxshape, ours.dtype) == (theirs.shape, theirs.maxshape,
+                                                               theirs.dtype)  # fmt: skip
+            assert ours.id.get_type() == theirs.id.get_type()
+            assert _dcpl_properties(ours) == _dcpl_properties(theirs)
+            assert _attrs_raw(ours) == _attrs_raw(theirs)
+            assert _stored_chunks(ours) == _stored_chunks(theirs)
+            assert (
+                sum(seen) == copy.nbytes == sum(len(c[1]) for c in _stored_chunks(ours).values())
+            )
+            np.testing.assert_array_equal(ours[()], src[()])
+
+
+def test_chunk_copy_stops_between_chunks(tmp_path):
+    with h5py.File(tmp_path / "src.h5", "w") as h5:
+        h5.create_dataset("x", data=np.arange(100), chunks=(10,))
+    with h5py.File(tmp_path / "src.h5", "r") as hi, h5py.File(tmp_path / "out.h5", "w") as ho:
+        copy = hc.ChunkCopy(hi["x"], hc.create_empty_like(ho, "x", hi["x"]))
+        stop = threading.Event()
+        copy.run(stop, on_chunk=lambda n: copy.done == 3 and stop.set())
+        assert copy.done == 3
+        copy.run()
+        copy.close()
+        np.testing.assert_array_equal(ho["x"][()], np.arange(100))
+
+
+def test_contiguous_dataset_is_not_copied_by_chunks(tmp_path):
+    with h5py.File(tmp_path / "src.h5", "w") as h5:
+        h5["x"] = np.arange(10)
+        assert not hc.can_copy_chunks(h5["x"])
+
+
+# --- reading stored chunks with pread, outside h5py's lock ---
+
+
+def test_raw_chunks_read_the_bytes_h5py_reads(tmp_path):
+    path = tmp_path / "frames.h5"
+    data = np.random.default_rng(5).integers(0, 255, (50, 6, 7), dtype=np.uint8)
+    with h5py.File(path, "w") as h5:
+        ds = h5.create_dataset(
+            "x", shape=data.shape, dtype=data.dtype, chunks=(8, 6, 7), fletcher32=True,
+            **hdf5plugin.Zstd(clevel=5),
+        )  # fmt: skip
+        ds[:16] = data[:16]
+        ds[24:] = data[24:]  # events 16..23: a chunk never written, read as the fill value
+    with h5py.File(path, "r") as h5:
+        ds = h5["x"]
+        with hc.RawChunks.of(ds) as raw:
+            assert raw is not None
+            for first in (0, 8, 48):  # 48: the edge chunk
+                mask, stored = raw.read((first, 0, 0))
+                assert (mask, bytes(stored)) == ds.id.read_direct_chunk((first, 0, 0))
+            with pytest.raises(KeyError):
+                raw.read((16, 0, 0))
+        np.testing.assert_array_equal(hc.read_block(ds, 3, 50), ds[3:50])
+        assert not ds[16:24].any()
+
+
+def test_raw_chunks_follow_a_rewritten_file(tmp_path):
+    path = tmp_path / "frames.h5"
+    for value in (1, 2):
+        with h5py.File(path, "w") as h5:
+            h5.create_dataset("x", data=np.full((30, 4, 4), value, np.uint8), chunks=(10, 4, 4))
+        with h5py.File(path, "r") as h5:
+            assert (hc.read_block(h5["x"], 0, 30) == value).all()
+
+
+def test_raw_chunks_only_for_full_frame_chunks(tmp_path):
+    with h5py.File(tmp_path / "tiles.h5", "w") as h5:
+        ds = h5.create_dataset("x", data=np.zeros((30, 4, 4), np.uint8), chunks=(10, 2, 4))
+        with hc.RawChunks.of(ds) as raw:
+            assert raw is None

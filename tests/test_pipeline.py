@@ -262,6 +262,29 @@ def test_planner_invariants(n, k, unit, budget):
         assert min(chunks) >= k, "dask would silently rechunk a chunk shorter than K"
 
 
+@pytest.mark.parametrize("cores", [2, 3, 8])
+@given(n=st.integers(1, 10**6), k=st.integers(1, 500), unit=st.sampled_from([1, 40, 64]))
+@settings(max_examples=50, deadline=None)
+def test_planner_ends_in_whole_rounds_within_the_same_rules(cores, n, k, unit):
+    from unittest import mock
+
+    plain = plan_event_chunks(n, k, 25600, unit=unit, min_blocks=1)
+    with mock.patch("os.cpu_count", return_value=cores):
+        chunks = plan_event_chunks(n, k, 25600, unit=unit, min_blocks=2 * cores)
+    assert sum(chunks) == n
+    assert len(set(chunks[:-1])) <= 1, "all but the last chunk have one length"
+    assert chunks[0] <= plain[0], "never over the memory budget"
+    if len(chunks) > 1:
+        assert chunks[0] % unit == 0
+        assert min(chunks) >= k
+
+
+def test_planner_gives_two_cores_whole_rounds(monkeypatch):
+    """9 blocks (8 x 2400 + 800) would leave one core idle through the last one."""
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    assert plan_event_chunks(20000, 100, 25600, unit=40, min_blocks=4) == (2000,) * 10
+
+
 def test_planner_respects_memory_budget():
     chunks = plan_event_chunks(10**6, 100, 25600, unit=40, memory_budget="256MiB")
     assert 4 * 25600 * (chunks[0] + 2 * 100) <= 256 * 2**20

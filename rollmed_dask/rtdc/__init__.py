@@ -36,6 +36,7 @@ from __future__ import annotations
 from .basins import (
     FRAME_FEATURES,
     IgnoredBasinWarning,
+    ImageCopy,
     ImageLocation,
     add_pipeline_inputs,
     basin_identifier,
@@ -74,6 +75,7 @@ __all__ = [
     "PIPELINE_BACKGROUND_ATTRS",
     "PIPELINE_SEGMENTATION_ATTRS",
     "IgnoredBasinWarning",
+    "ImageCopy",
     "ImageLocation",
     "add_pipeline_inputs",
     "basin_identifier",

@@ -328,7 +328,7 @@ def copy_metadata(h5_src: h5py.File, h5_dst: h5py.File) -> None:
             dst.attrs["software"] = " | ".join(s for s in soft if s is not None)
 
 
-def prepare_output_file(h5out: h5py.File, input_path) -> None:
+def prepare_output_file(h5out: h5py.File, input_path, *, defer_images: bool = False):
     """Make a new output file an ``.rtdc`` file that refers to its input.
 
     Does what dcnum's ``create_with_basins`` does for a background run:
@@ -358,6 +358,14 @@ def prepare_output_file(h5out: h5py.File, input_path) -> None:
         The new output file, opened for writing.
     input_path : str or pathlib.Path
         The input ``.rtdc`` file.
+    defer_images : bool
+        Leave the copy of the images to the caller (see
+        :func:`add_pipeline_inputs`).
+
+    Returns
+    -------
+    ImageCopy or None
+        With ``defer_images``, the image copy still to run; otherwise None.
 
     Raises
     ------
@@ -423,7 +431,7 @@ def prepare_output_file(h5out: h5py.File, input_path) -> None:
             description=f"Created by {software_string()}",
             identifier=identifier,
         )
-    add_pipeline_inputs(h5out, pin)
+    return add_pipeline_inputs(h5out, pin, defer_images=defer_images)
 
 
 #: dcnum's frame features (``dcnum.read.const.PROTECTED_FEATURES``): scalars
@@ -441,7 +449,7 @@ FRAME_FEATURES = (
 )
 
 
-def add_pipeline_inputs(h5out: h5py.File, input_path) -> None:
+def add_pipeline_inputs(h5out: h5py.File, input_path, *, defer_images: bool = False):
     """Give a new output what dcnum's pipeline reads from its input file itself.
 
     dcnum 0.31's pipeline (``DCNumJobRunner.task_enforce_basin_strategy``)
@@ -453,8 +461,9 @@ def add_pipeline_inputs(h5out: h5py.File, input_path) -> None:
     - a copy of each frame feature the input has (in its own ``events``
       group or through its basins, mapped as the basin says), a few bytes
       per event;
-    - a copy of ``events/image``: HDF5 copies the compressed chunks as they
-      are (no decompression), so it costs disk space, not compute. A link
+    - a copy of ``events/image``: the compressed chunks are copied as they
+      are (no decompression, :class:`ImageCopy`), so it costs disk space and
+      reading and writing the bytes, little compute. A link
       would cost neither, but HDF5 refuses to follow an external link (or a
       virtual dataset) into a file the same process holds open with other
       file-locking flags, and dclab opens files with ``locking=False`` while
@@ -463,6 +472,24 @@ def add_pipeline_inputs(h5out: h5py.File, input_path) -> None:
       the input itself (``in_place=True``). Images in a mapped basin (a
       subset of another file) are not copied; there, as for dcnum run on that
       input itself, the pipeline's result has no ``image``.
+
+    Parameters
+    ----------
+    h5out : h5py.File
+        The new output, open for writing.
+    input_path : str or pathlib.Path
+        The input ``.rtdc`` file.
+    defer_images : bool
+        Do not copy the images' chunks yet: create ``events/image`` with the
+        input's layout and return an :class:`ImageCopy` that copies them
+        (the caller runs and closes it; the output is incomplete until
+        then). Images that cannot be copied chunk by chunk (contiguous
+        storage) are copied at once all the same.
+
+    Returns
+    -------
+    ImageCopy or None
+        With ``defer_images``, the copy still to run; otherwise None.
 
     Examples
     --------
@@ -484,10 +511,69 @@ def add_pipeline_inputs(h5out: h5py.File, input_path) -> None:
     try:
         loc = find_image_dataset(input_path, "events/image")
     except KeyError:
-        return
-    if loc.mapping is None:
-        with h5py.File(loc.path, "r") as h5:
-            h5.copy(h5[loc.dataset], h5out["events"], "image")
+        return None
+    if loc.mapping is not None:
+        return None
+    h5 = h5py.File(loc.path, "r")
+    try:
+        src = h5[loc.dataset]
+        from ..h5chunks import can_copy_chunks, create_empty_like
+
+        if not can_copy_chunks(src):
+            h5.copy(src, h5out["events"], "image")
+            h5.close()
+            return None
+        copy = ImageCopy(h5, src, create_empty_like(h5out["events"], "image", src))
+    except BaseException:
+        h5.close()
+        raise
+    if defer_images:
+        return copy
+    try:
+        copy.run()
+    finally:
+        copy.close()
+    return None
+
+
+class ImageCopy:
+    """The input's images, still to be copied into a new output chunk by chunk.
+
+    Returned by :func:`add_pipeline_inputs` (``defer_images=True``): the
+    output's ``events/image`` exists with the input's layout and attributes
+    but no data yet. :meth:`run` copies the stored chunks as they are (no
+    decompression), each in one short HDF5 call, so that the copy can go on in
+    a thread while the background is computed (``h5py.Group.copy`` would hold
+    h5py's lock for the whole copy, seconds for a large file). The output is
+    complete only once :meth:`run` has returned; :meth:`close` releases the
+    input either way.
+
+    Attributes
+    ----------
+    nbytes : int
+        The stored (compressed) bytes to copy.
+    """
+
+    def __init__(self, h5in: h5py.File, src: h5py.Dataset, dst: h5py.Dataset):
+        from ..h5chunks import ChunkCopy
+
+        self.h5in = h5in  # held open (and closed) here: src lives in it
+        self.chunks = ChunkCopy(src, dst)
+        self.nbytes = self.chunks.nbytes
+
+    def run(self, stop=None, on_chunk=None) -> None:
+        """Copy the chunks not copied yet; see :meth:`rollmed_dask.h5chunks.ChunkCopy.run`."""
+        self.chunks.run(stop, on_chunk)
+
+    @property
+    def complete(self) -> bool:
+        return self.chunks.done == len(self.chunks.chunks)
+
+    def close(self) -> None:
+        try:
+            self.chunks.close()
+        finally:
+            self.h5in.close()
 
 
 # ---------------------------------------------------------------------------
