@@ -897,12 +897,13 @@ def _compiles_so_far() -> int:
 def _prepare(dtype: np.dtype) -> None:
     marker = _ready_marker()
     installing = marker is not None and not os.path.exists(marker)
-    before = _compiles_so_far()
     _NOTICE.serving.installing = installing
     try:
         for stack, k in _stacks_reaching_every_kernel(dtype):
             median_windows_numba(stack, k)
-        if installing and _compiles_so_far() > before:
+        # any compile of this process counts, not only this thread's: the job's first
+        # block may have compiled its dtype's kernels before this thread got to them
+        if installing and _compiles_so_far() > 0:
             others = [d for d in COMMON_DTYPES if np.dtype(d) != dtype]
             compile_kernels([dtype, *others], file=False)  # marks the installation ready
     finally:

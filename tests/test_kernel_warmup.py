@@ -86,7 +86,13 @@ def test_the_first_job_compiles_the_common_dtypes_once(tmp_path):
     )
     first = run_python(job.replace("DTYPES", "['uint8']"), env=env, timeout=600)
     lines = first.stderr.splitlines()
-    assert len(lines) == 1 and "compiling the numba kernels once for this installation" in lines[0]
+    installing = [line for line in lines if "once for this installation" in line]
+    assert len(installing) == 1, lines
+    # the job's first block may compile its own dtype before the warm-up thread gets
+    # there: then that compile has its own line, and no other line is allowed
+    others = [line for line in lines if line not in installing]
+    assert all("compiling the numba kernels for uint8 data" in line for line in others), lines
+    assert len(others) <= 1, lines
     assert list((tmp_path / "cache").glob("rollmed_dask_*/ready-*"))
     # a later process: every common dtype is loaded from the cache, nothing compiles
     later = run_python(job.replace("DTYPES", "['float32', 'float64', 'uint16', 'int16']"), env=env)
