@@ -679,6 +679,17 @@ def _stored_chunk_infos(dset) -> list:
     return infos
 
 
+def _address_holds_chunk(fd: int, dset, info) -> bool:
+    """Whether the bytes at a stored chunk's reported file address are what h5py reads.
+
+    HDF5 reports addresses relative to its base address, which a user block
+    shifts; the chunk itself, read through h5py, decides whether reading at
+    the address with ``os.pread`` is safe.
+    """
+    data = os.pread(fd, info.size, info.byte_offset)
+    return data == dset.id.read_direct_chunk(info.chunk_offset)[1]
+
+
 class RawChunks:
     """The stored bytes of a dataset's chunks, read with ``os.pread`` outside h5py's lock.
 
@@ -752,10 +763,12 @@ class RawChunks:
             addresses[i], sizes[i], masks[i] = info.byte_offset, info.size, info.filter_mask
             first = info if first is None else first
         if first is not None:
-            with open(path, "rb") as f:
-                f.seek(first.byte_offset)
-                if f.read(first.size) != dset.id.read_direct_chunk(first.chunk_offset)[1]:
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                if not _address_holds_chunk(fd, dset, first):
                     return None  # addresses we cannot read directly: through h5py
+            finally:
+                os.close(fd)
         return addresses, sizes, masks
 
     def read(self, offset):
@@ -1013,14 +1026,10 @@ class ChunkCopy:
 
     def __init__(self, src, dst):
         self.src, self.dst = src, dst
-        stored = [
-            (info.chunk_offset, info.filter_mask, info.byte_offset, info.size)
-            for info in _stored_chunk_infos(src)
-        ]
-        stored.sort(key=lambda chunk: chunk[2])  # file order: the disk reads sequentially
-        self.chunks = stored
+        # in file order: the disk reads sequentially
+        self.chunks = sorted(_stored_chunk_infos(src), key=lambda info: info.byte_offset)
         self.done = 0
-        self.nbytes = sum(chunk[3] for chunk in stored)
+        self.nbytes = sum(info.size for info in self.chunks)
         self.fd = self._open_raw()
 
     def _open_raw(self):
@@ -1028,8 +1037,7 @@ class ChunkCopy:
         if not self.chunks or self.src.file.driver != "sec2":
             return None
         fd = os.open(self.src.file.filename, os.O_RDONLY)
-        offset, _mask, address, size = self.chunks[0]
-        if os.pread(fd, size, address) == self.src.id.read_direct_chunk(offset)[1]:
+        if _address_holds_chunk(fd, self.src, self.chunks[0]):
             return fd
         os.close(fd)
         return None
@@ -1038,7 +1046,7 @@ class ChunkCopy:
         """Copy the next chunk; returns its size in bytes (0 when all are copied)."""
         if self.done >= len(self.chunks):
             return 0
-        offset, mask, address, size = self.chunks[self.done]
+        offset, mask, address, size = self.chunks[self.done]  # a StoreInfo
         if self.fd is not None:
             data = os.pread(self.fd, size, address)
             if len(data) != size:

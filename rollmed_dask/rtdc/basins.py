@@ -547,11 +547,6 @@ class ImageCopy:
     h5py's lock for the whole copy, seconds for a large file). The output is
     complete only once :meth:`run` has returned; :meth:`close` releases the
     input either way.
-
-    Attributes
-    ----------
-    nbytes : int
-        The stored (compressed) bytes to copy.
     """
 
     def __init__(self, h5in: h5py.File, src: h5py.Dataset, dst: h5py.Dataset):
@@ -559,15 +554,10 @@ class ImageCopy:
 
         self.h5in = h5in  # held open (and closed) here: src lives in it
         self.chunks = ChunkCopy(src, dst)
-        self.nbytes = self.chunks.nbytes
 
     def run(self, stop=None, on_chunk=None) -> None:
         """Copy the chunks not copied yet; see :meth:`rollmed_dask.h5chunks.ChunkCopy.run`."""
         self.chunks.run(stop, on_chunk)
-
-    @property
-    def complete(self) -> bool:
-        return self.chunks.done == len(self.chunks.chunks)
 
     def close(self) -> None:
         try:
