@@ -121,3 +121,19 @@ def test_a_job_whose_kernels_are_cached_leaves_compiling_the_rest_to_others(tmp_
     )
     assert job.stderr == "" and job.stdout.strip() == "0"
     assert not list((tmp_path / "cache").glob("rollmed_dask_*/ready-*"))
+
+
+@pytest.mark.slow
+def test_the_installation_is_made_ready_when_the_jobs_block_compiled_first(tmp_path):
+    # the other order of the race in a first job: the job's first block compiles the
+    # dtype's kernels before the warm-up thread gets to them; the thread must still
+    # compile the common dtypes and mark the installation ready
+    env = dict(os.environ, ROLLMED_DASK_CACHE_DIR=str(tmp_path / "cache"))
+    run_python(
+        "import numpy as np, rollmed_dask.kernels_numba as kn\n"
+        "kn.median_windows_numba(np.arange(60, dtype=np.uint8).reshape(20, 3), 5)\n"
+        "kn.prepare(np.uint8)\n",
+        env=env,
+        timeout=600,
+    )
+    assert list((tmp_path / "cache").glob("rollmed_dask_*/ready-*"))
