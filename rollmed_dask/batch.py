@@ -25,6 +25,7 @@ import time
 from dataclasses import asdict, dataclass
 
 from .pipeline import DEFAULT_MEMORY_BUDGET
+from .scheduling import STOP_CHECKS
 
 OUTPUT_SUFFIX = "_bg"
 RUN_LOG_PREFIX = "rollmed-dask-job"
@@ -69,11 +70,19 @@ class FileResult:
 
 
 class BatchInterrupted(KeyboardInterrupt):
-    """Ctrl-C during a batch; ``results`` holds what was finished by then."""
+    """Ctrl-C (or another signal that raises, such as the CLI's SIGTERM) during a
+    batch; ``results`` holds what was finished by then, ``cause`` the signal's
+    exception."""
 
-    def __init__(self, results: list[dict]):
+    def __init__(self, results: list[dict], cause: BaseException | None = None):
         super().__init__("batch interrupted")
         self.results = results
+        self.cause = cause
+
+
+def _is_signal(exc: BaseException) -> bool:
+    """Ctrl-C, or the CLI's SIGTERM: exceptions that are no ``Exception``."""
+    return not isinstance(exc, Exception)
 
 
 # ---------------------------------------------------------------------------
@@ -328,11 +337,14 @@ class _Stop:
 
         self.callback = _Raise()
         self.callback.register()
+        # a distributed scheduler runs no dask callbacks: its loop asks this
+        STOP_CHECKS.add(self.callback._check)
         return self
 
     def __exit__(self, *exc):
         from dask.callbacks import Callback
 
+        STOP_CHECKS.discard(self.callback._check)
         # discard: a local scheduler starting in another thread may have taken
         # the global callbacks away for the time it runs
         Callback.active.discard(self.callback._callback)
@@ -591,12 +603,14 @@ def _compute_backgrounds(*, inputs, out_dir, files_at_once, num_workers, lines, 
     try:
         if todo:
             _run_jobs(jobs, todo, results, opts, num_workers, files_at_once, bar)
-    except KeyboardInterrupt:
+    except BaseException as exc:
+        if not _is_signal(exc):
+            raise
         for i in todo:
             if results[i] is None:
                 job = jobs[i]
                 results[i] = FileResult(str(job.input), str(job.output), "not started", job.events)
-        raise BatchInterrupted([asdict(r) for r in results]) from None
+        raise BatchInterrupted([asdict(r) for r in results], exc) from None
     finally:
         bar.close()
     return [asdict(r) for r in results]
@@ -674,16 +688,37 @@ def _run_jobs(jobs, todo, results, opts, num_workers, files_at_once, bar) -> Non
                     for future in finished:
                         results[running.pop(future)] = result = future.result()
                         bar.finished(result)
-            except KeyboardInterrupt:
+            except BaseException as exc:
+                if not _is_signal(exc):
+                    raise
                 # the running files stop at their next task and remove their
                 # temporaries; the finished ones stay as they are
                 stop.event.set()
-                for future in running:
-                    results[running[future]] = result = future.result()
-                    bar.finished(result)
+                _wait_for_running(running, results, bar)
                 raise
     finally:
         shared.close()
+
+
+def _wait_for_running(running: dict, results: list, bar) -> None:
+    """Collect the files still running once they have stopped. A second or
+    third Ctrl-C (or SIGTERM) meanwhile only waits on: leaving now would leave
+    their temporaries and locks behind, and a file finished meanwhile unlisted."""
+    while running:
+        future = next(iter(running))
+        try:
+            result = future.result()
+        except BaseException as again:
+            if not _is_signal(again):
+                raise
+            print(
+                f"rollmed-dask: stopping: waiting for {len(running)} running file(s) to "
+                "remove their temporaries",
+                file=sys.stderr,
+            )
+            continue
+        results[running.pop(future)] = result
+        bar.finished(result)
 
 
 # ---------------------------------------------------------------------------
@@ -790,10 +825,32 @@ def run_cli(args, options: dict) -> int:
             **options,
         )
     except BatchInterrupted as stopped:
-        _finish(args, stopped.results, time.perf_counter() - t0)
-        raise KeyboardInterrupt from None
+        from .cluster import _signals_deferred
+
+        # the report is written whatever signal comes now
+        with _signals_deferred(deliver=False):
+            _finish(args, stopped.results, time.perf_counter() - t0)
+        cause = stopped.cause if stopped.cause is not None else KeyboardInterrupt()
+        cause.batch_results = stopped.results  # the CLI's line says what was kept
+        raise cause from None
     _finish(args, results, time.perf_counter() - t0)
     return 1 if any(r["status"] == "failed" for r in results) else 0
+
+
+def what_was_kept(results: list[dict], args) -> str:
+    """The CLI's last line after a stopped folder run: what is where now."""
+    count = {status: sum(r["status"] == status for r in results) for status in STATUSES}
+    where = "in place" if args.in_place else f"in {args.paths[-1]}"
+    said = [f"{count['done']} finished file(s) kept {where}"]
+    if count["skipped"]:
+        said.append(f"{count['skipped']} up to date left as they were")
+    stopped = count["interrupted"] + count["not started"]
+    if stopped:
+        how = "their partial outputs kept for --resume" if args.resume else "nothing of them left"
+        said.append(
+            f"{stopped} interrupted or not started ({how}): run the same command again to do them"
+        )
+    return "; ".join(said)
 
 
 def _finish(args, results, seconds) -> None:

@@ -2,10 +2,11 @@
 
 Every user mistake ends in one line on stderr and exit status 2, never a
 traceback. Ctrl-C (SIGINT) ends with status 130 and SIGTERM (``scancel`` of a
-batch job running the CLI, its walltime) with 143, on every scheduler: existing
-files are left as they were, temporary ones removed (a ``--resume`` Zarr
-partial kept), SLURM jobs cancelled, and one line says what was kept. A run
-whose SLURM workers are all lost ends with status 1.
+batch job running the CLI, its walltime) with 143, on every scheduler, a folder
+run included: temporary files are removed (a ``--resume`` Zarr partial kept),
+SLURM jobs cancelled, and one line says what is where, as found on disk. A run
+that failed (its workers lost, paused for memory, a SLURM job that ended before
+its worker joined) ends with status 1.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import sys
 import threading
 
 from . import batch
-from .cluster import SlurmError, SlurmJobLost
+from .cluster import RunStalled, SlurmError, SlurmSubmitError
 from .core import ENGINES
 from .job import COMPRESSIONS, FORMATS
 from .pipeline import DEFAULT_MEMORY_BUDGET, MiB
@@ -58,8 +59,10 @@ examples:
   rollmed-dask data.rtdc bg.rtdc --slurm --cores 8 --memory 16GB --jobs 4
                                                  on SLURM: 4 jobs of 8 cores
 
-exit status: 0 done, 2 a mistake (one line on stderr says what to change),
-130 interrupted (existing files left as they were).
+exit status: 0 done, 1 the run failed (a file of a folder run, lost or paused
+workers, a SLURM job that ended), 2 a mistake (one line on stderr says what to
+change), 130 interrupted (Ctrl-C), 143 terminated (SIGTERM, e.g. a walltime);
+the last line says what was kept.
 
 numba compiles the kernels once and caches them in $ROLLMED_DASK_CACHE_DIR,
 else $XDG_CACHE_HOME/rollmed-dask/numba or ~/.cache/rollmed-dask/numba, never
@@ -264,6 +267,14 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="start workers as SLURM jobs with dask-jobqueue ([hpc] extra)",
     )
+    g.add_argument(
+        "--lost-worker-timeout",
+        type=float,
+        metavar="SECONDS",
+        help="distributed runs (--workers, --scheduler ADDRESS, --slurm): stop when no "
+        "block finishes for this long while the workers are paused for memory, lost or "
+        "unreachable; at once when SLURM says their jobs ended (default: 60)",
+    )
     g = p.add_argument_group(
         "SLURM jobs (--slurm)",
         # line breaks of our own: the formatter keeps descriptions as written
@@ -302,11 +313,11 @@ def build_parser() -> argparse.ArgumentParser:
         "that is removed unless the run fails)",
     )
     g.add_argument(
-        "--lost-worker-timeout",
+        "--worker-wait",
         type=float,
         metavar="SECONDS",
-        help="stop when no worker is left: at once when SLURM says their jobs ended, "
-        "else after this long (default: 60)",
+        help="how long to wait for the first worker while its job pends in the queue, "
+        "with a line each minute (default: 3600)",
     )
 
     g = p.add_argument_group("output on the terminal")
@@ -417,7 +428,7 @@ _SLURM_OPTIONS = {
     "job_extra": "job_extra",
     "scheduler_host": "scheduler_host",
     "log_dir": "log_directory",
-    "lost_worker_timeout": "lost_worker_timeout",
+    "worker_wait": "timeout",
 }
 
 
@@ -439,21 +450,50 @@ def _start_cluster(args):
     for keyword in ("cores", "processes", "jobs"):
         if keyword in given and given[keyword] < 1:
             raise UsageError(f"--{keyword} {given[keyword]} must be at least 1")
-    if given.get("lost_worker_timeout", 1) <= 0:
-        raise UsageError(f"--lost-worker-timeout {given['lost_worker_timeout']:g} must be > 0")
+    for flag, value in (("--lost-worker-timeout", args.lost_worker_timeout),
+                        ("--worker-wait", args.worker_wait)):  # fmt: skip
+        if value is not None and not value > 0:
+            raise UsageError(f"{flag} {value:g} must be > 0")
+    if args.lost_worker_timeout is not None:
+        if not (args.slurm or args.workers or "://" in (args.scheduler or "")):
+            raise UsageError(
+                "--lost-worker-timeout is for distributed runs: add --workers N, "
+                "--scheduler ADDRESS or --slurm, or drop it"
+            )
+        import dask
+
+        # every distributed route reads it (cluster.run_watch); SLURM's own too
+        dask.config.set({"rollmed-dask.lost-worker-timeout": args.lost_worker_timeout})
+        if args.slurm:
+            given["lost_worker_timeout"] = args.lost_worker_timeout
     if "log_directory" in given:
+        if given["log_directory"].exists() and not given["log_directory"].is_dir():
+            raise UsageError(
+                f"--log-dir {given['log_directory']} is a file, not a folder; name a folder "
+                "for the jobs' logs (it is created if missing)"
+            )
         given["log_directory"] = str(given["log_directory"])
 
     if args.workers is not None:
+        workers, why = cluster.local_worker_bound(args.workers, args.memory_budget)
+        if why:
+            print(f"rollmed-dask: --workers {args.workers} lowered to {workers}: {why}",
+                  file=sys.stderr)  # fmt: skip
 
         def start():
-            return cluster.start_local_cluster(args.workers)
+            return cluster.start_local_cluster(workers)
 
+        worker_memory = cluster.local_worker_memory(workers)
+        spelled = f"--workers {workers}"
     elif args.slurm:
 
         def start():
+            if not args.quiet:
+                given.setdefault("on_wait", lambda line: print(f"rollmed-dask: {line}",
+                                                               file=sys.stderr))  # fmt: skip
             return cluster.start_slurm_cluster(**given)
 
+        worker_memory, spelled = cluster.slurm_worker_memory(given)
     else:
         return None
 
@@ -463,6 +503,9 @@ def _start_cluster(args):
             print(f"dashboard: {client.dashboard_link}", file=sys.stderr)
         return client
 
+    # read by the job's checks, before the cluster starts (job._check_plan)
+    start_and_show.worker_memory = worker_memory
+    start_and_show.worker_memory_spelled = spelled
     return start_and_show
 
 
@@ -531,10 +574,26 @@ def _raise_terminated(signum, frame):
     raise Terminated()
 
 
-def _what_was_kept(args, existed: bool, exc: BaseException) -> str:
-    """What an interrupted or failed run left, in a few words."""
-    from .sinks import partial_path
+def _disk_state(path):
+    """What is at ``path`` now (its inode and times), or None: a move into place
+    puts another inode there."""
+    if path is None:
+        return None
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_ctime_ns
 
+
+def _what_was_kept(args, before, exc: BaseException) -> str:
+    """What an interrupted or failed run left, in a few words, as the disk shows
+    it now (a signal may come after the new output was moved into place)."""
+    from .sinks import backup_path, partial_path
+
+    results = getattr(exc, "batch_results", None)
+    if results is not None:
+        return batch.what_was_kept(results, args)
     # the job marks the exception when it kept a resumable partial output
     partial = getattr(exc, "partial_kept", None)
     if partial is not None:
@@ -549,9 +608,15 @@ def _what_was_kept(args, existed: bool, exc: BaseException) -> str:
             f"the partial output {partial_path(args.output)} is kept: run the same "
             f"command again, with --resume, to continue"
         )
-    if existed:
+    now = _disk_state(args.output)
+    if now is None:
+        old = backup_path(args.output)
+        if before is not None and old.exists():
+            return f"{args.output} is missing; its old output is {old}, put back by the next run"
+        return f"no output was written to {args.output}"
+    if now == before:
         return f"{args.output} was left as it was"
-    return f"no output was written to {args.output}"
+    return f"{args.output} holds the new, complete output (it was moved into place)"
 
 
 def main(argv=None) -> int:
@@ -561,19 +626,21 @@ def main(argv=None) -> int:
     in_main_thread = threading.current_thread() is threading.main_thread()
     if in_main_thread:
         previous = signal.signal(signal.SIGTERM, _raise_terminated)
-    existed = args.output is not None and args.output.exists()
+    before = _disk_state(args.output)
     try:
         _check_args(args, parser)
         return _run(args)
     except KeyboardInterrupt as exc:
-        print(f"rollmed-dask: interrupted; {_what_was_kept(args, existed, exc)}", file=sys.stderr)
+        print(f"rollmed-dask: interrupted; {_what_was_kept(args, before, exc)}", file=sys.stderr)
         return EXIT_INTERRUPTED
     except Terminated as exc:
-        print(f"rollmed-dask: terminated; {_what_was_kept(args, existed, exc)}", file=sys.stderr)
+        print(f"rollmed-dask: terminated; {_what_was_kept(args, before, exc)}", file=sys.stderr)
         return EXIT_TERMINATED
-    except SlurmJobLost as exc:
-        print(f"rollmed-dask: error: {exc}; {_what_was_kept(args, existed, exc)}", file=sys.stderr)
-        return EXIT_FAILED
+    except (RunStalled, SlurmError) as exc:
+        # a failed run, not a mistake; sbatch refusing what was asked is one
+        kept = _what_was_kept(args, before, exc)
+        print(f"rollmed-dask: error: {_cli_message(exc)}; {kept}", file=sys.stderr)
+        return EXIT_USAGE if isinstance(exc, SlurmSubmitError) else EXIT_FAILED
     except USER_ERRORS as exc:
         print(f"rollmed-dask: error: {_cli_message(exc)}", file=sys.stderr)
         return EXIT_USAGE
@@ -582,12 +649,27 @@ def main(argv=None) -> int:
             signal.signal(signal.SIGTERM, previous)
 
 
+# Python spellings in messages from the library, and the CLI's flags for them
+_FLAGS = {
+    "event_chunk": "--event-chunk",
+    "kernel_size": "-k",
+    "memory_budget": "--memory-budget",
+    "scheduler_host": "--scheduler-host",
+}
+
+
 def _cli_message(exc) -> str:
-    """The error's message; one that names an API option names the CLI flag instead."""
+    """The error's message on one line; one that names an API option names the
+    CLI flag instead (``event_chunk=50`` -> ``--event-chunk 50``)."""
     template = getattr(exc, "template", None)
     if template is not None:
-        return template.replace("{option}", "--" + exc.option.replace("_", "-"))
-    return exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+        message = template.replace("{option}", "--" + exc.option.replace("_", "-"))
+    else:
+        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+    names = "|".join(_FLAGS)
+    message = re.sub(rf"\b({names})=", lambda m: _FLAGS[m[1]] + " ", str(message))
+    message = re.sub(rf"\b({names})\b", lambda m: _FLAGS[m[1]], message)
+    return " ".join(message.split())
 
 
 if __name__ == "__main__":

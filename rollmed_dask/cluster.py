@@ -28,9 +28,11 @@ import threading
 import time
 
 __all__ = [
+    "RunStalled",
     "SlurmError",
     "SlurmJobLost",
     "SlurmSubmitError",
+    "WorkersPaused",
     "close_client",
     "start_local_cluster",
     "start_slurm_cluster",
@@ -47,13 +49,41 @@ class SlurmSubmitError(SlurmError, ValueError):
     """``sbatch`` rejected the worker job (unknown partition, too much memory, ...)."""
 
 
-class SlurmJobLost(SlurmError):
+class RunStalled(RuntimeError):
+    """A distributed run stopped making progress: no block finished for the lost
+    worker timeout while its workers were paused for memory, gone, or the
+    scheduler could not be reached. Not a user's mistake: the run failed."""
+
+
+class WorkersPaused(RunStalled):
+    """Every dask worker is paused for memory (dask pauses one at 80 % of its
+    limit) and no block finished for the lost worker timeout."""
+
+
+class SlurmJobLost(SlurmError, RunStalled):
     """Every dask worker of a run is gone: its SLURM jobs ended (walltime, scancel, a
     failed node, ...) or SLURM cannot be asked and no worker came back in time."""
 
 
-#: Seconds a run may go on without any dask worker before it stops (default).
+class SlurmWorkerTimeout(SlurmError, TimeoutError):
+    """No worker joined within the wait for the first worker (the job pends)."""
+
+
+#: Seconds a run may go on without any block finishing, while its workers are
+#: paused, lost or unreachable, before it stops (default). The dask config key
+#: ``rollmed-dask.lost-worker-timeout`` sets it for every client; a cluster of
+#: :func:`start_slurm_cluster` has its own ``lost_worker_timeout``.
 LOST_WORKER_TIMEOUT = 60.0
+
+#: Seconds to wait for the first SLURM worker (a job may pend that long in a queue).
+WORKER_WAIT = 3600.0
+
+
+def _slurm_command_timeout(budget: float) -> float:
+    """Seconds one squeue / sacct / scancel may take: with slurmctld down each
+    tries for about 9 s; a run must still stop near its lost worker timeout."""
+    return max(2.0, min(30.0, budget / 3))
+
 
 # squeue states of a job that has not ended; any other state means it has
 _ACTIVE_STATES = {
@@ -144,6 +174,82 @@ def start_local_cluster(n_workers: int, threads_per_worker: int = 1, memory_limi
         raise
 
 
+def _machine_memory() -> int:
+    from distributed.system import MEMORY_LIMIT
+
+    return int(MEMORY_LIMIT)
+
+
+def local_worker_memory(n_workers: int):
+    """``(bytes, threads)`` of each worker of ``start_local_cluster(n_workers)``:
+    distributed's "auto" gives one single-threaded worker its core's share of
+    the machine's memory."""
+    cores = os.cpu_count() or 1
+    return int(_machine_memory() * min(1.0, 1 / cores)), 1
+
+
+def local_worker_bound(n_workers: int, memory_budget) -> tuple[int, str]:
+    """The local workers this machine can run, and why fewer than asked ("" if not).
+
+    More worker processes than cores only compete for them; each needs memory
+    for itself (``job.WORKER_BASE_MEMORY``) and four times its memory budget
+    (``job.fit_budget_to_workers`` plans blocks to a quarter of a worker).
+    """
+    from dask.utils import format_bytes
+
+    from .job import _WORKER_MEMORY_SHARE, WORKER_BASE_MEMORY
+    from .pipeline import parse_bytes
+
+    cores = os.cpu_count() or 1
+    total = _machine_memory()
+    per_worker = WORKER_BASE_MEMORY + parse_bytes(memory_budget) / _WORKER_MEMORY_SHARE
+    fits = max(1, int(total // per_worker))
+    bound = min(n_workers, cores, fits)
+    if bound >= n_workers:
+        return n_workers, ""
+    why = f"this machine has {cores} core(s)" if bound == cores else ""
+    if fits == bound:
+        memory = (
+            f"{format_bytes(total)} of memory, enough for {fits} worker(s) of "
+            f"{format_bytes(per_worker)} each (the memory budget {memory_budget} planned "
+            "at a quarter of a worker)"
+        )
+        why = f"{why} and {memory}" if why else f"this machine has {memory}"
+    return bound, why
+
+
+def slurm_worker_memory(options: dict):
+    """``((bytes, threads) per worker process, how it was asked)`` of the workers
+    :func:`start_slurm_cluster` would start with ``options``, from them and the
+    dask-jobqueue configuration; ``(None, None)`` if that cannot be told yet
+    (the start then says what is missing)."""
+    import dask
+
+    from .pipeline import parse_bytes
+
+    def get(key):
+        value = options.get(key)
+        return value if value is not None else dask.config.get(f"jobqueue.slurm.{key}", None)
+
+    memory, cores, processes = get("memory"), get("cores"), get("processes")
+    if memory is None or cores is None:
+        return None, None
+    if processes is None:
+        try:
+            from dask_jobqueue.core import nprocesses_nthreads
+        except ImportError:
+            return None, None
+        _undo_jobqueue_sigint()
+        processes = nprocesses_nthreads(int(cores))[0]
+    try:
+        limit = parse_bytes(memory) // max(int(processes), 1)
+    except ValueError:
+        return None, None
+    threads = max(int(cores) // max(int(processes), 1), 1)
+    spelled = f"--memory {memory} with {processes} worker process(es) of {threads} thread(s)"
+    return (limit, threads), spelled
+
+
 def start_slurm_cluster(
     *,
     queue=None,
@@ -155,8 +261,9 @@ def start_slurm_cluster(
     processes=None,
     scheduler_host=None,
     min_workers=1,
-    timeout=300.0,
+    timeout=WORKER_WAIT,
     lost_worker_timeout=LOST_WORKER_TIMEOUT,
+    on_wait=None,
     **kw,
 ):
     """Start dask workers as SLURM jobs (``dask_jobqueue.SLURMCluster``) and connect.
@@ -202,15 +309,21 @@ def start_slurm_cluster(
         jobs run on this machine).
     min_workers : int, default 1
         Workers to wait for before returning; 0 (or ``jobs=0``) returns at once.
-    timeout : float, default 300
-        Seconds to wait for ``min_workers`` workers.
+    timeout : float, default 3600
+        Seconds to wait for ``min_workers`` workers: a job may pend that long
+        in a busy queue.
     lost_worker_timeout : float, default 60
         During a run (``compute_background(..., scheduler=client)``): when no
         worker is left, stop as soon as SLURM says their jobs have ended (the
         walltime, ``scancel``, a failed node), and at the latest after this
         many seconds without a worker (SLURM cannot be asked, or a job runs but
         its worker does not come back). The error, :class:`SlurmJobLost`,
-        names each job with its SLURM state and reason.
+        names each job with its SLURM state and reason. Also how long no block
+        may finish while every worker is paused for memory
+        (:class:`WorkersPaused`).
+    on_wait : callable, optional
+        Called with one line (the jobs' states and reasons, the time waited)
+        about once a minute while no worker has joined yet.
     **kw
         Passed on to ``dask_jobqueue.SLURMCluster`` (``account``,
         ``log_directory``, ``job_script_prologue``, ``interface``, ...).
@@ -243,11 +356,11 @@ def start_slurm_cluster(
     SlurmError
         If every job ended before its worker connected; the message has the end
         of the job's log.
-    TimeoutError
+    SlurmWorkerTimeout
         If fewer than ``min_workers`` workers connected within ``timeout``
-        seconds; the message has the jobs' states and SLURM's reasons, e.g.
-        ``PENDING (reason Resources)``, or says that ``squeue`` failed. The
-        jobs are cancelled.
+        seconds (also a ``SlurmError`` and a ``TimeoutError``); the message
+        has the jobs' states and SLURM's reasons, e.g. ``PENDING (reason
+        Resources)``, or says that ``squeue`` failed. The jobs are cancelled.
 
     Examples
     --------
@@ -327,14 +440,12 @@ def start_slurm_cluster(
         if jobs:
             cluster.scale(jobs=int(jobs))
         if min_workers and jobs:
-            _wait_for_workers(client, cluster, int(min_workers), float(timeout), log_dir)
+            _wait_for_workers(client, cluster, int(min_workers), float(timeout), log_dir, on_wait)
         return client
     except BaseException as exc:
         # the errors that name the log folder keep it; sbatch's refusal (no job
         # ran) and an interrupt do not
-        keep = isinstance(exc, (SlurmError, TimeoutError)) and not isinstance(
-            exc, SlurmSubmitError
-        )
+        keep = isinstance(exc, SlurmError) and not isinstance(exc, SlurmSubmitError)
         _close(client, cluster, keep_logs=keep)
         raise
 
@@ -382,19 +493,80 @@ def close_client(client, timeout=30, keep_logs=False) -> None:
 
 
 def _close(client, cluster, timeout=30, keep_logs=False) -> None:
+    # Ctrl-C or SIGTERM pressed again while closing must not leave a job
+    # running or the temporary log folder behind: they wait until the end
+    with _signals_deferred():
+        run = getattr(cluster, "rollmed_slurm", None)
+        if run is not None:
+            # first, and bounded: dask-jobqueue's own scancel has no timeout and
+            # hides its failure
+            _cancel_jobs(cluster, run)
+        try:
+            if client is not None:
+                client.close(timeout=timeout)
+        finally:
+            if cluster is not None:
+                cluster.close(timeout=timeout)
+                if run is not None and run.temp_log_dir is not None:
+                    # an empty folder (no job ever ran) is worth nothing to keep
+                    kept = keep_logs or run.lost
+                    if not kept or not _has_files(run.temp_log_dir):
+                        _remove_log_dir(run.temp_log_dir)
+                        run.temp_log_dir = None
+
+
+def _cancel_jobs(cluster, run) -> None:
+    """``scancel`` every job of the cluster, with a timeout; a failure is said on
+    stderr (the jobs may still hold their nodes), never silent."""
+    job_ids = sorted(set(_job_ids(cluster)), key=lambda j: (len(j), j))
+    if not job_ids:
+        return
+    limit = _slurm_command_timeout(run.lost_worker_timeout)
     try:
-        if client is not None:
-            client.close(timeout=timeout)
-    finally:
-        if cluster is not None:
-            cluster.close()
-            run = getattr(cluster, "rollmed_slurm", None)
-            if run is not None and run.temp_log_dir is not None:
-                # an empty folder (no job ever ran) is worth nothing to keep
-                kept = keep_logs or run.lost
-                if not kept or not _has_files(run.temp_log_dir):
-                    _remove_log_dir(run.temp_log_dir)
-                    run.temp_log_dir = None
+        proc = subprocess.run(
+            ["scancel", *job_ids], capture_output=True, text=True, timeout=limit
+        )  # fmt: skip
+        failed = "" if proc.returncode == 0 else " ".join((proc.stderr + proc.stdout).split())
+        failed = failed if proc.returncode == 0 else failed or f"exit {proc.returncode}"
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        failed = " ".join(str(exc).split())
+    if failed:
+        print(
+            f"rollmed-dask: warning: scancel {' '.join(job_ids)} failed ({failed}): check "
+            "with `squeue --me` and cancel what is left yourself",
+            file=sys.stderr,
+        )
+    # done (or failed) here: dask-jobqueue's own scancel would only repeat it
+    for job in cluster.workers.values():
+        if getattr(job, "job_id", None):
+            job.cancel_command = "true"
+
+
+class _signals_deferred:
+    """Hold SIGINT and SIGTERM while the body runs (main thread only); a signal
+    that came meanwhile is delivered once the body is done (if ``deliver`` and
+    the body raised nothing)."""
+
+    def __init__(self, deliver: bool = True):
+        self.deliver = deliver
+
+    def __enter__(self):
+        self.pending = []
+        self.previous = {}
+        if threading.current_thread() is not threading.main_thread():
+            return self
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            self.previous[signum] = signal.getsignal(signum)
+            signal.signal(signum, lambda num, frame: self.pending.append(num))
+        return self
+
+    def __exit__(self, exc_type, *exc):
+        for signum, handler in self.previous.items():
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
+        if self.pending and exc_type is None and self.deliver:
+            # already ending for a reason: the held signal need not be raised again
+            signal.raise_signal(self.pending[0])
+        return False
 
 
 def _has_files(path) -> bool:
@@ -445,7 +617,7 @@ def _job_ids(cluster) -> list[str]:
     return ids
 
 
-def _job_states(job_ids):
+def _job_states(job_ids, timeout=30.0):
     """``({job id: (state, reason)}, "")`` for the jobs SLURM still knows, or
     ``(None, why)`` when SLURM cannot be asked (no squeue, squeue fails): that
     says nothing about the jobs, which may well be running."""
@@ -455,11 +627,11 @@ def _job_states(job_ids):
     # forgotten, and a failure must mean "cannot ask", never "the jobs died"
     cmd = ["squeue", "-h", "--states=all", "-u", getpass.getuser(), "-o", "%i|%T|%r"]
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except FileNotFoundError:
         return None, "squeue is not on the PATH"
     except (OSError, subprocess.TimeoutExpired) as exc:
-        return None, f"squeue failed: {exc}"
+        return None, f"squeue failed: {' '.join(str(exc).split())}"
     if proc.returncode != 0:
         said = " ".join((proc.stderr or proc.stdout).split())
         return None, f"squeue failed (exit {proc.returncode}{': ' + said if said else ''})"
@@ -472,14 +644,14 @@ def _job_states(job_ids):
     return states, ""
 
 
-def _accounted_states(job_ids) -> dict[str, tuple[str, str]]:
+def _accounted_states(job_ids, timeout=30.0) -> dict[str, tuple[str, str]]:
     """States from ``sacct`` (SLURM's accounting, if the site keeps it) of jobs
     that squeue has forgotten; {} where there is no accounting."""
     if not job_ids:
         return {}
     cmd = ["sacct", "-n", "-X", "-P", "-j", ",".join(job_ids), "-o", "JobIDRaw,State,Reason"]
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except (OSError, subprocess.TimeoutExpired):
         return {}
     states = {}
@@ -504,7 +676,8 @@ def _describe_jobs(job_ids, states) -> str:
     return "; ".join(described)
 
 
-def _log_tail(log_dir, job_ids, lines=20) -> str:
+def _log_tail(log_dir, job_ids, lines=1) -> str:
+    """The last non-empty line of each job's log, with the log's path, on one line."""
     import glob
 
     if not log_dir:
@@ -513,15 +686,17 @@ def _log_tail(log_dir, job_ids, lines=20) -> str:
     for job_id in job_ids:
         for path in sorted(glob.glob(os.path.join(log_dir, f"*-{job_id}.*"))):
             with open(path, errors="replace") as f:
-                tail = f.read().splitlines()[-lines:]
+                tail = [line.strip() for line in f.read().splitlines() if line.strip()]
             if tail:
-                found.append(f"--- {path} ---\n" + "\n".join(tail))
-    return "\n".join(found)
+                found.append(f"{' | '.join(tail[-lines:])!r} ({path})")
+    return "; ".join(found)
 
 
-def _wait_for_workers(client, cluster, n: int, timeout: float, log_dir) -> None:
-    deadline = time.monotonic() + timeout
-    next_check = time.monotonic() + 2.0
+def _wait_for_workers(client, cluster, n: int, timeout: float, log_dir, on_wait=None) -> None:
+    started = time.monotonic()
+    deadline = started + timeout
+    next_check = started + 2.0
+    next_report = started + 60.0
     seen_ids: list[str] = []
     while True:
         if len(client.nthreads()) >= n:
@@ -532,22 +707,30 @@ def _wait_for_workers(client, cluster, n: int, timeout: float, log_dir) -> None:
         if now >= next_check:
             next_check = now + 2.0
             seen_ids = _job_ids(cluster)
-            states, _ = _job_states(seen_ids)
+            states, _ = _job_states(seen_ids, _slurm_command_timeout(timeout))
             ended = states is not None and not any(
                 states.get(j, ("",))[0] in _ACTIVE_STATES for j in seen_ids
             )
             if seen_ids and ended and len(client.nthreads()) < n:
                 # every job has left the queue and too few workers came: they died
-                log = _log_tail(log_dir, seen_ids)
+                missing = [j for j in seen_ids if j not in states]
+                states.update(_accounted_states(missing))
+                described = "; ".join(_job_line(j, states.get(j)) for j in seen_ids)
+                log = _log_tail(log_dir, seen_ids, lines=1)
                 raise SlurmError(
-                    f"the SLURM job(s) {', '.join(seen_ids)} ended before their dask worker "
-                    "joined the scheduler (is the same Python with distributed on the "
-                    "compute nodes? can they reach the scheduler's address? pass "
-                    "scheduler_host=...)" + (f"\n{log}" if log else "")
+                    f"{described}; it ended before its dask worker joined the scheduler"
+                    + (f"; the end of its log: {log}" if log else "")
+                )
+            if on_wait is not None and now >= next_report and states is not None:
+                next_report = now + 60.0
+                described = "; ".join(_job_line(j, states.get(j)) for j in seen_ids)
+                on_wait(
+                    f"waiting for the first dask worker for {now - started:.0f} s of "
+                    f"{timeout:g} (--worker-wait): {described}"
                 )
         time.sleep(0.25)
     job_ids = _job_ids(cluster)
-    states, problem = _job_states(job_ids)
+    states, problem = _job_states(job_ids, _slurm_command_timeout(timeout))
     # a job that never ran wrote no log: an empty temporary folder is removed
     logs = f" (their logs: {log_dir})" if log_dir and _has_files(log_dir) else ""
     jobs = (
@@ -555,12 +738,10 @@ def _wait_for_workers(client, cluster, n: int, timeout: float, log_dir) -> None:
         if states is None
         else _describe_jobs(job_ids, states)
     )
-    raise TimeoutError(
-        f"no SLURM worker started within {timeout:g} s: {jobs} — "
-        "check the queue/partition/memory/walltime you asked for against `sinfo -N -l` "
-        f"and the queue with `squeue`; the jobs were cancelled{logs}. "
-        "Job script:\n"
-        f"{_header(cluster.job_script())}"
+    raise SlurmWorkerTimeout(
+        f"no SLURM worker started within {timeout:g} s: {jobs}; the jobs were cancelled"
+        f"{logs}; wait longer (--worker-wait, timeout=), or check the queue with `squeue` "
+        "and what you asked for (partition, memory, walltime) against `sinfo -N -l`"
     )
 
 
@@ -575,10 +756,115 @@ _STATE_HINTS = {
 }
 
 
+def _job_line(job_id, state_reason) -> str:
+    if state_reason is None:
+        return f"SLURM job {job_id} has ended (SLURM no longer knows its state)"
+    state, reason = state_reason
+    why = f", reason {reason}" if reason and reason != "None" else ""
+    hint = _STATE_HINTS.get(state)
+    return f"SLURM job {job_id} is {state}{why}" + (f": {hint}" if hint else "")
+
+
+def _configured_timeout() -> float:
+    import dask
+
+    return float(dask.config.get("rollmed-dask.lost-worker-timeout", LOST_WORKER_TIMEOUT))
+
+
+def _adopt_jobqueue_cluster(cluster):
+    """A user's own dask-jobqueue SLURM cluster gets the SLURM-aware watch too:
+    after ``scancel`` of its jobs a run stops with their state, not never."""
+    if type(cluster).__name__ != "SLURMCluster" or not hasattr(cluster, "workers"):
+        return None
+    run = _SlurmRun(None, None, _configured_timeout())
+    try:
+        cluster.rollmed_slurm = run
+    except AttributeError:
+        return None
+    return run
+
+
+def run_watch(client):
+    """A check for a run on any distributed ``client`` that raises once the run
+    can no longer make progress: :class:`SlurmJobLost` when its SLURM workers are
+    gone (see :func:`lost_worker_watch`), :class:`WorkersPaused` when no block
+    finished for the timeout while every worker is paused for memory, and
+    :class:`RunStalled` when there has been no worker, or no answer from the
+    scheduler, for that long.
+
+    Call the check often (it asks at most every 2 s) and its ``progress()``
+    whenever a block finishes. The timeout is the cluster's
+    ``lost_worker_timeout`` (:func:`start_slurm_cluster`), else the dask config
+    key ``rollmed-dask.lost-worker-timeout`` (default 60 s).
+    """
+    cluster = getattr(client, "cluster", None)
+    run = getattr(cluster, "rollmed_slurm", None) or _adopt_jobqueue_cluster(cluster)
+    timeout = run.lost_worker_timeout if run is not None else _configured_timeout()
+    return _RunWatch(client, timeout, lost_worker_watch(client))
+
+
+class _RunWatch:
+    PERIOD = 2.0
+
+    def __init__(self, client, timeout: float, slurm):
+        self.client, self.timeout, self.slurm = client, timeout, slurm
+        self.last_progress = time.monotonic()
+        self.next_check = self.last_progress + self.PERIOD
+
+    def progress(self) -> None:
+        self.last_progress = time.monotonic()
+
+    def __call__(self) -> None:
+        now = time.monotonic()
+        if now < self.next_check:
+            return
+        self.next_check = now + self.PERIOD
+        if self.slurm is not None:
+            self.slurm()
+        stalled = now - self.last_progress
+        if stalled < self.timeout:
+            return
+        address = getattr(self.client.scheduler, "address", "?")
+        if self.client.status != "running":
+            raise RunStalled(
+                f"the dask scheduler at {address} has not been reachable for {stalled:.0f} s "
+                f"(client {self.client.status}) and no block finished, so the run stopped"
+            )
+        workers = self.client.scheduler_info(n_workers=-1)["workers"]
+        if not workers and self.slurm is None:
+            raise RunStalled(
+                f"no block finished for {stalled:.0f} s and the dask scheduler at {address} "
+                "has no worker, so the run stopped; start workers for it (`dask worker "
+                f"{address}`), or use --workers N / --slurm"
+            )
+        paused = [(a, w) for a, w in workers.items() if w.get("status") == "paused"]
+        if workers and len(paused) == len(workers):
+            raise WorkersPaused(_paused_line(paused, stalled))
+
+
+def _paused_line(paused, stalled: float) -> str:
+    from dask.utils import format_bytes
+
+    def use(worker):
+        limit = worker.get("memory_limit") or 0
+        return worker.get("metrics", {}).get("memory", 0), limit
+
+    address, worker = max(paused, key=lambda aw: use(aw[1])[0])
+    memory, limit = use(worker)
+    which = "the dask worker" if len(paused) == 1 else f"each of the {len(paused)} dask workers"
+    return (
+        f"no block finished for {stalled:.0f} s: {which} is paused for memory ({address} "
+        f"uses {format_bytes(memory)} of its {format_bytes(limit)} limit; dask pauses a "
+        "worker at 80 %), so the run stopped; give each worker more memory (--memory, "
+        "or the cluster's memory_limit) or plan smaller blocks (a smaller --memory-budget)"
+    )
+
+
 def lost_worker_watch(client):
     """A check for a run on ``client`` that raises :class:`SlurmJobLost` once all
     its workers are gone for good, or None if ``client`` has no SLURM cluster
-    from :func:`start_slurm_cluster`.
+    from :func:`start_slurm_cluster` (or a user's own ``SLURMCluster``, once
+    :func:`run_watch` has seen it).
 
     Call the check often (it asks the scheduler and SLURM at most every 2 s).
     With no worker left it raises at once when SLURM says every job has ended,
@@ -613,9 +899,11 @@ class _LostWorkerWatch:
         if self.no_worker_since is None:
             self.no_worker_since = now
         job_ids = sorted(self.run.job_ids, key=lambda j: (len(j), j))
-        states, problem = _job_states(job_ids)
-        waited = now - self.no_worker_since
         timeout = self.run.lost_worker_timeout
+        # bounded: with slurmctld down squeue takes 9 s to fail, and the run
+        # must still stop near its timeout
+        states, problem = _job_states(job_ids, _slurm_command_timeout(timeout))
+        waited = time.monotonic() - self.no_worker_since
         if states is None:
             if waited >= timeout:
                 self._lost(
@@ -627,20 +915,11 @@ class _LostWorkerWatch:
         if active and waited < timeout:
             return
         missing = [j for j in job_ids if j not in states]
-        states.update(_accounted_states(missing))
-        described = "; ".join(self._job_line(j, states.get(j)) for j in job_ids)
+        states.update(_accounted_states(missing, _slurm_command_timeout(timeout)))
+        described = "; ".join(_job_line(j, states.get(j)) for j in job_ids)
         if active:
             self._lost(f"no dask worker joined for {waited:.0f} s: {described}")
         self._lost(f"{described}; no dask worker is left to finish the run")
-
-    @staticmethod
-    def _job_line(job_id, state_reason) -> str:
-        if state_reason is None:
-            return f"SLURM job {job_id} has ended (SLURM no longer knows its state)"
-        state, reason = state_reason
-        why = f", reason {reason}" if reason and reason != "None" else ""
-        hint = _STATE_HINTS.get(state)
-        return f"SLURM job {job_id} is {state}{why}" + (f": {hint}" if hint else "")
 
     def _lost(self, message: str):
         self.run.lost = True

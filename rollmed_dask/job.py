@@ -6,11 +6,14 @@ output is only moved into place when complete.
 
 from __future__ import annotations
 
+import math
 import os
 import pathlib
 import sys
 import time
 from dataclasses import dataclass
+
+import numpy as np
 
 from . import kernel_warmup, rtdc
 from .core import check_kernel_size, select_engine
@@ -228,6 +231,10 @@ def compute_background(
             if resumable and not resuming and _is_complete(target, src, k, compression):
                 return _complete_summary(src, target, fmt, output_dataset, k, engine, t0)
             check_target(target, overwrite or resuming, src.path)
+        # the blocks, the workers' memory and a partial to resume are checked
+        # as the run will see them, before a starter may submit SLURM jobs
+        _check_plan(src, target, fmt, k, scheduler, memory_budget, event_chunk,
+                    compression, output_dataset, resuming)  # fmt: skip
         # only now: a scheduler may be a starter that submits SLURM jobs, and no
         # job is submitted for a run that the checks above refuse
         resolved = resolve_scheduler(scheduler)
@@ -253,6 +260,59 @@ def compute_background(
             )
         finally:
             resolved.close()
+
+
+# What a dask worker process uses besides its blocks (python, numpy, dask,
+# numba and the kernels: 260 MiB measured in a paused LocalCluster worker)
+WORKER_BASE_MEMORY = 256 * 2**20
+# dask pauses a worker whose process uses this share of its memory limit
+_WORKER_PAUSE = 0.8
+
+
+def _check_plan(src, target, fmt, k, scheduler, memory_budget, event_chunk,
+                compression, output_dataset, resuming) -> None:  # fmt: skip
+    """Refuse now what the run would refuse once its workers started: a budget or
+    block length that plans no block, workers too small for a block (declared
+    by a cluster starter as ``worker_memory``: bytes and threads per worker
+    process), a partial output made with other parameters."""
+    budget = parse_bytes(memory_budget)
+    declared = getattr(scheduler, "worker_memory", None)
+    row_bytes = int(np.prod(src.shape[1:])) * src.dtype.itemsize
+    if declared is not None:
+        limit, threads = declared
+        spelled = getattr(scheduler, "worker_memory_spelled", None)
+        budget = min(budget, _check_worker_memory(limit, threads, k, row_bytes, spelled))
+    chunk_events = rtdc.default_chunk_events(src.shape[1:], src.dtype)
+    chunks = plan_block_tasks(
+        src, k, memory_budget=budget, event_chunk=event_chunk, align_events=chunk_events
+    )
+    if resuming:
+        params = {**_result_params(src, k, compression), "block_events": chunks[0][0]}
+        sink = ZarrSink(target, output_dataset, src.shape, src.dtype, chunk_events=chunk_events,
+                        job_params=params, resume=True, compression=compression)  # fmt: skip
+        sink._check_resumable()
+
+
+def _check_worker_memory(limit, threads, k, row_bytes, spelled=None) -> int:
+    """The budget a worker of ``limit`` bytes and ``threads`` threads allows a block,
+    or a ValueError saying how much memory the workers need."""
+    from dask.utils import format_bytes
+
+    from .pipeline import _ROW_COPIES, MiB
+
+    minimum = _ROW_COPIES * row_bytes * (1 + 2 * k)
+    threads = max(int(threads), 1)
+    need = (WORKER_BASE_MEMORY + threads * minimum / _WORKER_MEMORY_SHARE) / _WORKER_PAUSE
+    if limit and limit < need:
+        spelled = spelled or f"a memory limit of {format_bytes(limit)}"
+        raise ValueError(
+            f"{spelled} gives each dask worker process {format_bytes(limit)} for {threads} "
+            f"thread(s), but it needs about {format_bytes(WORKER_BASE_MEMORY)} for itself "
+            f"and {format_bytes(minimum)} per thread for a block with K={k} (4 times that "
+            f"planned, and dask pauses a worker at 80 %): give each worker process at least "
+            f"{math.ceil(need / MiB)}MiB (--memory), or fewer threads per worker"
+        )
+    return int(limit / threads * _WORKER_MEMORY_SHARE) if limit else 2**62
 
 
 def _result_params(src, k, compression) -> dict:

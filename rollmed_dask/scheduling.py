@@ -250,28 +250,36 @@ def _local_get(scheduler: str):
     return get
 
 
+#: Checks run in the loop that waits for a distributed run's blocks; each may
+#: raise (a batch stops its files with KeyboardInterrupt: dask's local callbacks
+#: never run on a distributed scheduler).
+STOP_CHECKS: set = set()
+
+
 def _stream_distributed(tasks, on_result, client) -> None:
-    """As blocks finish, write them; meanwhile watch that the cluster still has
-    workers: when a SLURM cluster has lost them all, dask would wait for new
-    ones for ever (``cluster.lost_worker_watch`` raises instead)."""
+    """As blocks finish, write them; meanwhile watch that the run can still make
+    progress: when its workers are all lost, or all paused for memory, dask
+    would wait for ever (``cluster.run_watch`` raises instead)."""
     import time
 
     from distributed import as_completed
 
-    from .cluster import lost_worker_watch
+    from .cluster import run_watch
 
-    watch = lost_worker_watch(client)
+    watch = run_watch(client)
     futures = client.compute(tasks)
     try:
         finished = as_completed(futures, with_results=True)
         while not finished.is_empty():
+            for check in list(STOP_CHECKS):
+                check()
             if finished.has_ready():
                 future, result = next(finished)
                 on_result(result)
                 future.release()
+                watch.progress()
                 continue
-            if watch is not None:
-                watch()
+            watch()
             time.sleep(0.05)
     finally:
         client.cancel([f for f in futures if not f.done()])
