@@ -281,5 +281,32 @@ def _stream_distributed(tasks, on_result, client) -> None:
                 continue
             watch()
             time.sleep(0.05)
-    finally:
+    except BaseException:
+        keys = {f.key for f in futures if not f.done()}
         client.cancel([f for f in futures if not f.done()])
+        _wait_until_not_running(client, keys)
+        raise
+
+
+def _wait_until_not_running(client, keys, timeout: float = 30.0) -> None:
+    """Wait (at most ``timeout``) until no worker runs one of ``keys`` any more.
+
+    Cancelling a future does not stop its task: a block still running would
+    write into the temporary output after the caller removed it (in a notebook
+    it stayed there until the process ended). A worker that cannot be asked
+    (lost, or the scheduler gone) writes nothing more that we can wait for.
+    """
+    import time
+
+    def executing(dask_worker, keys=frozenset(keys)):
+        return sum(ts.key in keys for ts in dask_worker.state.executing)
+
+    deadline = time.monotonic() + timeout
+    while keys and time.monotonic() < deadline and client.status == "running":
+        try:
+            running = client.run(executing, on_error="ignore", wait=True)
+        except Exception:
+            return
+        if not any(isinstance(n, int) and n for n in running.values()):
+            return
+        time.sleep(0.1)
