@@ -48,7 +48,9 @@ def paused_client():
             close_client(client)
 
 
-def test_a_user_client_with_a_paused_worker_stops_with_one_line(paused_client, small_rtdc, tmp_path):
+def test_a_user_client_with_a_paused_worker_stops_with_one_line(
+    paused_client, small_rtdc, tmp_path
+):
     target = tmp_path / "bg.zarr"
     with dask.config.set({"rollmed-dask.lost-worker-timeout": 3}):
         with pytest.raises(WorkersPaused) as stopped:
@@ -80,8 +82,9 @@ def test_cli_on_a_scheduler_without_workers_exits_1(small_rtdc, tmp_path):
     with LocalCluster(n_workers=0, processes=True, dashboard_address=":0") as cluster:
         target = tmp_path / "bg.rtdc"
         target.write_bytes(b"old")
-        result = run_cli(small_rtdc, target, "-k", "20", "--overwrite", "--scheduler",
-                         cluster.scheduler_address, "--lost-worker-timeout", "2", "-q")  # fmt: skip
+        address = cluster.scheduler_address
+        result = run_cli(small_rtdc, target, "-k", "20", "--overwrite", "--scheduler", address,
+                         "--lost-worker-timeout", "2", "-q")  # fmt: skip
     assert result.returncode == 1, result.stderr
     line = last_line(result.stderr)
     assert "has no worker" in line and line.endswith(f"{target} was left as it was"), line
