@@ -627,13 +627,20 @@ def main(argv=None) -> int:
     if in_main_thread:
         previous = signal.signal(signal.SIGTERM, _raise_terminated)
     before = _disk_state(args.output)
+    # the program itself (not a caller's main([...])): once the run has stopped
+    # for a signal, another Ctrl-C only cut short the exit (status -2, no line)
+    ending = argv is None and in_main_thread
     try:
         _check_args(args, parser)
         return _run(args)
     except KeyboardInterrupt as exc:
+        if ending:
+            _ignore_signals()
         print(f"rollmed-dask: interrupted; {_what_was_kept(args, before, exc)}", file=sys.stderr)
         return EXIT_INTERRUPTED
     except Terminated as exc:
+        if ending:
+            _ignore_signals()
         print(f"rollmed-dask: terminated; {_what_was_kept(args, before, exc)}", file=sys.stderr)
         return EXIT_TERMINATED
     except (RunStalled, SlurmError) as exc:
@@ -645,8 +652,13 @@ def main(argv=None) -> int:
         print(f"rollmed-dask: error: {_cli_message(exc)}", file=sys.stderr)
         return EXIT_USAGE
     finally:
-        if in_main_thread:
+        if in_main_thread and signal.getsignal(signal.SIGTERM) is not signal.SIG_IGN:
             signal.signal(signal.SIGTERM, previous)
+
+
+def _ignore_signals() -> None:
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_IGN)
 
 
 # Python spellings in messages from the library, and the CLI's flags for them
