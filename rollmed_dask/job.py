@@ -240,7 +240,7 @@ def compute_background(
         resolved = resolve_scheduler(scheduler)
         kernel_warmup.start(engine, src.dtype, resolved)  # overlaps the set-up below
         try:
-            return _run_job(
+            summary = _run_job(
                 src,
                 target,
                 fmt,
@@ -258,8 +258,20 @@ def compute_background(
                 event_chunk=event_chunk,
                 t0=t0,
             )
+            _signal_point("moved")
+            return summary
         finally:
             resolved.close()
+
+
+def _signal_point(name: str) -> None:
+    """Test hook: send this process the signal ``ROLLMED_DASK_TEST_SIGNAL_AT``
+    names here (``moved:TERM``: SIGTERM once the output is in place)."""
+    point, _, sig = os.environ.get("ROLLMED_DASK_TEST_SIGNAL_AT", "").partition(":")
+    if point == name:
+        import signal
+
+        os.kill(os.getpid(), getattr(signal, f"SIG{sig or 'INT'}"))
 
 
 # What a dask worker process uses besides its blocks (python, numpy, dask,

@@ -123,6 +123,23 @@ def test_sigterm_keeps_a_resumable_zarr_partial(long_rtdc, tmp_path):
     assert "resuming:" in rerun.stderr
 
 
+@pytest.mark.parametrize("sig, status, word", [("TERM", 143, "terminated")])
+def test_a_signal_just_after_the_move_says_the_new_output_is_there(
+    sig, status, word, small_rtdc, tmp_path
+):
+    out = tmp_path / "bg.rtdc"
+    out.write_bytes(OLD)
+    env = {**os.environ, "ROLLMED_DASK_TEST_SIGNAL_AT": f"moved:{sig}"}
+    result = run_cli(small_rtdc, out, "-k", "20", "--overwrite", env=env)
+    assert result.returncode == status, result.stderr
+    assert last_line(result.stderr) == (
+        f"rollmed-dask: {word}; {out} holds the new, complete output (it was moved into place)"
+    )
+    expected = rolling_median_reference(read_images(small_rtdc), 20)
+    np.testing.assert_array_equal(read_images(out, "events/image_bg"), expected)
+    assert [p.name for p in tmp_path.iterdir()] == [out.name], "no temporary or lock is left"
+
+
 def test_slurm_options_without_slurm_are_a_usage_error(small_rtdc, tmp_path):
     result = run_cli(small_rtdc, tmp_path / "bg.rtdc", "--memory", "4GB", "--walltime", "1:00")
     assert result.returncode == 2
@@ -257,6 +274,29 @@ def test_signal_while_the_job_pends(slurm, sig, status, word, small_rtdc, job_na
     assert sorted(p.name for p in tmp_path.iterdir()) == ["temp"]
 
 
+@pytest.mark.slurm
+@pytest.mark.timeout(240)
+def test_sigterm_just_after_the_move_on_slurm(slurm, small_rtdc, job_name, tmp_path):
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    out = tmp_path / "out" / "bg.rtdc"
+    out.parent.mkdir()
+    out.write_bytes(OLD)
+    env = {**os.environ, "TMPDIR": str(temp), "ROLLMED_DASK_TEST_SIGNAL_AT": "moved:TERM"}
+    result = run_cli(small_rtdc, out, "-k", "20", "--overwrite", *slurm_args(job_name), env=env)
+    assert result.returncode == 143, result.stderr
+    assert last_line(result.stderr) == (
+        f"rollmed-dask: terminated; {out} holds the new, complete output (it was moved into place)"
+    )
+    expected = rolling_median_reference(read_images(small_rtdc), 20)
+    np.testing.assert_array_equal(read_images(out, "events/image_bg"), expected)
+    assert [p.name for p in out.parent.iterdir()] == [out.name], "no temporary or lock is left"
+    # cancelled before the CLI ended, not by the job_name fixture afterwards
+    assert queue("-n", job_name, "--states=PENDING,RUNNING") == [], "the job was cancelled"
+    left = [p.name for p in temp.iterdir() if p.name.startswith("rollmed-dask-slurm-")]
+    assert left == [], "the temporary log folder is removed"
+
+
 def job_state(job_id: str) -> str:
     proc = subprocess.run(
         ["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True, timeout=30
@@ -382,7 +422,8 @@ def test_failing_squeue_is_not_read_as_dead_jobs(slurm, failing_squeue, job_name
     assert proc.returncode == 0, proc.stderr
     assert re.fullmatch(
         r"no SLURM worker started within 5 s: cannot ask SLURM about job\(s\) \d+: squeue "
-        r"failed \(exit 1: squeue: error: Unable to contact slurm controller\) — .*\n",
+        r"failed \(exit 1: squeue: error: Unable to contact slurm controller\); the jobs "
+        r"were cancelled; wait longer \(--worker-wait, timeout=\), .*\n",
         proc.stdout,
     ), proc.stdout
     assert wait_queue_empty(job_name) == []
@@ -424,23 +465,57 @@ def all_jobs() -> set[str]:
 
 @pytest.mark.slurm
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("case", ["missing input", "existing output", "unknown dataset"])
-def test_a_run_that_cannot_succeed_submits_no_job(slurm, case, small_rtdc, job_name, tmp_path):
+@pytest.mark.parametrize(
+    "case, says",
+    [
+        ("missing input", "does not exist"),
+        ("existing output", "already exists"),
+        ("unknown dataset", "events/nothing"),
+        ("memory budget 1MiB", "give a memory budget of at least 20MiB"),
+        ("event chunk shorter than K", "--event-chunk 50 is shorter than -k 100"),
+        ("resume of another run's partial", "--resume"),
+        ("log dir is a file", "is a file, not a folder"),
+        ("memory per job too small", "--memory 300MB with 1 worker process(es) of 1 thread(s)"),
+    ],
+)
+def test_a_run_that_cannot_succeed_submits_no_job(
+    slurm, case, says, small_rtdc, job_name, tmp_path
+):
     out = tmp_path / "bg.rtdc"
-    source, extra = small_rtdc, []
+    source, extra, k = small_rtdc, [], "20"
     if case == "missing input":
         source = tmp_path / "missing.rtdc"
     elif case == "existing output":
         out.write_bytes(OLD)
-    else:
+    elif case == "unknown dataset":
         extra = ["--dataset", "events/nothing"]
+    elif case == "memory budget 1MiB":
+        extra, k = ["--memory-budget", "1MiB"], "100"
+    elif case == "event chunk shorter than K":
+        extra, k = ["--event-chunk", "50"], "100"
+    elif case == "resume of another run's partial":
+        out = tmp_path / "bg.zarr"
+        env = {**os.environ, "ROLLMED_DASK_TEST_KILL_AT": "zarr-marker"}
+        run_cli(source, out, "-k", "10", "--resume", "-q", env=env)  # killed: a partial of K=10
+        assert partial_path(out).is_dir()
+        extra = ["--resume"]
+    elif case == "log dir is a file":
+        (tmp_path / "logs").write_text("not a folder")
+        extra = [f"--log-dir={tmp_path / 'logs'}"]
+    else:
+        extra = ["--memory=300MB"]  # the worker alone uses about 260 MiB: paused at 80 %
     before = all_jobs()
-    result = run_cli(source, out, "-k", "20", *slurm_args(job_name), *extra)
+    result = run_cli(source, out, "-k", k, *slurm_args(job_name), *extra)
     assert result.returncode == 2, result.stderr
-    assert last_line(result.stderr).startswith("rollmed-dask: error: ")
+    line = last_line(result.stderr)
+    assert line.startswith("rollmed-dask: error: ") and says in line, line
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     # ended jobs of earlier tests may leave the list meanwhile: count new ones
     assert all_jobs() - before == set(), "no job was submitted"
-    assert out.read_bytes() == OLD if case == "existing output" else not out.exists()
+    if case == "existing output":
+        assert out.read_bytes() == OLD
+    elif case != "resume of another run's partial":
+        assert not out.exists()
 
 
 @pytest.mark.slurm
