@@ -797,6 +797,8 @@ def run_watch(client):
     ``lost_worker_timeout`` (:func:`start_slurm_cluster`), else the dask config
     key ``rollmed-dask.lost-worker-timeout`` (default 60 s).
     """
+    # a user's own dask-jobqueue cluster: its import made Ctrl-C exit with status 0
+    _undo_jobqueue_sigint()
     cluster = getattr(client, "cluster", None)
     run = getattr(cluster, "rollmed_slurm", None) or _adopt_jobqueue_cluster(cluster)
     timeout = run.lost_worker_timeout if run is not None else _configured_timeout()

@@ -297,6 +297,53 @@ def test_sigterm_just_after_the_move_on_slurm(slurm, small_rtdc, job_name, tmp_p
     assert left == [], "the temporary log folder is removed"
 
 
+USER_CLUSTER = """
+import signal, sys
+import dask_jobqueue
+from rollmed_dask import compute_background
+from rollmed_dask.cluster import SlurmJobLost
+src, out, name, logs = sys.argv[1:5]
+cluster = dask_jobqueue.SLURMCluster(
+    cores=1, memory="1GB", walltime="00:10:00", python=sys.executable, log_directory=logs,
+    scheduler_options={"host": "127.0.0.1", "dashboard_address": ":0"},
+    job_extra_directives=[f"--job-name={name}"],
+)
+client = cluster.get_client()
+cluster.scale(jobs=1)
+client.wait_for_workers(1, timeout=120)
+print("joined", flush=True)
+try:
+    compute_background(src, out, 20, engine="scipy", event_chunk=40, scheduler=client,
+                       progress=False)
+except SlurmJobLost as exc:
+    print("lost:", exc, flush=True)
+# the import made Ctrl-C call sys.exit(): status 0 for an interrupted notebook script
+print("sigint:", signal.getsignal(signal.SIGINT) is signal.default_int_handler, flush=True)
+cluster.close()
+"""
+
+
+@pytest.mark.slurm
+@pytest.mark.timeout(240)
+def test_scancel_under_a_users_own_slurm_cluster_stops_the_run(
+    slurm, long_rtdc, job_name, tmp_path
+):
+    out = tmp_path / "bg.zarr"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", USER_CLUSTER, long_rtdc, out, job_name, tmp_path / "logs"],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, text=True,
+    )  # fmt: skip
+    assert proc.stdout.readline() == "joined\n"
+    time.sleep(3)
+    (job_id,) = queue("-n", job_name)
+    subprocess.run(["scancel", job_id], check=True, timeout=30)
+    stdout, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stdout
+    assert f"lost: SLURM job {job_id} is CANCELLED" in stdout, stdout
+    assert "sigint: True" in stdout
+    assert not out.exists() and temporaries(out) == []
+
+
 def job_state(job_id: str) -> str:
     proc = subprocess.run(
         ["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True, timeout=30
