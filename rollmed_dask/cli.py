@@ -678,6 +678,8 @@ def _cli_message(exc) -> str:
         message = template.replace("{option}", "--" + exc.option.replace("_", "-"))
     else:
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+    if isinstance(exc, UsageError):  # the CLI's own words, spelled as the user typed them
+        return " ".join(str(message).split())
     names = "|".join(_FLAGS)
     message = re.sub(rf"\b({names})=", lambda m: _FLAGS[m[1]] + " ", str(message))
     message = re.sub(rf"\b({names})\b", lambda m: _FLAGS[m[1]], message)

@@ -323,7 +323,8 @@ def start_slurm_cluster(
         (:class:`WorkersPaused`).
     on_wait : callable, optional
         Called with one line (the jobs' states and reasons, the time waited)
-        about once a minute while no worker has joined yet.
+        once a minute (sooner for a ``timeout`` under 10 minutes) while no
+        worker has joined yet.
     **kw
         Passed on to ``dask_jobqueue.SLURMCluster`` (``account``,
         ``log_directory``, ``job_script_prologue``, ``interface``, ...).
@@ -696,7 +697,9 @@ def _wait_for_workers(client, cluster, n: int, timeout: float, log_dir, on_wait=
     started = time.monotonic()
     deadline = started + timeout
     next_check = started + 2.0
-    next_report = started + 60.0
+    # a line each minute; sooner for a short wait, so that one comes at all
+    report_every = min(60.0, max(5.0, timeout / 10))
+    next_report = started + report_every
     seen_ids: list[str] = []
     while True:
         if len(client.nthreads()) >= n:
@@ -722,7 +725,7 @@ def _wait_for_workers(client, cluster, n: int, timeout: float, log_dir, on_wait=
                     + (f"; the end of its log: {log}" if log else "")
                 )
             if on_wait is not None and now >= next_report and states is not None:
-                next_report = now + 60.0
+                next_report = now + report_every
                 described = "; ".join(_job_line(j, states.get(j)) for j in seen_ids)
                 on_wait(
                     f"waiting for the first dask worker for {now - started:.0f} s of "

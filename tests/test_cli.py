@@ -53,7 +53,9 @@ def test_help_explains_the_tool():
         "--example",
         "sorted(img[j:j+K])[K//2]",
         "-b rollmed:k=250^b=5000",
-        "exit status: 0 done, 2 a mistake",
+        "exit status: 0 done, 1 the run failed",
+        "2 a mistake",
+        "130 interrupted (Ctrl-C), 143 terminated (SIGTERM",
         "ROLLMED_DASK_CACHE_DIR",
     ]:
         assert words in result.stdout
@@ -146,11 +148,11 @@ ERROR_CASES = {
     "no events": (["{cases}", "{tmp}/out.rtdc", "--dataset", "empty/image"], ["no events"]),
     "bool": (["{cases}", "{tmp}/out.rtdc", "--dataset", "bool/image"], ["dtype bool"]),
     "complex": (["{cases}", "{tmp}/out.rtdc", "--dataset", "complex/image"], ["dtype complex64"]),
-    "k zero": (["{cases}", "{tmp}/out.rtdc", "-k", "0"], ["kernel_size=0 must be at least 1"]),
-    "k negative": (["{cases}", "{tmp}/out.rtdc", "-k", "-4"], ["kernel_size=-4"]),
+    "k zero": (["{cases}", "{tmp}/out.rtdc", "-k", "0"], ["-k 0 must be at least 1"]),
+    "k negative": (["{cases}", "{tmp}/out.rtdc", "-k", "-4"], ["-k -4"]),
     "k too large": (
         ["{cases}", "{tmp}/out.rtdc", "-k", "20"],
-        ["kernel_size=20 must be smaller than the number of events (20)", "at most 19"],
+        ["-k 20 must be smaller than the number of events (20)", "at most 19"],
     ),
     "output exists": (
         ["{cases}", "{tmp}/exists.rtdc", "-k", "3"],
@@ -163,7 +165,7 @@ ERROR_CASES = {
     "output is input": (["{cases}", "{cases}", "-k", "3"], ["is the input file", "--in-place"]),
     "event chunk below k": (
         ["{cases}", "{tmp}/out.rtdc", "-k", "5", "--event-chunk", "2"],
-        ["event_chunk=2 is shorter than kernel_size=5"],
+        ["--event-chunk 2 is shorter than -k 5"],
     ),
     "bad budget": (
         ["{cases}", "{tmp}/out.rtdc", "-k", "3", "--memory-budget", "lots"],

@@ -181,7 +181,7 @@ def test_slurm_job_pending_forever_is_a_clear_timeout(slurm, tmp_path):
     with pytest.raises(
         TimeoutError,
         match=r"no SLURM worker started within 5 s: job \d+ state is PENDING "
-        r"\(reason BeginTime\) — check the queue/partition/memory",
+        r"\(reason BeginTime\); the jobs were cancelled; wait longer \(--worker-wait",
     ):
         start_slurm_cluster(
             cores=1,
