@@ -529,7 +529,9 @@ def _cancel_jobs(cluster, run) -> None:
         )  # fmt: skip
         failed = "" if proc.returncode == 0 else " ".join((proc.stderr + proc.stdout).split())
         failed = failed if proc.returncode == 0 else failed or f"exit {proc.returncode}"
-    except (OSError, subprocess.TimeoutExpired) as exc:
+    except subprocess.TimeoutExpired:
+        failed = f"no answer within {limit:g} s"
+    except OSError as exc:
         failed = " ".join(str(exc).split())
     if failed:
         print(
@@ -631,7 +633,9 @@ def _job_states(job_ids, timeout=30.0):
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except FileNotFoundError:
         return None, "squeue is not on the PATH"
-    except (OSError, subprocess.TimeoutExpired) as exc:
+    except subprocess.TimeoutExpired:
+        return None, f"squeue did not answer within {timeout:g} s"
+    except OSError as exc:
         return None, f"squeue failed: {' '.join(str(exc).split())}"
     if proc.returncode != 0:
         said = " ".join((proc.stderr or proc.stdout).split())

@@ -500,15 +500,31 @@ def test_failing_squeue_is_not_read_as_dead_jobs(slurm, failing_squeue, job_name
     assert left == [], "no empty log folder is kept"
 
 
+@pytest.fixture
+def unanswered_squeue(tmp_path):
+    """squeue as when slurmctld does not answer: it fails after 9 s."""
+    bin_dir = tmp_path / "slow-bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "squeue"
+    fake.write_text(
+        "#!/bin/sh\nsleep 9\n"
+        "echo 'squeue: error: Unable to contact slurm controller' >&2\nexit 1\n"
+    )
+    fake.chmod(0o755)
+    return {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+
+
 @pytest.mark.slurm
 @pytest.mark.timeout(240)
 def test_lost_worker_while_squeue_fails_stops_after_the_timeout(
-    slurm, failing_squeue, long_rtdc, job_name, tmp_path
+    slurm, unanswered_squeue, long_rtdc, job_name, tmp_path
 ):
     out = tmp_path / "out" / "bg.rtdc"
     out.parent.mkdir()
+    # squeue is cut off after a third of the timeout: the run stops near 4 s
+    # without a worker, not after 9 s more for every squeue
     proc, err_path = start_slurm_cli(
-        long_rtdc, out, job_name, "--lost-worker-timeout=4", env=failing_squeue,
+        long_rtdc, out, job_name, "--lost-worker-timeout=4", env=unanswered_squeue,
         tmp_path=tmp_path,
     )  # fmt: skip
     (job_id,) = queue("-n", job_name)
@@ -517,14 +533,34 @@ def test_lost_worker_while_squeue_fails_stops_after_the_timeout(
     assert proc.returncode == 1, stderr
     line = last_line(stderr)
     assert re.match(
-        r"rollmed-dask: error: no dask worker for [4-9] s, and SLURM cannot be asked about "
-        rf"job\(s\) {job_id} \(squeue failed \(exit 1: squeue: error: Unable to contact "
-        r"slurm controller\)\), so the run stopped \(job logs: ",
+        r"rollmed-dask: error: no dask worker for [4-7] s, and SLURM cannot be asked about "
+        rf"job\(s\) {job_id} \(squeue did not answer within 2 s\), so "
+        r"the run stopped \(job logs: ",
         line,
     ), line
     assert line.endswith(f"; no output was written to {out}"), line
     assert list(out.parent.iterdir()) == []
     assert wait_queue_empty(job_name) == []
+
+
+@pytest.mark.slurm
+@pytest.mark.timeout(240)
+def test_a_failed_scancel_after_a_good_run_is_said(slurm, small_rtdc, job_name, tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "scancel"
+    fake.write_text("#!/bin/sh\necho 'scancel: error: Unable to contact slurm controller' >&2\n"
+                    "exit 1\n")  # fmt: skip
+    fake.chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    out = tmp_path / "bg.rtdc"
+    result = run_cli(small_rtdc, out, "-k", "20", "-q", *slurm_args(job_name), env=env)
+    assert result.returncode == 0, result.stderr
+    (job_id,) = queue("--states=all", "-n", job_name)
+    assert result.stderr.strip() == (
+        f"rollmed-dask: warning: scancel {job_id} failed (scancel: error: Unable to contact "
+        "slurm controller): check with `squeue --me` and cancel what is left yourself"
+    )
 
 
 def all_jobs() -> set[str]:
