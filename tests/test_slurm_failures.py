@@ -140,6 +140,20 @@ def test_a_signal_just_after_the_move_says_the_new_output_is_there(
     assert [p.name for p in tmp_path.iterdir()] == [out.name], "no temporary or lock is left"
 
 
+def test_workers_beyond_the_machine_are_lowered_with_one_line(small_rtdc, tmp_path):
+    # refused by a check before any worker starts: only the lowering is seen
+    result = run_cli(small_rtdc, tmp_path / "bg.rtdc", "--workers", "1000", "--event-chunk",
+                     "50", "-k", "100")  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    first, last = result.stderr.strip().splitlines()
+    assert re.fullmatch(
+        rf"rollmed-dask: --workers 1000 lowered to {os.cpu_count()}: this machine has "
+        rf"{os.cpu_count()} core\(s\)( and .* of memory, enough for \d+ worker\(s\) .*)?",
+        first,
+    ), first
+    assert last.startswith("rollmed-dask: error: --event-chunk 50 is shorter than -k 100")
+
+
 def test_slurm_options_without_slurm_are_a_usage_error(small_rtdc, tmp_path):
     result = run_cli(small_rtdc, tmp_path / "bg.rtdc", "--memory", "4GB", "--walltime", "1:00")
     assert result.returncode == 2
