@@ -380,6 +380,71 @@ def test_a_pending_job_is_reported_then_ends_the_run_after_worker_wait(
     assert wait_queue_empty(job_name) == []
 
 
+@pytest.mark.slurm
+@pytest.mark.timeout(120)
+def test_a_job_that_fails_before_its_worker_joins_is_a_failed_run(
+    slurm, small_rtdc, job_name, tmp_path
+):
+    # no such Python on the "compute node": the job script fails at once
+    env = {**os.environ, "DASK_JOBQUEUE__SLURM__PYTHON": "/nonexistent/python",
+           "TMPDIR": str(tmp_path)}  # fmt: skip
+    out = tmp_path / "bg.rtdc"
+    result = run_cli(small_rtdc, out, "-k", "20", "-q", *slurm_args(job_name), env=env)
+    assert result.returncode == 1, result.stderr  # a failed run, not a user's mistake
+    line = last_line(result.stderr)
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert re.fullmatch(
+        r"rollmed-dask: error: SLURM job \d+ is FAILED, reason NonZeroExitCode; it ended "
+        r"before its dask worker joined the scheduler; the end of its log: '.*/nonexistent/"
+        rf"python: No such file or directory' \({tmp_path}/rollmed-dask-slurm-\w+/.*\.err\); "
+        rf"no output was written to {out}",
+        line,
+    ), line
+
+
+PAUSED_ON_SLURM = """
+import sys
+from rollmed_dask import compute_background
+from rollmed_dask.cluster import WorkersPaused, close_client, start_slurm_cluster
+
+src, out, name = sys.argv[1:4]
+client = start_slurm_cluster(
+    cores=1, memory="1GB", walltime="00:10:00", scheduler_host="127.0.0.1",
+    job_extra=[f"--job-name={name}"], lost_worker_timeout=5,
+    # the worker's own limit below what it uses idle (the last --memory-limit
+    # wins), and its nanny told not to kill it at 95 %: paused from the start
+    worker_extra_args=["--memory-limit", "100MB"],
+    job_script_prologue=["export DASK_DISTRIBUTED__WORKER__MEMORY__TERMINATE=False"],
+)
+try:
+    compute_background(src, out, 20, scheduler=client, progress=False)
+except WorkersPaused as exc:
+    print("paused:", exc, flush=True)
+finally:
+    close_client(client)
+"""
+
+
+@pytest.mark.slurm
+@pytest.mark.timeout(240)
+def test_a_slurm_worker_paused_for_memory_stops_the_run(slurm, small_rtdc, job_name, tmp_path):
+    out = tmp_path / "bg.zarr"
+    proc = subprocess.run(
+        [sys.executable, "-c", PAUSED_ON_SLURM, small_rtdc, out, job_name],
+        capture_output=True, text=True, timeout=200, stdin=subprocess.DEVNULL,
+        env={**os.environ, "TMPDIR": str(tmp_path)},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert re.fullmatch(
+        r"paused: no block finished for \d+ s: the dask worker is paused for memory "
+        r"\(tcp://\S+ uses .* of its 95.37 MiB limit; dask pauses a worker at 80 %\), so the "
+        r"run stopped; give each worker more memory \(--memory, .*\n",
+        proc.stdout,
+    ), proc.stdout
+    assert not out.exists() and temporaries(out) == []
+    assert wait_queue_empty(job_name) == []
+
+
 def job_state(job_id: str) -> str:
     proc = subprocess.run(
         ["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True, timeout=30
