@@ -364,18 +364,18 @@ def test_a_pending_job_is_reported_then_ends_the_run_after_worker_wait(
     slurm, small_rtdc, job_name, tmp_path
 ):
     out = tmp_path / "bg.rtdc"
-    extra = ["--job-extra=--begin=now+3600", "--worker-wait=12"]
+    extra = ["--job-extra=--begin=now+3600", "--worker-wait=7"]  # a line after 5 s
     result = run_cli(small_rtdc, out, "-k", "20", *slurm_args(job_name, *extra))
     assert result.returncode == 1, result.stderr  # a run that failed, not a mistake
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert re.fullmatch(
-        r"rollmed-dask: waiting for the first dask worker for \d+ s of 12 \(--worker-wait\): "
+        r"rollmed-dask: waiting for the first dask worker for \d+ s of 7 \(--worker-wait\): "
         r"SLURM job \d+ is PENDING, reason BeginTime",
         lines[0],
     ), result.stderr
-    assert lines[-1].startswith(
-        "rollmed-dask: error: no SLURM worker started within 12 s: job "
-    ), lines[-1]
+    assert lines[-1].startswith("rollmed-dask: error: no SLURM worker started within 7 s: job "), (
+        lines[-1]
+    )
     assert "state is PENDING (reason BeginTime); the jobs were cancelled" in lines[-1]
     assert wait_queue_empty(job_name) == []
 
