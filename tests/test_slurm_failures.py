@@ -727,6 +727,7 @@ def test_jobqueue_yaml_reaches_sbatch_and_the_temporary_logs_go(slurm, small_rtd
             small_rtdc, out, "-k", "20", "--slurm", "--scheduler-host=127.0.0.1", "-q", env=env
         )
         assert result.returncode == 0, result.stderr
+        assert result.stderr == "", "a good quiet run prints nothing (no dask ERROR line)"
         (job_id,) = queue("--states=all", "-n", name)
         script = subprocess.run(
             ["scontrol", "write", "batch_script", job_id, "-"],
