@@ -35,8 +35,9 @@ MAX_FILES_AT_ONCE = 4
 FOLDER_RULES = """\
 INPUT may be several files, or folders with -r (every *.rtdc below them,
 sorted; hidden files and outputs written by rollmed-dask are left out).
-OUTPUT is a folder when there are several INPUTs, with -r, or when it is an
-existing folder whose name does not end in .zarr; it is created if missing.
+OUTPUT is a folder when there are several INPUTs, with -r, when it ends in /,
+or when it is an existing folder whose name does not end in .zarr; it is
+created if missing.
 Outputs mirror the inputs' tree below their common folder, as <name>_bg.rtdc
 (<name>_bg.zarr with --format zarr). With -r --in-place there is no OUTPUT:
 every INPUT gets events/image_bg itself. A rerun skips outputs that are up to
@@ -180,13 +181,28 @@ def find_inputs(paths, recursive: bool = False) -> list[tuple]:
             )
         else:
             root, candidates = path.parent, [path]
+        outputs = 0
         for candidate in candidates:
             key = os.path.realpath(candidate)
             if key in seen:
                 continue
             seen.add(key)
-            if not is_our_output(candidate):
+            if is_our_output(candidate):
+                outputs += 1
+            else:
                 found.append((candidate, root))
+        if root is path and not candidates:
+            # a typo or the wrong folder: a run that does nothing must say so
+            raise FileNotFoundError(
+                f"no .rtdc files found below {str(given)!r}: check the folder"
+            )
+        if root is path and outputs == len(candidates):
+            # e.g. "-r --in-place raw/ bg/": with --in-place every path is an input
+            raise ValueError(
+                f"{str(given)!r} holds only outputs of rollmed-dask, no measurement; "
+                f"give the folders of the measurements (with --in-place every path is an "
+                f"input, there is no OUTPUT)"
+            )
     return found
 
 
@@ -616,6 +632,9 @@ def _plan_jobs(found, out_dir, opts, output_format) -> list[_Job]:
                 f"the output {str(out_dir)!r} is a file, but many inputs need an output folder"
             )
         fmt = output_format(pathlib.Path("x.rtdc"), opts["format"])
+    from .job import check_resume_format
+
+    check_resume_format(opts["resume"], fmt, opts["in_place"])
     roots = [root for _, root in found]
     common = pathlib.Path(os.path.commonpath(roots)) if roots else None
     jobs, targets = [], {}
@@ -738,7 +757,13 @@ class InputsAndOutput(argparse.Action):
     and sets ``input``/``output`` (first and last) for the single-file form."""
 
     def __call__(self, parser, namespace, values, option_string=None):
-        namespace.paths = list(values)
+        # a trailing slash says "a folder" (OUTPUT/ with OUTPUT missing), and
+        # pathlib.Path drops it: read it from the strings as typed
+        namespace.output_is_folder = len(values) > 1 and str(values[-1]).endswith(
+            ("/", os.sep)
+        )
+        values = [pathlib.Path(value) for value in values]
+        namespace.paths = values
         namespace.input = values[0] if values else None
         namespace.output = values[-1] if len(values) > 1 else None
 
@@ -752,7 +777,11 @@ def is_batch(args) -> bool:
         return False
     source, target = paths
     folder_in = source.is_dir() and not is_zarr_store(source)
-    folder_out = not args.in_place and target.is_dir() and not is_zarr_store(target)
+    folder_out = (
+        not args.in_place
+        and (target.is_dir() or getattr(args, "output_is_folder", False))
+        and not is_zarr_store(target)
+    )
     return folder_in or folder_out
 
 

@@ -113,8 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "paths",
         nargs="*",
-        type=pathlib.Path,
-        action=batch.InputsAndOutput,
+        action=batch.InputsAndOutput,  # makes them paths, and keeps a trailing slash's meaning
         metavar="PATH",
         help="INPUT... OUTPUT: the input .rtdc/HDF5 file or Zarr store (or several, or "
         "folders with -r: see 'many inputs'), then the output file, .rtdc/.h5 (HDF5) or "

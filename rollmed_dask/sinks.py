@@ -48,12 +48,32 @@ ZARR_JOB_ATTR = "rollmed-dask job"
 # Test hook: ``ROLLMED_DASK_TEST_KILL_AT=<point>`` SIGKILLs the process at
 # that named point, so the crash-window tests need no timing luck.
 KILL_ENV = "ROLLMED_DASK_TEST_KILL_AT"
+# Test hook: ``ROLLMED_DASK_TEST_PAUSE_AT=<point>:<folder>`` stops the process
+# at that point until the test lets it go on, so that another process can act
+# in a window that is otherwise too short to hit (see ``pause_point``).
+PAUSE_ENV = "ROLLMED_DASK_TEST_PAUSE_AT"
 
 
 def crash_point(name: str) -> None:
-    """SIGKILL this process here if the test hook names this point."""
+    """SIGKILL this process here if the test hook names this point (or pause here)."""
     if os.environ.get(KILL_ENV) == name:
         os.kill(os.getpid(), signal.SIGKILL)
+    pause_point(name)
+
+
+def pause_point(name: str) -> None:
+    """If the test hook names this point: create ``<folder>/<point>.here`` and
+    wait until the test creates ``<folder>/<point>.go`` (at most 5 minutes)."""
+    point, _, folder = os.environ.get(PAUSE_ENV, "").partition(":")
+    if point != name or not folder:
+        return
+    import time
+
+    here = pathlib.Path(folder) / f"{name}.here"
+    here.touch()
+    deadline = time.monotonic() + 300
+    while not here.with_suffix(".go").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 def option_error(exc_type, template: str, option: str) -> Exception:
@@ -129,6 +149,20 @@ def zarr_job_params(path: pathlib.Path):
 
 class TargetBusyError(OSError):
     """Another run holds the target's lock."""
+
+
+class TargetChangedError(OSError):
+    """Another program changed an in-place target while the run worked on its copy."""
+
+
+def file_state(path: pathlib.Path) -> tuple:
+    """What changes when any program writes to or replaces the file at ``path``.
+
+    ``st_ctime_ns`` cannot be set back by a user (``os.utime`` sets it to
+    now), so a change that restores size and mtime is still seen.
+    """
+    st = os.stat(path)
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
 
 class TargetLock:
@@ -370,6 +404,7 @@ class HDF5Sink(Sink):
         self.compression = compression
         self.input_path = input_path
         self.in_place = in_place
+        self.copied_from = None  # file_state of an in-place target when copied
         self.h5 = None
         self.dset = None
         self.codec = None
@@ -428,9 +463,26 @@ class HDF5Sink(Sink):
                 f"beside it first, but only {free:,} bytes are free; free some space "
                 f"there, or write a new file instead",
             )
+        # what the file was when copied: checked again before the copy replaces it
+        self.copied_from = file_state(self.target)
         shutil.copyfile(self.target, self.tmp)
         shutil.copymode(self.target, self.tmp)
         crash_point("inplace-copied")
+
+    def _check_target_unchanged(self) -> None:
+        """Refuse to replace a file that another program changed since it was copied.
+
+        Our copy has the background but not that program's change; the rename
+        would silently undo it. A lock cannot help: programs that do not ask
+        for one (h5py, dclab, an editor) would write all the same. What is
+        left is a window of one ``stat`` and one rename.
+        """
+        if file_state(self.target) != self.copied_from:
+            raise TargetChangedError(
+                f"{str(self.target)!r} was changed by another program during the run; "
+                f"the background was not added and the file is as that program left it: "
+                f"run again when nothing else writes to it",
+            )
 
     @property
     def prepare(self):
@@ -468,6 +520,7 @@ class HDF5Sink(Sink):
         write_behind.close(sync=True)  # the data on disk before the rename that publishes it
         if self.in_place:
             crash_point("inplace-written")
+            self._check_target_unchanged()
             os.replace(self.tmp, self.target)
             crash_point("inplace-replaced")
             return
