@@ -79,3 +79,107 @@ def test_in_place_keeps_what_another_program_wrote_during_the_run(small_rtdc, tm
     with h5py.File(raw) as h5:
         assert h5.attrs["note"] == "theirs" and "image_bg" not in h5["events"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hook", "raw.rtdc"]
+
+
+# --- small mistakes that did nothing, or the wrong thing, without a word ---
+
+
+def test_a_trailing_slash_makes_the_output_a_folder(small_rtdc, tmp_path):
+    new = tmp_path / "newdir"
+    result = run_cli(small_rtdc, f"{new}/", "-k", "7", "-q")
+    assert result.returncode == 0, result.stderr
+    assert new.is_dir() and [p.name for p in new.iterdir()] == [f"{small_rtdc.stem}_bg.rtdc"]
+    out = new / f"{small_rtdc.stem}_bg.rtdc"
+    np.testing.assert_array_equal(read_images(out, "events/image_bg"), expected_bg(small_rtdc, 7))
+
+
+@pytest.mark.parametrize("form", ["file", "folder"])
+def test_resume_with_an_hdf5_output_is_refused(form, small_rtdc, tmp_path):
+    if form == "file":
+        args = [small_rtdc, tmp_path / "bg.rtdc"]
+    else:
+        (tmp_path / "raw").mkdir()
+        shutil.copy(small_rtdc, tmp_path / "raw" / "a.rtdc")
+        args = ["-r", tmp_path / "raw", tmp_path / "bg"]
+    before = snapshot(tmp_path)
+    line = one_error_line(run_cli(*args, "-k", "7", "--resume", "-q"))
+    assert line == (
+        "rollmed-dask: error: resume works with Zarr output only (an .rtdc/HDF5 output is "
+        "always written whole); drop --resume, or write a .zarr output"
+    )
+    assert snapshot(tmp_path) == before and sorted(os.listdir(tmp_path)) == sorted(
+        [] if form == "file" else ["raw"]
+    )
+
+
+def test_an_input_open_for_writing_elsewhere_says_it_is_locked(rtdc_copy, tmp_path):
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sys, h5py; f = h5py.File(sys.argv[1], 'a'); print('open', flush=True); "
+         "sys.stdin.read()", rtdc_copy],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "open"
+        line = one_error_line(run_cli(rtdc_copy, tmp_path / "new_bg.rtdc", "-k", "5", "-q"))
+        assert line == (
+            f"rollmed-dask: error: input '{rtdc_copy}' is locked by another program that has "
+            f"it open for writing (HDF5 file locking); close it there and run again"
+        )
+    finally:
+        holder.communicate("", timeout=30)
+
+
+@pytest.mark.parametrize("kind", ["numpy", "dask", "file"])
+def test_frames_without_pixels_are_one_clear_error(kind, tmp_path):
+    import dask.array as da
+
+    from rollmed_dask import rolling_median
+
+    images = np.zeros((50, 0, 320), np.uint8)
+    if kind == "dask":
+        images = da.from_array(images, chunks=(10, 0, 320))
+    elif kind == "file":
+        with h5py.File(tmp_path / "empty.rtdc", "w") as h5:
+            h5["events/image"] = images
+        images = tmp_path / "empty.rtdc"
+    with pytest.raises(ValueError, match=r"has shape \(50, 0, 320\): its frames have no pixels"):
+        rolling_median(images, 3)
+    with pytest.raises(ValueError, match=r"has shape \(50, 0, 320\): its frames have no pixels"):
+        compute_background(images, tmp_path / "bg.rtdc", 3, progress=False)
+    assert not (tmp_path / "bg.rtdc").exists()
+
+
+def test_a_stack_of_one_event_is_told_it_needs_two(tmp_path):
+    from rollmed_dask import rolling_median
+
+    with pytest.raises(ValueError) as info:
+        rolling_median(np.zeros((1, 4, 4), np.uint8), 1)
+    assert str(info.value) == (
+        "the image stack has 1 event (N=1); a rolling median needs at least 2 events: "
+        "check the input dataset"
+    )
+
+
+def test_an_empty_folder_is_an_error_even_when_quiet(tmp_path):
+    (tmp_path / "raw").mkdir()
+    line = one_error_line(run_cli("-r", "-q", tmp_path / "raw", tmp_path / "bg"))
+    assert line == (
+        f"rollmed-dask: error: no .rtdc files found below '{tmp_path / 'raw'}': check the folder"
+    )
+    assert sorted(os.listdir(tmp_path)) == ["raw"]
+
+
+def test_in_place_with_an_output_folder_is_refused(small_rtdc, tmp_path):
+    raw, bg = tmp_path / "raw", tmp_path / "bg"
+    raw.mkdir()
+    shutil.copy(small_rtdc, raw / "a.rtdc")
+    assert run_cli("-r", raw, bg, "-k", "7", "-q").returncode == 0
+    before = snapshot(tmp_path)
+    line = one_error_line(run_cli("-r", "--in-place", raw, bg, "-k", "7", "-q"))
+    assert line == (
+        f"rollmed-dask: error: '{bg}' holds only outputs of rollmed-dask, no measurement; "
+        f"give the folders of the measurements (with --in-place every path is an input, "
+        f"there is no OUTPUT)"
+    )
+    assert snapshot(tmp_path) == before
