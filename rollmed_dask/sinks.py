@@ -690,6 +690,7 @@ class ZarrSink(Sink):
     def __init__(self, target, dataset, shape, dtype, *, compression="zstd", **kwargs):
         super().__init__(target, dataset, shape, dtype, **kwargs)
         self.compression = compression
+        self.complete = False  # a resumed partial that only lacked the final move
 
     def _params_file(self) -> pathlib.Path:
         return self.tmp / PROGRESS_DIR / "job.json"
@@ -721,11 +722,17 @@ class ZarrSink(Sink):
                 f"damaged), so it cannot be continued; rerun without {{option}} to start over",
                 "resume",
             )
+        wanted = json.loads(json.dumps(self.job_params, sort_keys=True))
+        if not self._params_file().exists() and zarr_job_params(self.tmp) == wanted:
+            # committed (progress removed, job recorded) but killed before the
+            # move: complete, it only needs to be moved into place
+            self.complete = True
+            return
         try:
             previous = json.loads(self._params_file().read_text())
         except (OSError, ValueError):
             previous = None
-        if previous != json.loads(json.dumps(self.job_params, sort_keys=True)):
+        if previous != wanted:
             raise option_error(
                 ValueError,
                 f"the partial output {str(self.tmp)!r} was made by a run with other "
@@ -734,6 +741,8 @@ class ZarrSink(Sink):
             )
 
     def done_starts(self) -> set[int]:
+        if self.complete:
+            return set(range(0, self.shape[0], self.job_params["block_events"]))
         progress = self.tmp / PROGRESS_DIR
         if not (self.resume and progress.is_dir()):
             return set()
@@ -760,6 +769,8 @@ class ZarrSink(Sink):
         root.attrs.update(
             {ZARR_LOG_ATTR: {rtdc.run_log_name(): log_lines}, ZARR_JOB_ATTR: self.job_params}
         )
+        # the job attribute written above lets a resumed run recognise this
+        # partial as complete if the process dies before the move
         _remove(self.tmp / PROGRESS_DIR)
         move_into_place(self.tmp, self.target)
 

@@ -183,3 +183,27 @@ def test_in_place_with_an_output_folder_is_refused(small_rtdc, tmp_path):
         f"there is no OUTPUT)"
     )
     assert snapshot(tmp_path) == before
+
+
+# --- a Zarr --resume run killed just before its final rename ---
+
+
+def run_killed_at(point, *args):
+    env = {**os.environ, "ROLLMED_DASK_TEST_KILL_AT": point}
+    result = subprocess.run(
+        [sys.executable, "-m", "rollmed_dask", *map(str, args), "-q"],
+        env=env, capture_output=True, text=True, timeout=180, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    assert result.returncode == -signal.SIGKILL, f"not killed at {point}: {result.stderr}"
+
+
+def test_a_resume_killed_before_the_final_move_is_completed_by_the_next(small_rtdc, tmp_path):
+    out = tmp_path / "bg.zarr"
+    args = [small_rtdc, out, "-k", "5", "--event-chunk", "40", "--resume"]
+    run_killed_at("move-file", *args)  # the new target: one rename
+    assert partial_path(out).is_dir() and not out.exists()
+    result = run_cli(*args)
+    assert result.returncode == 0, result.stderr
+    assert "(8 blocks, 8 resumed" in result.stderr.strip().splitlines()[-1]
+    np.testing.assert_array_equal(read_images(out, "events/image_bg"), expected_bg(small_rtdc, 5))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bg.zarr"]
