@@ -193,9 +193,7 @@ def find_inputs(paths, recursive: bool = False) -> list[tuple]:
                 found.append((candidate, root))
         if root is path and not candidates:
             # a typo or the wrong folder: a run that does nothing must say so
-            raise FileNotFoundError(
-                f"no .rtdc files found below {str(given)!r}: check the folder"
-            )
+            raise FileNotFoundError(f"no .rtdc files found below {str(given)!r}: check the folder")
         if root is path and outputs == len(candidates):
             # e.g. "-r --in-place raw/ bg/": with --in-place every path is an input
             raise ValueError(
@@ -759,9 +757,7 @@ class InputsAndOutput(argparse.Action):
     def __call__(self, parser, namespace, values, option_string=None):
         # a trailing slash says "a folder" (OUTPUT/ with OUTPUT missing), and
         # pathlib.Path drops it: read it from the strings as typed
-        namespace.output_is_folder = len(values) > 1 and str(values[-1]).endswith(
-            ("/", os.sep)
-        )
+        namespace.output_is_folder = len(values) > 1 and str(values[-1]).endswith(("/", os.sep))
         values = [pathlib.Path(value) for value in values]
         namespace.paths = values
         namespace.input = values[0] if values else None

@@ -246,15 +246,102 @@ def move_into_place(tmp: pathlib.Path, target: pathlib.Path) -> None:
     its parked copy holds a complete output.
     """
     if target.exists() and (tmp.is_dir() or target.is_dir()):
+        check_removable(target)  # again: the old output may have changed hands since
         backup = backup_path(target)
-        os.replace(target, backup)  # fails if a backup exists: never overwrite one
-        crash_point("move-parked")
-        os.replace(tmp, target)
-        crash_point("move-installed")
-        _remove(backup)
+        # Ctrl-C or SIGTERM between the two renames would leave nothing under the
+        # target's name: they wait until both are done
+        deferred = _defer_interrupts()
+        try:
+            os.replace(target, backup)  # fails if a backup exists: never overwrite one
+            crash_point("move-parked")
+            try:
+                os.replace(tmp, target)
+            except BaseException:
+                os.replace(backup, target)
+                raise
+        except BaseException:
+            _restore_interrupts(deferred)
+            raise
+        try:
+            _restore_interrupts(deferred)  # an interrupt that waited is raised here...
+        finally:
+            crash_point("move-installed")
+            _remove(backup)  # ...once the replaced output is gone
     else:
         crash_point("move-file")
         os.replace(tmp, target)
+
+
+_INTERRUPTS = (signal.SIGINT, signal.SIGTERM)
+
+
+def _defer_interrupts():
+    """Hold back SIGINT and SIGTERM; returns what :func:`_restore_interrupts` needs.
+
+    Their handlers are swapped for one that only notes the signal. Blocking
+    them with ``pthread_sigmask`` would not do: it blocks them for the calling
+    thread only, the kernel hands them to another thread (dask's, zarr's),
+    and Python then runs the handler in the main thread all the same. Python
+    runs handlers in the main thread only, so elsewhere (a batch's file
+    threads) there is nothing to hold back.
+    """
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    previous = {sig: signal.getsignal(sig) for sig in _INTERRUPTS}
+    if any(handler is None for handler in previous.values()):
+        return None  # a handler set outside Python cannot be put back
+    caught = []
+    for sig in _INTERRUPTS:
+        signal.signal(sig, lambda signum, frame: caught.append(signum))
+    return previous, caught
+
+
+def _restore_interrupts(deferred) -> None:
+    """Put the handlers back, then deliver the first signal that was held back."""
+    if deferred is None:
+        return
+    previous, caught = deferred
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)
+    if caught:
+        signal.raise_signal(caught[0])
+
+
+def check_removable(target: pathlib.Path) -> None:
+    """Refuse, before anything changes, to replace a folder that this user may
+    not remove completely (someone else's output in a shared folder).
+
+    Replacing it would install the new output, then fail half-way through
+    removing the old one and leave it, hidden, as ``.NAME.old``.
+    """
+    euid = os.geteuid() if hasattr(os, "geteuid") else None
+    parent = os.stat(target.parent)
+    if (
+        euid not in (None, 0)
+        and parent.st_mode & 0o1000  # sticky: only an entry's owner may rename it
+        and euid not in (parent.st_uid, os.lstat(target).st_uid)
+    ):
+        blocked = target
+    else:
+        blocked = None
+        effective = os.access in os.supports_effective_ids
+        walk_errors = []
+        for folder, dirs, files in os.walk(target, onerror=walk_errors.append):
+            if (dirs or files) and not os.access(
+                folder, os.R_OK | os.W_OK | os.X_OK, effective_ids=effective
+            ):
+                blocked = pathlib.Path(folder)
+                break
+        if blocked is None and walk_errors:
+            blocked = pathlib.Path(walk_errors[0].filename or target)
+    if blocked is not None:
+        raise PermissionError(
+            f"cannot replace {str(target)!r}: this user may not remove "
+            f"{str(blocked)!r} of the old output (owner uid {os.lstat(blocked).st_uid}); "
+            f"nothing was changed: ask its owner to remove it, or write to another path"
+        )
 
 
 def check_output_folder(target: pathlib.Path) -> None:
@@ -307,6 +394,8 @@ def check_target(target: pathlib.Path, overwrite: bool, input_path=None) -> None
             f"it is never replaced: give a new path, such as "
             f"{str(target / 'background.rtdc')!r}"
         )
+    if overwrite and target.is_dir():
+        check_removable(target)
     if not overwrite:
         raise option_error(
             FileExistsError,

@@ -207,3 +207,54 @@ def test_a_resume_killed_before_the_final_move_is_completed_by_the_next(small_rt
     assert "(8 blocks, 8 resumed" in result.stderr.strip().splitlines()[-1]
     np.testing.assert_array_equal(read_images(out, "events/image_bg"), expected_bg(small_rtdc, 5))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bg.zarr"]
+
+
+# --- the folder swap: never split by a signal, never half done ---
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_during_the_folder_swap_waits_for_its_end(sig, small_rtdc, tmp_path):
+    out = tmp_path / "bg.zarr"
+    compute_background(small_rtdc, out, 5, progress=False)
+    hook = tmp_path / "hook"
+    proc = start_paused_at("move-parked", hook, small_rtdc, out, "-k", "7", "--overwrite", "-q")
+    proc.send_signal(sig)  # between the two renames: the old output is parked
+    time.sleep(0.5)
+    status, stderr = go(proc, "move-parked", hook)
+    assert status == 128 + sig, stderr
+    assert "Traceback" not in stderr
+    # the interrupt landed after the whole swap: the new output, complete, in place
+    np.testing.assert_array_equal(read_images(out, "events/image_bg"), expected_bg(small_rtdc, 7))
+    assert not backup_path(out).exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bg.zarr", "hook"]
+
+
+def test_overwrite_of_an_output_this_user_may_not_remove_changes_nothing(small_rtdc):
+    # pytest's tmp_path lies in a folder only root may enter; nobody needs a way in
+    import tempfile
+
+    base = Path(tempfile.mkdtemp(prefix="rollmed-shared-"))
+    try:
+        base.chmod(0o777)  # a shared folder everyone may write into
+        source = Path(shutil.copy(small_rtdc, base / "input.rtdc"))
+        source.chmod(0o644)
+        out = base / "bg.zarr"
+        compute_background(source, out, 5, progress=False)  # root's output
+        before = snapshot(out)
+        result = subprocess.run(
+            [sys.executable, Path(__file__).with_name("cli_as_nobody.py"), source, out,
+             "-k", "7", "--overwrite", "-q"],
+            capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL,
+            env={**os.environ, "ROLLMED_AS_NOBODY_WARM": "1"},  # a job that runs can finish
+        )  # fmt: skip
+        assert result.returncode == 2, result.stderr
+        (line,) = result.stderr.strip().splitlines()
+        assert line == (
+            f"rollmed-dask: error: cannot replace '{out}': this user may not remove "
+            f"'{out}' of the old output (owner uid 0); nothing was changed: ask its owner "
+            f"to remove it, or write to another path"
+        )
+        assert snapshot(out) == before
+        assert sorted(p.name for p in base.iterdir()) == ["bg.zarr", "input.rtdc"]
+    finally:
+        shutil.rmtree(base)
