@@ -744,10 +744,57 @@ def summary_table(results: list[dict], seconds: float) -> str:
     return "\n".join(lines)
 
 
+def is_report(path: pathlib.Path) -> bool:
+    """True for a JSON report that :func:`write_report` wrote."""
+    try:
+        with open(path, "rb") as f:
+            report = json.loads(f.read(64 * 2**20))
+    except (OSError, ValueError):
+        return False
+    return isinstance(report, dict) and set(report) == {"files", "totals"}
+
+
+def check_report_path(report: pathlib.Path, inputs, overwrite: bool) -> None:
+    """Before any work: ``--report FILE`` never replaces an input of the batch,
+    nor, without --overwrite, an existing file that is not a report of ours."""
+    if not report.absolute().parent.is_dir():
+        raise FileNotFoundError(
+            f"the folder of --report {str(report)!r} does not exist; create it first"
+        )
+    if not (report.exists() or report.is_symlink()):
+        return
+    if report.is_dir():
+        raise IsADirectoryError(f"--report {str(report)!r} is a folder; give a file name")
+    real = pathlib.Path(os.path.realpath(report))
+    for given in inputs:
+        folder = pathlib.Path(os.path.realpath(given))
+        if real == folder or (real.suffix == ".rtdc" and folder in real.parents):
+            raise ValueError(
+                f"--report {str(report)!r} is an input of this run; give another file name"
+            )
+    if not overwrite and not is_report(report):
+        raise FileExistsError(
+            f"--report {str(report)!r} exists and is not a report of rollmed-dask; give "
+            f"another file name, or pass --overwrite to replace it"
+        )
+
+
 def write_report(path, results: list[dict], seconds: float) -> None:
-    """``--report FILE``: every file's summary and the totals, as JSON."""
+    """``--report FILE``: every file's summary and the totals, as JSON.
+
+    Written beside the file and renamed over it: an interrupted write leaves
+    the old report, never half a new one.
+    """
+    import secrets
+
+    path = pathlib.Path(path)
     report = {"files": results, "totals": totals(results, seconds)}
-    pathlib.Path(path).write_text(json.dumps(report, indent=2) + "\n")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+    try:
+        tmp.write_text(json.dumps(report, indent=2) + "\n")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 class InputsAndOutput(argparse.Action):
@@ -799,10 +846,8 @@ def run_cli(args, options: dict) -> int:
                 "or add the background to each input with --in-place"
             )
         inputs, out_dir = paths[:-1], paths[-1]
-    if args.report is not None and not args.report.absolute().parent.is_dir():
-        raise FileNotFoundError(
-            f"the folder of --report {str(args.report)!r} does not exist; create it first"
-        )
+    if args.report is not None:
+        check_report_path(args.report, inputs, args.overwrite)
     t0 = time.perf_counter()
     try:
         results = _compute_backgrounds(

@@ -258,3 +258,37 @@ def test_overwrite_of_an_output_this_user_may_not_remove_changes_nothing(small_r
         assert sorted(p.name for p in base.iterdir()) == ["bg.zarr", "input.rtdc"]
     finally:
         shutil.rmtree(base)
+
+
+# --- --report FILE never replaces an input, nor a file that is not a report ---
+
+
+def test_report_never_replaces_an_input_nor_another_file(small_rtdc, tmp_path):
+    import json
+
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    shutil.copy(small_rtdc, raw / "a.rtdc")
+    before = snapshot(tmp_path)
+    for report in (raw / "a.rtdc", raw):
+        line = one_error_line(run_cli("-r", raw, tmp_path / "bg", "--report", report, "-q"))
+        assert "--report" in line and str(report) in line
+    line = one_error_line(
+        run_cli("-r", raw, tmp_path / "bg", "--report", raw / "a.rtdc", "--overwrite", "-q")
+    )
+    assert line == f"rollmed-dask: error: --report '{raw / 'a.rtdc'}' is an input of this run; " \
+        "give another file name"  # fmt: skip
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes")
+    line = one_error_line(run_cli("-r", raw, tmp_path / "bg", "-k", "7", "--report", notes))
+    assert line == (
+        f"rollmed-dask: error: --report '{notes}' exists and is not a report of rollmed-dask; "
+        f"give another file name, or pass --overwrite to replace it"
+    )
+    assert snapshot(tmp_path) == {**before, "notes.txt": b"my notes"}
+    # a report of ours is replaced; with --overwrite, any file that is not an input
+    for args in (["--overwrite"], []):
+        result = run_cli("-r", raw, tmp_path / "bg", "-k", "7", "--report", notes, "-q", *args)
+        assert result.returncode == 0, result.stderr
+        assert json.loads(notes.read_text())["totals"]["done" if args else "skipped"] == 1
+    assert sorted(os.listdir(tmp_path)) == ["bg", "notes.txt", "raw"]
