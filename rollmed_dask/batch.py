@@ -355,6 +355,10 @@ class _Stop:
 
 def _error_line(exc: BaseException) -> str:
     message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+    template = getattr(exc, "template", None)
+    if template is not None:  # both spellings, as the batch's own lines give them
+        option = exc.option
+        message = template.replace("{option}", f"--{option.replace('_', '-')} ({option}=True)")
     return str(message).splitlines()[0] if str(message) else type(exc).__name__
 
 
@@ -365,6 +369,7 @@ _BATCH_ONLY = ("recursive", "scheduler", "progress")
 
 def _run_one(job: _Job, opts: dict, scheduler, num_workers, stop) -> FileResult:
     from .job import compute_background
+    from .sinks import TargetBusyError
 
     stop.threads.add(threading.get_ident())
     t0 = time.perf_counter()
@@ -386,6 +391,14 @@ def _run_one(job: _Job, opts: dict, scheduler, num_workers, stop) -> FileResult:
         result.status, result.events = "done", summary.events
     except KeyboardInterrupt:
         result.status = "interrupted"
+    except TargetBusyError:  # another run (a second batch on this folder) writes it
+        result.status, result.note = "skipped", "another run is writing it"
+    except FileExistsError as exc:
+        # another run may have finished it since this batch looked: not a failure
+        if output_state(job, opts)[0] == "current":
+            result.status, result.note = "skipped", "up to date"
+        else:
+            result.error = _error_line(exc)
     except Exception as exc:  # one bad file must not stop the batch
         result.error = _error_line(exc)
         if not isinstance(exc, (ValueError, KeyError, OSError, NotImplementedError)):

@@ -292,3 +292,29 @@ def test_report_never_replaces_an_input_nor_another_file(small_rtdc, tmp_path):
         assert result.returncode == 0, result.stderr
         assert json.loads(notes.read_text())["totals"]["done" if args else "skipped"] == 1
     assert sorted(os.listdir(tmp_path)) == ["bg", "notes.txt", "raw"]
+
+
+# --- two folder runs at once over one folder ---
+
+
+def test_two_folder_runs_at_once_skip_each_others_files(small_rtdc, tmp_path):
+    raw, bg = tmp_path / "raw", tmp_path / "bg"
+    raw.mkdir()
+    for name in "abcd":
+        shutil.copy(small_rtdc, raw / f"{name}.rtdc")
+    hook = tmp_path / "hook"
+    # run A holds its first files just before their final rename (their targets locked)
+    first = start_paused_at("move-file", hook, "-r", raw, bg, "-k", "7")
+    second = run_cli("-r", raw, bg, "-k", "7")
+    assert second.returncode == 0, second.stderr
+    assert "another run is writing it" in second.stderr
+    status, stderr = go(first, "move-file", hook)
+    assert status == 0, stderr
+    for result in (second.stderr, stderr):
+        assert "failed" not in result.replace("failed       0 files", "")
+        assert "overwrite=True" not in result
+    assert "up to date" in stderr  # what B finished meanwhile, A skips
+    want = expected_bg(small_rtdc, 7)
+    for name in "abcd":
+        np.testing.assert_array_equal(read_images(bg / f"{name}_bg.rtdc", "events/image_bg"), want)
+    assert sorted(os.listdir(bg)) == [f"{name}_bg.rtdc" for name in "abcd"]
