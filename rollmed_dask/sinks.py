@@ -829,6 +829,10 @@ class ZarrSink(Sink):
                 "resume",
             )
 
+    def abort(self) -> None:
+        settle_zarr_io()  # nothing may write into the temporary once it is removed
+        super().abort()
+
     def done_starts(self) -> set[int]:
         if self.complete:
             return set(range(0, self.shape[0], self.job_params["block_events"]))
@@ -864,6 +868,44 @@ class ZarrSink(Sink):
         move_into_place(self.tmp, self.target)
 
 
+def settle_zarr_io(timeout: float = 120) -> None:
+    """Wait until zarr's event loop has finished every task it still runs.
+
+    zarr 3 writes the chunks of one assignment as tasks gathered on its own
+    event-loop thread. When one fails (a full disk), ``gather`` raises at once
+    and leaves the others running; an interrupt in ``zarr.core.sync.sync``
+    leaves its coroutine running too. Removing the temporary under them, and
+    exiting while they were pending, printed 100 to 370 lines of asyncio errors
+    ("Task was destroyed but it is pending!", "cannot schedule new futures
+    after shutdown") after the one line of the error. Waiting for them (their
+    errors are read here and dropped: the first one is already raised) leaves
+    nothing running. A no-op where zarr never ran.
+    """
+    import asyncio
+
+    zarr_sync = sys.modules.get("zarr.core.sync")
+    loop = zarr_sync.loop[0] if zarr_sync is not None else None
+    if loop is None or loop.is_closed() or not loop.is_running():
+        return
+
+    name = "rollmed-dask settle"
+
+    async def others_done():
+        # two threads may settle at once: neither waits for the other
+        asyncio.current_task().set_name(name)
+        while pending := [t for t in asyncio.all_tasks() if t.get_name() != name]:
+            done, _ = await asyncio.wait(pending)
+            for task in done:
+                if not task.cancelled():
+                    task.exception()  # read: no "exception was never retrieved"
+
+    future = asyncio.run_coroutine_threadsafe(others_done(), loop)
+    try:
+        future.result(timeout)
+    except TimeoutError:
+        future.cancel()
+
+
 def _plain(value):
     return value.decode() if isinstance(value, bytes | np.bytes_) else value
 
@@ -883,7 +925,11 @@ def _zarr_write_block(store_path: str, dataset: str, block, start: int):
     import zarr
 
     array = zarr.open_array(store=store_path, path=dataset, mode="r+")
-    array[start : start + len(block)] = block
+    try:
+        array[start : start + len(block)] = block
+    except BaseException:
+        settle_zarr_io()  # the block's other chunks may still be in flight
+        raise
     crash_point("zarr-data")
     # One marker per block start, written only after the block's data: resume
     # trusts a marker, so a block without one is computed again.

@@ -318,3 +318,45 @@ def test_two_folder_runs_at_once_skip_each_others_files(small_rtdc, tmp_path):
     for name in "abcd":
         np.testing.assert_array_equal(read_images(bg / f"{name}_bg.rtdc", "events/image_bg"), want)
     assert sorted(os.listdir(bg)) == [f"{name}_bg.rtdc" for name in "abcd"]
+
+
+# --- Zarr on a full disk: one line, at every size ---
+
+
+@pytest.fixture(scope="module")
+def medium_rtdc(example_dir):
+    from rollmed_dask.example import write_example
+
+    return write_example(example_dir / "medium-full-disk.rtdc", n_events=3000, seed=4)
+
+
+@pytest.fixture
+def tmpfs(request, tmp_path):
+    from conftest import _in_ci
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mount = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={request.param}", "tmpfs", disk],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    if mount.returncode != 0:
+        if _in_ci():
+            pytest.fail(f"CI must be able to mount a small tmpfs (as root): {mount.stderr}")
+        pytest.skip(f"cannot mount a tmpfs here: {mount.stderr.strip()}")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", disk], check=True)
+
+
+@pytest.mark.parametrize(
+    "scheduler, tmpfs",
+    [("threads", "2m"), ("threads", "5m"), ("processes", "2m")],
+    indirect=["tmpfs"],
+)
+def test_zarr_on_a_full_disk_is_exactly_one_line(scheduler, tmpfs, medium_rtdc):
+    result = run_cli(medium_rtdc, tmpfs / "bg.zarr", "-k", "10", "-q", "--scheduler", scheduler)
+    line = one_error_line(result)  # nothing of zarr's event loop after it
+    assert "[Errno 28] the disk is full" in line
+    assert os.listdir(tmpfs) == []
