@@ -235,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=_size,
         metavar="BYTES",
         help="memory one task may use, e.g. 128MiB, 1GB; it sets the block length, and "
-        "must hold 4 copies of 2K+1 frames: 20MiB for K=100 on 80x320 uint8 "
+        "must hold 4 copies of 2K+1 frames (at most N): 20MiB for K=100 on 80x320 uint8 "
         "(default: %(default)s)",
     )
     g.add_argument(

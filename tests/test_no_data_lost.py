@@ -360,3 +360,21 @@ def test_zarr_on_a_full_disk_is_exactly_one_line(scheduler, tmpfs, medium_rtdc):
     line = one_error_line(result)  # nothing of zarr's event loop after it
     assert "[Errno 28] the disk is full" in line
     assert os.listdir(tmpfs) == []
+
+
+# --- the memory-budget minimum: what a block really needs ---
+
+
+def test_the_budget_minimum_counts_at_most_the_whole_stack():
+    from rollmed_dask.pipeline import plan_chunks
+
+    # K = 19999 on 20,000 frames of 80 x 320 uint8: one block, the whole stack,
+    # 512 MB. Measured peak RSS of that run: 1.22 GB (check_budget_holds_a_row);
+    # the old minimum counted 1 + 2K = 39999 frames and asked for 3907 MiB.
+    shape = (20000, 80, 320)
+    chunks = plan_chunks(shape, np.uint8, 19999, (40, 80, 320), memory_budget="1954MiB")
+    assert chunks[0] == (20000,)
+    with pytest.raises(ValueError) as info:
+        plan_chunks(shape, np.uint8, 19999, (40, 80, 320), memory_budget="1953MiB")
+    assert "with K=19999 that is the whole stack, N = 20000 events" in str(info.value)
+    assert "at least 1954MiB" in str(info.value)
