@@ -36,8 +36,9 @@ MAX_FILES_AT_ONCE = 4
 FOLDER_RULES = """\
 INPUT may be several files, or folders with -r (every *.rtdc below them,
 sorted; hidden files and outputs written by rollmed-dask are left out).
-OUTPUT is a folder when there are several INPUTs, with -r, or when it is an
-existing folder whose name does not end in .zarr; it is created if missing.
+OUTPUT is a folder when there are several INPUTs, with -r, when it ends in /,
+or when it is an existing folder whose name does not end in .zarr; it is
+created if missing.
 Outputs mirror the inputs' tree below their common folder, as <name>_bg.rtdc
 (<name>_bg.zarr with --format zarr). With -r --in-place there is no OUTPUT:
 every INPUT gets events/image_bg itself. A rerun skips outputs that are up to
@@ -189,13 +190,26 @@ def find_inputs(paths, recursive: bool = False) -> list[tuple]:
             )
         else:
             root, candidates = path.parent, [path]
+        outputs = 0
         for candidate in candidates:
             key = os.path.realpath(candidate)
             if key in seen:
                 continue
             seen.add(key)
-            if not is_our_output(candidate):
+            if is_our_output(candidate):
+                outputs += 1
+            else:
                 found.append((candidate, root))
+        if root is path and not candidates:
+            # a typo or the wrong folder: a run that does nothing must say so
+            raise FileNotFoundError(f"no .rtdc files found below {str(given)!r}: check the folder")
+        if root is path and outputs == len(candidates):
+            # e.g. "-r --in-place raw/ bg/": with --in-place every path is an input
+            raise ValueError(
+                f"{str(given)!r} holds only outputs of rollmed-dask, no measurement; "
+                f"give the folders of the measurements (with --in-place every path is an "
+                f"input, there is no OUTPUT)"
+            )
     return found
 
 
@@ -353,6 +367,10 @@ class _Stop:
 
 def _error_line(exc: BaseException) -> str:
     message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+    template = getattr(exc, "template", None)
+    if template is not None:  # both spellings, as the batch's own lines give them
+        option = exc.option
+        message = template.replace("{option}", f"--{option.replace('_', '-')} ({option}=True)")
     return str(message).splitlines()[0] if str(message) else type(exc).__name__
 
 
@@ -363,6 +381,7 @@ _BATCH_ONLY = ("recursive", "scheduler", "progress")
 
 def _run_one(job: _Job, opts: dict, scheduler, num_workers, stop) -> FileResult:
     from .job import compute_background
+    from .sinks import TargetBusyError
 
     stop.threads.add(threading.get_ident())
     t0 = time.perf_counter()
@@ -384,6 +403,14 @@ def _run_one(job: _Job, opts: dict, scheduler, num_workers, stop) -> FileResult:
         result.status, result.events = "done", summary.events
     except KeyboardInterrupt:
         result.status = "interrupted"
+    except TargetBusyError:  # another run (a second batch on this folder) writes it
+        result.status, result.note = "skipped", "another run is writing it"
+    except FileExistsError as exc:
+        # another run may have finished it since this batch looked: not a failure
+        if output_state(job, opts)[0] == "current":
+            result.status, result.note = "skipped", "up to date"
+        else:
+            result.error = _error_line(exc)
     except Exception as exc:  # one bad file must not stop the batch
         result.error = _error_line(exc)
         if not isinstance(exc, (ValueError, KeyError, OSError, NotImplementedError)):
@@ -630,6 +657,9 @@ def _plan_jobs(found, out_dir, opts, output_format) -> list[_Job]:
                 f"the output {str(out_dir)!r} is a file, but many inputs need an output folder"
             )
         fmt = output_format(pathlib.Path("x.rtdc"), opts["format"])
+    from .job import check_resume_format
+
+    check_resume_format(opts["resume"], fmt, opts["in_place"])
     roots = [root for _, root in found]
     common = pathlib.Path(os.path.commonpath(roots)) if roots else None
     jobs, targets = [], {}
@@ -762,10 +792,57 @@ def summary_table(results: list[dict], seconds: float) -> str:
     return "\n".join(lines)
 
 
+def is_report(path: pathlib.Path) -> bool:
+    """True for a JSON report that :func:`write_report` wrote."""
+    try:
+        with open(path, "rb") as f:
+            report = json.loads(f.read(64 * 2**20))
+    except (OSError, ValueError):
+        return False
+    return isinstance(report, dict) and set(report) == {"files", "totals"}
+
+
+def check_report_path(report: pathlib.Path, inputs, overwrite: bool) -> None:
+    """Before any work: ``--report FILE`` never replaces an input of the batch,
+    nor, without --overwrite, an existing file that is not a report of ours."""
+    if not report.absolute().parent.is_dir():
+        raise FileNotFoundError(
+            f"the folder of --report {str(report)!r} does not exist; create it first"
+        )
+    if not (report.exists() or report.is_symlink()):
+        return
+    if report.is_dir():
+        raise IsADirectoryError(f"--report {str(report)!r} is a folder; give a file name")
+    real = pathlib.Path(os.path.realpath(report))
+    for given in inputs:
+        folder = pathlib.Path(os.path.realpath(given))
+        if real == folder or (real.suffix == ".rtdc" and folder in real.parents):
+            raise ValueError(
+                f"--report {str(report)!r} is an input of this run; give another file name"
+            )
+    if not overwrite and not is_report(report):
+        raise FileExistsError(
+            f"--report {str(report)!r} exists and is not a report of rollmed-dask; give "
+            f"another file name, or pass --overwrite to replace it"
+        )
+
+
 def write_report(path, results: list[dict], seconds: float) -> None:
-    """``--report FILE``: every file's summary and the totals, as JSON."""
+    """``--report FILE``: every file's summary and the totals, as JSON.
+
+    Written beside the file and renamed over it: an interrupted write leaves
+    the old report, never half a new one.
+    """
+    import secrets
+
+    path = pathlib.Path(path)
     report = {"files": results, "totals": totals(results, seconds)}
-    pathlib.Path(path).write_text(json.dumps(report, indent=2) + "\n")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+    try:
+        tmp.write_text(json.dumps(report, indent=2) + "\n")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 class InputsAndOutput(argparse.Action):
@@ -773,7 +850,11 @@ class InputsAndOutput(argparse.Action):
     and sets ``input``/``output`` (first and last) for the single-file form."""
 
     def __call__(self, parser, namespace, values, option_string=None):
-        namespace.paths = list(values)
+        # a trailing slash says "a folder" (OUTPUT/ with OUTPUT missing), and
+        # pathlib.Path drops it: read it from the strings as typed
+        namespace.output_is_folder = len(values) > 1 and str(values[-1]).endswith(("/", os.sep))
+        values = [pathlib.Path(value) for value in values]
+        namespace.paths = values
         namespace.input = values[0] if values else None
         namespace.output = values[-1] if len(values) > 1 else None
 
@@ -787,7 +868,11 @@ def is_batch(args) -> bool:
         return False
     source, target = paths
     folder_in = source.is_dir() and not is_zarr_store(source)
-    folder_out = not args.in_place and target.is_dir() and not is_zarr_store(target)
+    folder_out = (
+        not args.in_place
+        and (target.is_dir() or getattr(args, "output_is_folder", False))
+        and not is_zarr_store(target)
+    )
     return folder_in or folder_out
 
 
@@ -809,10 +894,8 @@ def run_cli(args, options: dict) -> int:
                 "or add the background to each input with --in-place"
             )
         inputs, out_dir = paths[:-1], paths[-1]
-    if args.report is not None and not args.report.absolute().parent.is_dir():
-        raise FileNotFoundError(
-            f"the folder of --report {str(args.report)!r} does not exist; create it first"
-        )
+    if args.report is not None:
+        check_report_path(args.report, inputs, args.overwrite)
     t0 = time.perf_counter()
     try:
         results = _compute_backgrounds(

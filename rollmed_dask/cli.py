@@ -116,8 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "paths",
         nargs="*",
-        type=pathlib.Path,
-        action=batch.InputsAndOutput,
+        action=batch.InputsAndOutput,  # makes them paths, and keeps a trailing slash's meaning
         metavar="PATH",
         help="INPUT... OUTPUT: the input .rtdc/HDF5 file or Zarr store (or several, or "
         "folders with -r: see 'many inputs'), then the output file, .rtdc/.h5 (HDF5) or "
@@ -239,7 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=_size,
         metavar="BYTES",
         help="memory one task may use, e.g. 128MiB, 1GB; it sets the block length, and "
-        "must hold 4 copies of 2K+1 frames: 20MiB for K=100 on 80x320 uint8 "
+        "must hold 4 copies of 2K+1 frames (at most N): 20MiB for K=100 on 80x320 uint8 "
         "(default: %(default)s)",
     )
     g.add_argument(

@@ -71,10 +71,12 @@ def check_kernel_size(kernel_size, num_events: int | None = None) -> int:
         With the offending values and what to pass instead
         (:class:`NotAWholeNumber`, also a TypeError, for a non-integer).
     """
-    if num_events == 0:
+    if num_events is not None and num_events < 2:
+        # K < N leaves no K for N=1: say what the stack lacks, not "K of at most 0"
         raise ValueError(
-            "the image stack has no events (N=0); a rolling median needs at least "
-            "2 events: check the input dataset"
+            f"the image stack has {'no events' if num_events == 0 else '1 event'} "
+            f"(N={num_events}); a rolling median needs at least 2 events: check the "
+            f"input dataset"
         )
     kernel_size = check_count("kernel_size", kernel_size)
     if num_events is not None and kernel_size >= num_events:

@@ -90,6 +90,18 @@ def output_format(target: pathlib.Path, format: str | None) -> str:
     return format
 
 
+def check_resume_format(resume: bool, fmt: str, in_place: bool) -> None:
+    """Refuse ``resume`` where it would be ignored: only a Zarr output keeps
+    its finished blocks (an HDF5 file is one file, written whole)."""
+    if resume and (fmt != "zarr" or in_place):
+        raise option_error(
+            ValueError,
+            "resume works with Zarr output only (an .rtdc/HDF5 output is always written "
+            "whole); drop {option}, or write a .zarr output",
+            "resume",
+        )
+
+
 def _same_file(a: pathlib.Path | None, b: pathlib.Path) -> bool:
     return a is not None and b.exists() and a.exists() and os.path.samefile(a, b)
 
@@ -201,6 +213,7 @@ def compute_background(
             f"compression={compression!r} is not known; pass one of {', '.join(COMPRESSIONS)}"
         )
     parse_bytes(memory_budget)
+    check_resume_format(resume, fmt, in_place)
     if in_place:
         # before the input is read: it may be this very file, locked by another program
         _check_in_place_target(target, fmt, output_dataset, overwrite)

@@ -48,12 +48,32 @@ ZARR_JOB_ATTR = "rollmed-dask job"
 # Test hook: ``ROLLMED_DASK_TEST_KILL_AT=<point>`` SIGKILLs the process at
 # that named point, so the crash-window tests need no timing luck.
 KILL_ENV = "ROLLMED_DASK_TEST_KILL_AT"
+# Test hook: ``ROLLMED_DASK_TEST_PAUSE_AT=<point>:<folder>`` stops the process
+# at that point until the test lets it go on, so that another process can act
+# in a window that is otherwise too short to hit (see ``pause_point``).
+PAUSE_ENV = "ROLLMED_DASK_TEST_PAUSE_AT"
 
 
 def crash_point(name: str) -> None:
-    """SIGKILL this process here if the test hook names this point."""
+    """SIGKILL this process here if the test hook names this point (or pause here)."""
     if os.environ.get(KILL_ENV) == name:
         os.kill(os.getpid(), signal.SIGKILL)
+    pause_point(name)
+
+
+def pause_point(name: str) -> None:
+    """If the test hook names this point: create ``<folder>/<point>.here`` and
+    wait until the test creates ``<folder>/<point>.go`` (at most 5 minutes)."""
+    point, _, folder = os.environ.get(PAUSE_ENV, "").partition(":")
+    if point != name or not folder:
+        return
+    import time
+
+    here = pathlib.Path(folder) / f"{name}.here"
+    here.touch()
+    deadline = time.monotonic() + 300
+    while not here.with_suffix(".go").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 def option_error(exc_type, template: str, option: str) -> Exception:
@@ -129,6 +149,20 @@ def zarr_job_params(path: pathlib.Path):
 
 class TargetBusyError(OSError):
     """Another run holds the target's lock."""
+
+
+class TargetChangedError(OSError):
+    """Another program changed an in-place target while the run worked on its copy."""
+
+
+def file_state(path: pathlib.Path) -> tuple:
+    """What changes when any program writes to or replaces the file at ``path``.
+
+    ``st_ctime_ns`` cannot be set back by a user (``os.utime`` sets it to
+    now), so a change that restores size and mtime is still seen.
+    """
+    st = os.stat(path)
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
 
 class TargetLock:
@@ -212,15 +246,102 @@ def move_into_place(tmp: pathlib.Path, target: pathlib.Path) -> None:
     its parked copy holds a complete output.
     """
     if target.exists() and (tmp.is_dir() or target.is_dir()):
+        check_removable(target)  # again: the old output may have changed hands since
         backup = backup_path(target)
-        os.replace(target, backup)  # fails if a backup exists: never overwrite one
-        crash_point("move-parked")
-        os.replace(tmp, target)
-        crash_point("move-installed")
-        _remove(backup)
+        # Ctrl-C or SIGTERM between the two renames would leave nothing under the
+        # target's name: they wait until both are done
+        deferred = _defer_interrupts()
+        try:
+            os.replace(target, backup)  # fails if a backup exists: never overwrite one
+            crash_point("move-parked")
+            try:
+                os.replace(tmp, target)
+            except BaseException:
+                os.replace(backup, target)
+                raise
+        except BaseException:
+            _restore_interrupts(deferred)
+            raise
+        try:
+            _restore_interrupts(deferred)  # an interrupt that waited is raised here...
+        finally:
+            crash_point("move-installed")
+            _remove(backup)  # ...once the replaced output is gone
     else:
         crash_point("move-file")
         os.replace(tmp, target)
+
+
+_INTERRUPTS = (signal.SIGINT, signal.SIGTERM)
+
+
+def _defer_interrupts():
+    """Hold back SIGINT and SIGTERM; returns what :func:`_restore_interrupts` needs.
+
+    Their handlers are swapped for one that only notes the signal. Blocking
+    them with ``pthread_sigmask`` would not do: it blocks them for the calling
+    thread only, the kernel hands them to another thread (dask's, zarr's),
+    and Python then runs the handler in the main thread all the same. Python
+    runs handlers in the main thread only, so elsewhere (a batch's file
+    threads) there is nothing to hold back.
+    """
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    previous = {sig: signal.getsignal(sig) for sig in _INTERRUPTS}
+    if any(handler is None for handler in previous.values()):
+        return None  # a handler set outside Python cannot be put back
+    caught = []
+    for sig in _INTERRUPTS:
+        signal.signal(sig, lambda signum, frame: caught.append(signum))
+    return previous, caught
+
+
+def _restore_interrupts(deferred) -> None:
+    """Put the handlers back, then deliver the first signal that was held back."""
+    if deferred is None:
+        return
+    previous, caught = deferred
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)
+    if caught:
+        signal.raise_signal(caught[0])
+
+
+def check_removable(target: pathlib.Path) -> None:
+    """Refuse, before anything changes, to replace a folder that this user may
+    not remove completely (someone else's output in a shared folder).
+
+    Replacing it would install the new output, then fail half-way through
+    removing the old one and leave it, hidden, as ``.NAME.old``.
+    """
+    euid = os.geteuid() if hasattr(os, "geteuid") else None
+    parent = os.stat(target.parent)
+    if (
+        euid not in (None, 0)
+        and parent.st_mode & 0o1000  # sticky: only an entry's owner may rename it
+        and euid not in (parent.st_uid, os.lstat(target).st_uid)
+    ):
+        blocked = target
+    else:
+        blocked = None
+        effective = os.access in os.supports_effective_ids
+        walk_errors = []
+        for folder, dirs, files in os.walk(target, onerror=walk_errors.append):
+            if (dirs or files) and not os.access(
+                folder, os.R_OK | os.W_OK | os.X_OK, effective_ids=effective
+            ):
+                blocked = pathlib.Path(folder)
+                break
+        if blocked is None and walk_errors:
+            blocked = pathlib.Path(walk_errors[0].filename or target)
+    if blocked is not None:
+        raise PermissionError(
+            f"cannot replace {str(target)!r}: this user may not remove "
+            f"{str(blocked)!r} of the old output (owner uid {os.lstat(blocked).st_uid}); "
+            f"nothing was changed: ask its owner to remove it, or write to another path"
+        )
 
 
 def check_output_folder(target: pathlib.Path) -> None:
@@ -273,6 +394,8 @@ def check_target(target: pathlib.Path, overwrite: bool, input_path=None) -> None
             f"it is never replaced: give a new path, such as "
             f"{str(target / 'background.rtdc')!r}"
         )
+    if overwrite and target.is_dir():
+        check_removable(target)
     if not overwrite:
         raise option_error(
             FileExistsError,
@@ -370,6 +493,7 @@ class HDF5Sink(Sink):
         self.compression = compression
         self.input_path = input_path
         self.in_place = in_place
+        self.copied_from = None  # file_state of an in-place target when copied
         self.h5 = None
         self.dset = None
         self.codec = None
@@ -428,9 +552,26 @@ class HDF5Sink(Sink):
                 f"beside it first, but only {free:,} bytes are free; free some space "
                 f"there, or write a new file instead",
             )
+        # what the file was when copied: checked again before the copy replaces it
+        self.copied_from = file_state(self.target)
         shutil.copyfile(self.target, self.tmp)
         shutil.copymode(self.target, self.tmp)
         crash_point("inplace-copied")
+
+    def _check_target_unchanged(self) -> None:
+        """Refuse to replace a file that another program changed since it was copied.
+
+        Our copy has the background but not that program's change; the rename
+        would silently undo it. A lock cannot help: programs that do not ask
+        for one (h5py, dclab, an editor) would write all the same. What is
+        left is a window of one ``stat`` and one rename.
+        """
+        if file_state(self.target) != self.copied_from:
+            raise TargetChangedError(
+                f"{str(self.target)!r} was changed by another program during the run; "
+                f"the background was not added and the file is as that program left it: "
+                f"run again when nothing else writes to it",
+            )
 
     @property
     def prepare(self):
@@ -468,6 +609,7 @@ class HDF5Sink(Sink):
         write_behind.close(sync=True)  # the data on disk before the rename that publishes it
         if self.in_place:
             crash_point("inplace-written")
+            self._check_target_unchanged()
             os.replace(self.tmp, self.target)
             crash_point("inplace-replaced")
             return
@@ -637,6 +779,7 @@ class ZarrSink(Sink):
     def __init__(self, target, dataset, shape, dtype, *, compression="zstd", **kwargs):
         super().__init__(target, dataset, shape, dtype, **kwargs)
         self.compression = compression
+        self.complete = False  # a resumed partial that only lacked the final move
 
     def _params_file(self) -> pathlib.Path:
         return self.tmp / PROGRESS_DIR / "job.json"
@@ -668,11 +811,17 @@ class ZarrSink(Sink):
                 f"damaged), so it cannot be continued; rerun without {{option}} to start over",
                 "resume",
             )
+        wanted = json.loads(json.dumps(self.job_params, sort_keys=True))
+        if not self._params_file().exists() and zarr_job_params(self.tmp) == wanted:
+            # committed (progress removed, job recorded) but killed before the
+            # move: complete, it only needs to be moved into place
+            self.complete = True
+            return
         try:
             previous = json.loads(self._params_file().read_text())
         except (OSError, ValueError):
             previous = None
-        if previous != json.loads(json.dumps(self.job_params, sort_keys=True)):
+        if previous != wanted:
             raise option_error(
                 ValueError,
                 f"the partial output {str(self.tmp)!r} was made by a run with other "
@@ -680,7 +829,13 @@ class ZarrSink(Sink):
                 "resume",
             )
 
+    def abort(self) -> None:
+        settle_zarr_io()  # nothing may write into the temporary once it is removed
+        super().abort()
+
     def done_starts(self) -> set[int]:
+        if self.complete:
+            return set(range(0, self.shape[0], self.job_params["block_events"]))
         progress = self.tmp / PROGRESS_DIR
         if not (self.resume and progress.is_dir()):
             return set()
@@ -707,8 +862,48 @@ class ZarrSink(Sink):
         root.attrs.update(
             {ZARR_LOG_ATTR: {rtdc.run_log_name(): log_lines}, ZARR_JOB_ATTR: self.job_params}
         )
+        # the job attribute written above lets a resumed run recognise this
+        # partial as complete if the process dies before the move
         _remove(self.tmp / PROGRESS_DIR)
         move_into_place(self.tmp, self.target)
+
+
+def settle_zarr_io(timeout: float = 120) -> None:
+    """Wait until zarr's event loop has finished every task it still runs.
+
+    zarr 3 writes the chunks of one assignment as tasks gathered on its own
+    event-loop thread. When one fails (a full disk), ``gather`` raises at once
+    and leaves the others running; an interrupt in ``zarr.core.sync.sync``
+    leaves its coroutine running too. Removing the temporary under them, and
+    exiting while they were pending, printed 100 to 370 lines of asyncio errors
+    ("Task was destroyed but it is pending!", "cannot schedule new futures
+    after shutdown") after the one line of the error. Waiting for them (their
+    errors are read here and dropped: the first one is already raised) leaves
+    nothing running. A no-op where zarr never ran.
+    """
+    import asyncio
+
+    zarr_sync = sys.modules.get("zarr.core.sync")
+    loop = zarr_sync.loop[0] if zarr_sync is not None else None
+    if loop is None or loop.is_closed() or not loop.is_running():
+        return
+
+    name = "rollmed-dask settle"
+
+    async def others_done():
+        # two threads may settle at once: neither waits for the other
+        asyncio.current_task().set_name(name)
+        while pending := [t for t in asyncio.all_tasks() if t.get_name() != name]:
+            done, _ = await asyncio.wait(pending)
+            for task in done:
+                if not task.cancelled():
+                    task.exception()  # read: no "exception was never retrieved"
+
+    future = asyncio.run_coroutine_threadsafe(others_done(), loop)
+    try:
+        future.result(timeout)
+    except TimeoutError:
+        future.cancel()
 
 
 def _plain(value):
@@ -730,7 +925,11 @@ def _zarr_write_block(store_path: str, dataset: str, block, start: int):
     import zarr
 
     array = zarr.open_array(store=store_path, path=dataset, mode="r+")
-    array[start : start + len(block)] = block
+    try:
+        array[start : start + len(block)] = block
+    except BaseException:
+        settle_zarr_io()  # the block's other chunks may still be in flight
+        raise
     crash_point("zarr-data")
     # One marker per block start, written only after the block's data: resume
     # trusts a marker, so a block without one is computed again.

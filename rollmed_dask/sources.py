@@ -201,6 +201,12 @@ def _check_stack(shape, dtype, what: str) -> None:
             f"{what} has shape {tuple(shape)} (ndim={len(shape)}); the rolling median "
             f"needs an image stack of shape (events, height, width): pass a 3-D array"
         )
+    if 0 in tuple(shape)[1:]:
+        # numpy would fail deep in a kernel and dask return an empty result: one rule for all
+        raise ValueError(
+            f"{what} has shape {tuple(shape)}: its frames have no pixels; the rolling "
+            f"median needs frames of at least 1 x 1 pixel: check the input dataset"
+        )
     check_dtype(dtype)
 
 
@@ -227,6 +233,11 @@ def open_path(path, dataset: str) -> Source:
         location = find_image_dataset(path, dataset)
     except FileNotFoundError:
         raise
+    except BlockingIOError:
+        raise OSError(
+            f"input {str(path)!r} is locked by another program that has it open for "
+            f"writing (HDF5 file locking); close it there and run again"
+        ) from None
     except OSError as exc:
         raise ValueError(
             f"cannot read {str(path)!r} as HDF5 ({exc}); the file may be truncated or "
