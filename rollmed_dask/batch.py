@@ -724,7 +724,8 @@ def summary_table(results: list[dict], seconds: float) -> str:
         if t[status] or status in ("skipped", "failed"):
             lines.append(f"{status:<11}{_files(t[status])}".rstrip())
     rate = f"{t['events_per_second']:,.0f}" if t["events_per_second"] is not None else "-"
-    lines.append(f"{'batch':<11}{_files(len(results)).rstrip()} in {seconds:.1f} s, {rate} events/s")
+    batch = _files(len(results)).rstrip()
+    lines.append(f"{'batch':<11}{batch} in {seconds:.1f} s, {rate} events/s")
     return "\n".join(lines)
 
 
