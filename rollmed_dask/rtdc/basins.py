@@ -602,10 +602,10 @@ def link_images(h5out: h5py.File, loc: ImageLocation) -> bool:
     the output's folder, which HDF5 prefers). Both found means two reads of
     each image; decompression is cheap next to dcnum's segmentation.
 
-    If neither is found (the raw file was moved elsewhere or deleted), HDF5
-    shows the fill value: ``image`` reads as zeros, without an error, in
-    h5py, dclab and dcnum alike (the file basin then is missing too, which
-    dclab reports as a warning).
+    If neither is found (the raw file was moved elsewhere or deleted),
+    ``events/image`` has 0 events (HDF5 sizes an unlimited mapping by the
+    sources it finds), so readers see a length mismatch instead of images;
+    for a mapped basin (a fixed-size mapping) it reads as zeros, the fill value.
 
     Parameters
     ----------
@@ -646,11 +646,24 @@ def link_images(h5out: h5py.File, loc: ImageLocation) -> bool:
     with h5py.File(loc.path, "r") as h5:
         src = h5[loc.dataset]
         n_events = len(range(*select.indices(src.shape[0])))
+        frame = src.shape[1:]
+        # Unmapped, the mapping is unlimited along the events: the dataset is as
+        # long as the source files HDF5 finds, 0 events if none (a loud length
+        # mismatch for dclab and dcnum, instead of silent fill values).
+        unlimited = loc.mapping is None
         layout = h5py.VirtualLayout(
-            shape=(n_events, *src.shape[1:]), dtype=src.dtype, maxshape=(n_events, *src.shape[1:])
+            shape=(n_events, *frame),
+            dtype=src.dtype,
+            maxshape=(None if unlimited else n_events, *frame),
         )
         for path in paths:
-            layout[:] = h5py.VirtualSource(path, loc.dataset, shape=src.shape)[select]
+            if unlimited:
+                vsource = h5py.VirtualSource(
+                    path, loc.dataset, shape=src.shape, maxshape=(None, *frame)
+                )
+                layout[: h5py.h5s.UNLIMITED] = vsource[: h5py.h5s.UNLIMITED]
+            else:
+                layout[:] = h5py.VirtualSource(path, loc.dataset, shape=src.shape)[select]
         dst = h5out.require_group("events").create_virtual_dataset("image", layout, fillvalue=0)
         copy_attributes(src, dst)
     return True
