@@ -10,6 +10,7 @@ tests fail under CI and are skipped elsewhere, saying how to start it.
 import os
 import pathlib
 import shutil
+import signal
 import subprocess
 from pathlib import Path
 
@@ -18,6 +19,15 @@ import numpy as np
 import pytest
 
 from rollmed_dask.example import write_example
+
+
+def default_signals() -> None:
+    """``preexec_fn`` of a child that a test sends SIGINT or SIGTERM: their default
+    handlers. A child inherits ignored signals, and pytest run under ``nohup`` or
+    with ``&`` from a script has SIGINT ignored: Python then never raises
+    KeyboardInterrupt and the child would sleep through the test's Ctrl-C."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 @pytest.fixture(scope="session")
