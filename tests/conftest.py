@@ -143,3 +143,18 @@ def slurm():
             pytest.fail(message, pytrace=False)
         pytest.skip(message)
     return {"memory_mb": mem, "cpus": cpus}
+
+
+#: Tests with these markers take long (a cluster, SLURM jobs, a whole
+#: notebook), and so do tests on these fixtures (long runs to interrupt, or
+#: many files): all are also "slow", so that ``python -m pytest -m "not slow"``
+#: is the quick subset the README names.
+_SLOW_MARKERS = ("cluster", "slurm", "notebooks")
+_SLOW_FIXTURES = {"long_rtdc", "many"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        slow_marker = any(item.get_closest_marker(name) for name in _SLOW_MARKERS)
+        if slow_marker or _SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
