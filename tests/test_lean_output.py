@@ -252,3 +252,38 @@ def test_plain_hdf5_stack_api_cli_and_folder(plain_stack, tmp_path):
     )
     assert result["status"] == "done", result["error"]
     assert_plain_output(result["output"], expected)
+
+
+# --------------------------------------------------------------------------
+# command-line papercuts
+# --------------------------------------------------------------------------
+
+
+def test_help_shows_a_folder_example_and_copy_images(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert "rollmed-dask -r raw/ bg/" in out
+    assert "--copy-images" in out
+
+
+def test_abbreviation_of_one_option_with_two_spellings_is_not_ambiguous(small_rtdc, tmp_path):
+    out = tmp_path / "bg.rtdc"
+    assert main([str(small_rtdc), str(out), "--kernel", "5", "-q"]) == 0
+    with h5py.File(out, "r") as h5:
+        assert h5["events/image_bg"].attrs["dcnum ppid background"].startswith("rollmed:k=5^")
+
+
+def test_misspelt_flag_gets_a_suggestion(small_rtdc, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main([str(small_rtdc), str(tmp_path / "bg.rtdc"), "--overwirte"])
+    assert exc.value.code == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "unrecognized arguments: --overwirte; did you mean --overwrite?" in line
+
+
+def test_batch_summary_says_1_file(small_rtdc, tmp_path, capsys):
+    (tmp_path / "bg").mkdir()  # an existing folder: the batch form, one file
+    assert main([str(small_rtdc), str(tmp_path / "bg"), "-k", "5"]) == 0
+    err = capsys.readouterr().err
+    assert "done         1 file " in err and "1 files" not in err
