@@ -287,3 +287,19 @@ def test_batch_summary_says_1_file(small_rtdc, tmp_path, capsys):
     assert main([str(small_rtdc), str(tmp_path / "bg"), "-k", "5"]) == 0
     err = capsys.readouterr().err
     assert "done         1 file " in err and "1 files" not in err
+
+
+def test_dcnum_drain_copy_of_the_virtual_images_still_finds_them(layout, tmp_path):
+    """dcnum's "drain" with every frame giving one event copies ``image`` with
+    ``copy_features(mapping=None)``, an HDF5 object copy that keeps the virtual
+    dataset as it is: in its result's other folder, the absolute source finds
+    the raw file (the relative one does not)."""
+    dcnum_write = pytest.importorskip("dcnum.write")
+    raw, out = layout
+    result = tmp_path / "elsewhere" / "deeper" / "result.rtdc"
+    result.parent.mkdir(parents=True)
+    with h5py.File(out, "r") as h5_src, h5py.File(result, "w", libver="latest") as h5_dst:
+        dcnum_write.copy_features(h5_src=h5_src, h5_dst=h5_dst, features=["image"])
+    with h5py.File(result, "r") as h5:
+        assert h5["events/image"].is_virtual
+        np.testing.assert_array_equal(h5["events/image"][:], images(raw))
