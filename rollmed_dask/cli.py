@@ -89,7 +89,12 @@ class _Parser(argparse.ArgumentParser):
 
         if not message.startswith("unrecognized arguments:"):
             return ""
-        known = [o for o in self._option_string_actions if o.startswith("--")]
+        # one spelling per option, the first (--kernel-size, not --kernel_size)
+        known = [
+            next(o for o in action.option_strings if o.startswith("--"))
+            for action in self._actions
+            if any(o.startswith("--") for o in action.option_strings)
+        ]
         hints = []
         for word in message.split(":", 1)[1].split():
             flag = word.split("=", 1)[0]
