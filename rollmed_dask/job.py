@@ -126,6 +126,9 @@ def compute_background(
         The image stack, shape (N, H, W), any integer or float dtype.
     target : path
         The output file: HDF5 (``.rtdc``, ``.h5``) or a Zarr store (``.zarr``).
+        A new HDF5 file from an ``.rtdc`` input carries its metadata and a
+        basin (README, "Output format"); from a plain HDF5 input (no
+        ``events`` group) it holds the background and our run log only.
     kernel_size : int
         K, events per window, ``1 <= K < N``.
     dataset, output_dataset : str
