@@ -19,6 +19,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import h5py
 import hdf5plugin  # noqa: F401  (zstd filter)
@@ -303,3 +304,17 @@ def test_dcnum_drain_copy_of_the_virtual_images_still_finds_them(layout, tmp_pat
     with h5py.File(result, "r") as h5:
         assert h5["events/image"].is_virtual
         np.testing.assert_array_equal(h5["events/image"][:], images(raw))
+
+
+def test_dclab_verify_dataset_flags_the_link_not_the_copy(layout, tmp_path):
+    """README: --copy-images for outputs that must pass dclab-verify-dataset."""
+    check = pytest.importorskip("dclab.rtdc_dataset.check")
+    raw, lean = layout
+    copied = tmp_path / "copied.rtdc"
+    compute_background(raw, copied, K, copy_images=True, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # dclab's notes on our basins are not the point
+        assert check.check_dataset(copied)[0] == []
+        assert check.check_dataset(lean)[0] == [
+            "The HDF5 file contains at least one external link: '/events/image'"
+        ]
