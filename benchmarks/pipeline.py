@@ -9,7 +9,10 @@ rollmed-dask first, the user runs two commands, and dcnum skips its background:
 
 Each command runs as a subprocess and is timed as a whole (imports, worker
 start, everything a user waits for). The job log dcnum stores in its result says
-whether it computed the background. Prints a table and writes JSON.
+whether it computed the background. The disk column is what the user keeps:
+the raw file, our output and chipstream's result (a new output links the raw
+images; with --copy-images it holds a copy). The load average is printed too:
+on a shared machine it decides the times. Prints a table and writes JSON.
 
     python benchmarks/pipeline.py --events 20000 --kernel 100 --json pipeline.json
 """
@@ -62,6 +65,7 @@ def main(argv=None) -> int:
     ours = [str(bindir / "rollmed-dask"), "-k", str(args.kernel)]
 
     work = pathlib.Path(tempfile.mkdtemp(prefix="rollmed-pipeline-"))
+    load_before = os.getloadavg()[0]
     try:
         raw = write_example(work / "raw.rtdc", n_events=args.events)
         in_place = pathlib.Path(shutil.copy(raw, work / "in_place.rtdc"))
@@ -69,19 +73,25 @@ def main(argv=None) -> int:
 
         t = run([*chipstream, str(raw), str(work / "alone_dcn.rtdc")])
         rows.append(
-            ("chipstream-cli alone", None, t, dcnum_background_step(work / "alone_dcn.rtdc"))
-        )
-
-        t_bg = run([*ours, str(raw), str(work / "bg.rtdc")])
-        t = run([*chipstream, str(work / "bg.rtdc"), str(work / "new_dcn.rtdc")])
-        rows.append(
             (
-                "rollmed-dask new file, then chipstream-cli",
-                t_bg,
+                "chipstream-cli alone",
+                None,
                 t,
-                dcnum_background_step(work / "new_dcn.rtdc"),
+                dcnum_background_step(work / "alone_dcn.rtdc"),
+                disk(raw, work / "alone_dcn.rtdc"),
             )
         )
+
+        for name, flags, out in [
+            ("rollmed-dask new file, then chipstream-cli", [], "bg.rtdc"),
+            ("rollmed-dask --copy-images, then chipstream-cli", ["--copy-images"], "bg_copy.rtdc"),
+        ]:
+            t_bg = run([*ours, *flags, str(raw), str(work / out)])
+            result = work / f"{pathlib.Path(out).stem}_dcn.rtdc"
+            t = run([*chipstream, str(work / out), str(result)])
+            rows.append(
+                (name, t_bg, t, dcnum_background_step(result), disk(raw, work / out, result))
+            )
 
         t_bg = run([*ours, str(in_place), str(in_place), "--in-place"])
         t = run([*chipstream, str(in_place), str(work / "in_place_dcn.rtdc")])
@@ -91,25 +101,29 @@ def main(argv=None) -> int:
                 t_bg,
                 t,
                 dcnum_background_step(work / "in_place_dcn.rtdc"),
+                disk(in_place, work / "in_place_dcn.rtdc"),
             )
         )
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    load = (load_before, os.getloadavg()[0])
 
-    alone = rows[0][2]
+    alone, alone_disk = rows[0][2], rows[0][4]
     print(
-        f"\nN={args.events} frames of 80 x 320, K={args.kernel}, chipstream --num-cpus {args.cpus}"
+        f"\nN={args.events} frames of 80 x 320, K={args.kernel}, chipstream --num-cpus "
+        f"{args.cpus}, load average {load[0]:.1f} before, {load[1]:.1f} after"
     )
     print(
-        f"{'':46s} {'rollmed-dask':>12s} {'chipstream':>11s} {'total':>8s} "
-        f"{'speed-up':>8s}  dcnum background step"
+        f"{'':48s} {'rollmed-dask':>12s} {'chipstream':>11s} {'total':>8s} "
+        f"{'speed-up':>8s} {'disk':>9s} {'/ alone':>7s}  dcnum background step"
     )
     results = []
-    for name, t_bg, t_cs, bg_step in rows:
+    for name, t_bg, t_cs, bg_step, nbytes in rows:
         total = (t_bg or 0) + t_cs
         ours_s = f"{t_bg:10.1f} s" if t_bg is not None else f"{'':12s}"
         print(
-            f"{name:46s} {ours_s} {t_cs:9.1f} s {total:6.1f} s {alone / total:7.2f}x  "
+            f"{name:48s} {ours_s} {t_cs:9.1f} s {total:6.1f} s {alone / total:7.2f}x "
+            f"{nbytes / 1e6:6.1f} MB {nbytes / alone_disk:6.2f}x  "
             f"{'ran' if bg_step else 'skipped'}"
         )
         results.append(
@@ -118,6 +132,7 @@ def main(argv=None) -> int:
                 "rollmed_dask_s": t_bg,
                 "chipstream_s": t_cs,
                 "total_s": total,
+                "disk_bytes": nbytes,
                 "dcnum_background_step": bg_step,
             }
         )
@@ -128,12 +143,18 @@ def main(argv=None) -> int:
                     "events": args.events,
                     "kernel_size": args.kernel,
                     "cpus": args.cpus,
+                    "load_average": load,
                     "rows": results,
                 },
                 indent=2,
             )
         )
     return 0
+
+
+def disk(*paths) -> int:
+    """Bytes the files take on disk together (raw, ours, chipstream's result)."""
+    return sum(pathlib.Path(p).stat().st_blocks * 512 for p in paths)
 
 
 if __name__ == "__main__":

@@ -516,6 +516,7 @@ def compute_backgrounds(
     overwrite: bool = False,
     resume: bool = False,
     in_place: bool = False,
+    copy_images: bool = False,
     memory_budget=DEFAULT_MEMORY_BUDGET,
     event_chunk: int | None = None,
     batch_size: int = 10000,
@@ -556,8 +557,8 @@ def compute_backgrounds(
         in a notebook, and one line per finished file.
     files_at_once : int, optional
         Files computed side by side (default: up to 4, at most one per thread).
-    dataset, output_dataset, format, compression, engine, scheduler, memory_budget, \
-event_chunk, batch_size, num_workers
+    dataset, output_dataset, format, compression, engine, scheduler, copy_images, \
+memory_budget, event_chunk, batch_size, num_workers
         As for :func:`compute_background`; ``memory_budget`` bounds the batch
         as it bounds one file.
 
@@ -777,18 +778,19 @@ def summary_table(results: list[dict], seconds: float) -> str:
     --------
     >>> row = {"status": "done", "events": 5000}
     >>> print(summary_table([row, {"status": "skipped", "events": 300}], 2.0))
-    done         1 files     5,000 events
-    skipped      1 files
+    done         1 file      5,000 events
+    skipped      1 file
     failed       0 files
     batch        2 files in 2.0 s, 2,500 events/s
     """
     t = totals(results, seconds)
-    lines = [f"{'done':<11}{t['done']:>3} files {t['events']:>9,} events"]
+    lines = [f"{'done':<11}{_files(t['done'])} {t['events']:>9,} events"]
     for status in STATUSES[1:]:
         if t[status] or status in ("skipped", "failed"):
-            lines.append(f"{status:<11}{t[status]:>3} files")
+            lines.append(f"{status:<11}{_files(t[status])}".rstrip())
     rate = f"{t['events_per_second']:,.0f}" if t["events_per_second"] is not None else "-"
-    lines.append(f"{'batch':<11}{len(results):>3} files in {seconds:.1f} s, {rate} events/s")
+    batch = _files(len(results)).rstrip()
+    lines.append(f"{'batch':<11}{batch} in {seconds:.1f} s, {rate} events/s")
     return "\n".join(lines)
 
 
@@ -825,6 +827,11 @@ def check_report_path(report: pathlib.Path, inputs, overwrite: bool) -> None:
             f"--report {str(report)!r} exists and is not a report of rollmed-dask; give "
             f"another file name, or pass --overwrite to replace it"
         )
+
+
+def _files(n: int) -> str:
+    """``"  1 file "`` or ``" 12 files"``: the count and the word, one width."""
+    return f"{n:>3} file " if n == 1 else f"{n:>3} files"
 
 
 def write_report(path, results: list[dict], seconds: float) -> None:

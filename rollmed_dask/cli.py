@@ -47,6 +47,8 @@ examples:
   rollmed-dask data.rtdc data_bg.rtdc -k 100     new .rtdc with events/image_bg
   rollmed-dask data.rtdc data.rtdc --in-place    add events/image_bg to data.rtdc
   rollmed-dask data.rtdc bg.zarr --resume        Zarr output that can be resumed
+  rollmed-dask -r raw/ bg/ -k 100                every .rtdc below raw/ -> bg/.../<name>_bg.rtdc
+  rollmed-dask data.rtdc bg.rtdc --copy-images   a self-contained output (a copy of the images)
   rollmed-dask data.rtdc bg.rtdc -b rollmed -kb kernel_size=250 -kb batch_size=5000
                                                  ChipStream's spelling of -k 250 --batch-size 5000
   rollmed-dask data.rtdc bg.rtdc -b rollmed:k=250^b=5000
@@ -76,10 +78,39 @@ DEFAULT_EXAMPLE_EVENTS = 3000
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse, but a mistake is one line on stderr (not the whole usage), exit status 2."""
+    """argparse, but a mistake is one line on stderr (not the whole usage), exit status 2,
+    with a suggestion for a misspelt flag; an abbreviation of two spellings of one
+    option (``--kernel`` for ``--kernel-size``/``--kernel_size``) is not ambiguous."""
 
     def error(self, message):
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        hint = self._suggestion(message)
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}{hint} (see {self.prog} --help)\n")
+
+    def _suggestion(self, message: str) -> str:
+        """``"; did you mean --overwrite?"`` for the unknown flags named in ``message``."""
+        import difflib
+
+        if not message.startswith("unrecognized arguments:"):
+            return ""
+        # one spelling per option, the first (--kernel-size, not --kernel_size)
+        known = [
+            next(o for o in action.option_strings if o.startswith("--"))
+            for action in self._actions
+            if any(o.startswith("--") for o in action.option_strings)
+        ]
+        hints = []
+        for word in message.split(":", 1)[1].split():
+            flag = word.split("=", 1)[0]
+            if flag.startswith("--"):
+                hints += difflib.get_close_matches(flag, known, n=1, cutoff=0.6)
+        return f"; did you mean {' / '.join(dict.fromkeys(hints))}?" if hints else ""
+
+    def _get_option_tuples(self, option_string):
+        # one match per option: its spellings are the same option
+        unique = {}
+        for match in super()._get_option_tuples(option_string):
+            unique.setdefault(id(match[0]), match)
+        return list(unique.values())
 
 
 def _whole_number(value: str) -> int:
@@ -215,6 +246,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="Zarr: keep a partial output if the run stops, and continue it on "
         "the next --resume run",
+    )
+    g.add_argument(
+        "--copy-images",
+        action="store_true",
+        help="a new .rtdc gets a copy of the input's images (self-contained, as large "
+        "as the input) instead of a virtual dataset onto them (the input must stay "
+        "where it is, or move together with the output)",
     )
 
     g = p.add_argument_group("many inputs", batch.FOLDER_RULES)
@@ -523,6 +561,7 @@ def job_options(args, scheduler) -> dict:
         overwrite=args.overwrite,
         resume=args.resume,
         in_place=args.in_place,
+        copy_images=args.copy_images,
         memory_budget=args.memory_budget,
         event_chunk=args.event_chunk,
         batch_size=args.batch_size,

@@ -973,9 +973,15 @@ def create_empty_like(group, name: str, src):
         group.id, name.encode(), tid, src.id.get_space(), dcpl=src.id.get_create_plist()
     )
     dst = h5py.Dataset(dsid)
+    copy_attributes(src, dst)
+    return dst
+
+
+def copy_attributes(src, dst) -> None:
+    """Copy every attribute of ``src`` onto ``dst`` with its stored type (see
+    :func:`create_empty_like`)."""
     for key in src.attrs:
         _copy_attribute(src, dst, key)
-    return dst
 
 
 def _copy_attribute(src, dst, key: str) -> None:

@@ -121,6 +121,7 @@ def compute_background(
     overwrite: bool = False,
     resume: bool = False,
     in_place: bool = False,
+    copy_images: bool = False,
     memory_budget=DEFAULT_MEMORY_BUDGET,
     event_chunk: int | None = None,
     batch_size: int = 10000,
@@ -140,6 +141,9 @@ def compute_background(
         The image stack, shape (N, H, W), any integer or float dtype.
     target : path
         The output file: HDF5 (``.rtdc``, ``.h5``) or a Zarr store (``.zarr``).
+        A new HDF5 file from an ``.rtdc`` input carries its metadata and a
+        basin (README, "Output format"); from a plain HDF5 input (no
+        ``events`` group) it holds the background and our run log only.
     kernel_size : int
         K, events per window, ``1 <= K < N``.
     dataset, output_dataset : str
@@ -167,6 +171,13 @@ def compute_background(
         new dataset and a log entry, and replaces it by a rename when complete;
         everything else is copied as it was. An existing dataset is replaced
         only with ``overwrite``. ``target`` must hold the input's events.
+    copy_images : bool
+        A new ``.rtdc`` file gets ``events/image`` for dcnum's pipeline: by
+        default an HDF5 virtual dataset onto the input's images (about the
+        size of the background alone; it needs the input where it is, or
+        moved together with the output). With ``copy_images``, a copy of
+        them: a self-contained file as large as the input, which passes
+        ``dclab-verify-dataset``. See README, "Output format".
     resume : bool
         Zarr only: keep the partial output if the run fails, and continue a
         partial output left by an earlier ``resume=True`` run.
@@ -263,6 +274,7 @@ def compute_background(
                 output_dataset=output_dataset,
                 compression=compression,
                 in_place=in_place,
+                copy_images=copy_images,
                 resume=resume,
                 progress=progress,
                 batch_size=batch_size,
@@ -408,6 +420,7 @@ def _run_job(
     output_dataset,
     compression,
     in_place,
+    copy_images,
     resume,
     progress,
     batch_size,
@@ -438,6 +451,7 @@ def _run_job(
             src.dtype,
             input_path=input_path,
             in_place=in_place,
+            copy_images=copy_images,
             **common,
         )
     try:

@@ -487,6 +487,7 @@ class HDF5Sink(Sink):
         compression="zstd",
         input_path=None,
         in_place=False,
+        copy_images=False,
         **kwargs,
     ):
         super().__init__(target, dataset, shape, dtype, **kwargs)
@@ -494,6 +495,8 @@ class HDF5Sink(Sink):
         self.input_path = input_path
         self.in_place = in_place
         self.copied_from = None  # file_state of an in-place target when copied
+        self.copy_images = copy_images
+        self.plain = False  # a plain HDF5 input: no .rtdc metadata in the output
         self.h5 = None
         self.dset = None
         self.codec = None
@@ -518,8 +521,11 @@ class HDF5Sink(Sink):
         else:
             self.h5 = h5py.File(self.tmp, "w", libver="latest")
             self.write_behind = WriteBehind(self.tmp)
-            if self.input_path is not None:
-                copy = rtdc.prepare_output_file(self.h5, self.input_path, defer_images=True)
+            self.plain = self.input_path is not None and not rtdc.is_rtdc_file(self.input_path)
+            if self.input_path is not None and not self.plain:
+                copy = rtdc.prepare_output_file(
+                    self.h5, self.input_path, copy_images=self.copy_images, defer_images=True
+                )
                 if copy is not None:
                     # the images' chunks are copied beside the computation, not before it
                     self.image_copy = BackgroundCopy(copy, self.write_behind.wrote)
@@ -601,7 +607,8 @@ class HDF5Sink(Sink):
             self.image_copy = None
         for key, value in dataset_attrs.items():
             self.dset.attrs[key] = value
-        rtdc.write_pipeline_attrs(self.h5, self.dataset)  # dcnum then skips its background
+        if not self.plain:
+            rtdc.write_pipeline_attrs(self.h5, self.dataset)  # dcnum then skips its background
         rtdc.write_log(self.h5, _free_log_name(self.h5, rtdc.run_log_name()), log_lines)
         self.h5.close()
         self.h5 = None

@@ -10,6 +10,7 @@ tests fail under CI and are skipped elsewhere, saying how to start it.
 import os
 import pathlib
 import shutil
+import signal
 import subprocess
 from pathlib import Path
 
@@ -18,6 +19,15 @@ import numpy as np
 import pytest
 
 from rollmed_dask.example import write_example
+
+
+def default_signals() -> None:
+    """``preexec_fn`` of a child that a test sends SIGINT or SIGTERM: their default
+    handlers. A child inherits ignored signals, and pytest run under ``nohup`` or
+    with ``&`` from a script has SIGINT ignored: Python then never raises
+    KeyboardInterrupt and the child would sleep through the test's Ctrl-C."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 @pytest.fixture(scope="session")
@@ -133,3 +143,18 @@ def slurm():
             pytest.fail(message, pytrace=False)
         pytest.skip(message)
     return {"memory_mb": mem, "cpus": cpus}
+
+
+#: Tests with these markers take long (a cluster, SLURM jobs, a whole
+#: notebook), and so do tests on these fixtures (long runs to interrupt, or
+#: many files): all are also "slow", so that ``python -m pytest -m "not slow"``
+#: is the quick subset the README names.
+_SLOW_MARKERS = ("cluster", "slurm", "notebooks")
+_SLOW_FIXTURES = {"long_rtdc", "many"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        slow_marker = any(item.get_closest_marker(name) for name in _SLOW_MARKERS)
+        if slow_marker or _SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)

@@ -204,7 +204,10 @@ ERROR_CASES = {
         ["{cases}", "{tmp}/out.rtdc", "--example-events", "50"],
         ["add --example DIR"],
     ),
-    "unknown option": (["{cases}", "{tmp}/out.rtdc", "--kernel", "5"], ["--kernel"]),
+    "unknown option": (
+        ["{cases}", "{tmp}/out.rtdc", "--kernal", "5"],
+        ["--kernal", "did you mean --kernel-size?"],
+    ),
     "no paths": ([], ["INPUT and OUTPUT are required"]),
     "other method": (
         ["{cases}", "{tmp}/out.rtdc", "-b", "sparsemed"],

@@ -1,11 +1,13 @@
 """dcnum's whole pipeline, and ``chipstream-cli``, take our background as their own.
 
 For each kind of input we accept (string and byte-string metadata, images in a
-file basin, another chunking) and for a new output file and the input changed
-in place, dcnum 0.31's ``DCNumJobRunner`` with a rollmed background of the same
-K and B, and ``chipstream-cli -b rollmed -kb kernel_size=K``, must skip their
-background step (their own job log says so) and give a result whose
-``image_bg`` and every feature equal a plain dcnum run on the raw input.
+file basin, another chunking, virtual images) and for a new output file (lean:
+the images a virtual dataset; or with a copy of them) and the input changed in
+place, dcnum 0.31's ``DCNumJobRunner`` with a rollmed background of the same
+K and B, and ``chipstream-cli -b rollmed -kb kernel_size=K``, in both basin
+strategies ("tap" and "drain"), must skip their background step (their own job
+log says so) and give a result whose ``image_bg`` and every feature, ``image``,
+``frame`` and ``time`` included, equal a plain dcnum run on the raw input.
 
 These run the real programs on small stacks. dcnum is given absolute paths (a
 relative input path with a folder part fails in dcnum 0.31) and starts
@@ -39,14 +41,18 @@ K = 20
 BATCH = 10000  # dcnum's and chipstream's default batch_size
 
 
-def run_dcnum(path_in, path_out) -> dict:
-    """dcnum's pipeline (rollmed K, B; default segmentation and features); its job log."""
+def run_dcnum(path_in, path_out, strategy="tap") -> dict:
+    """dcnum's pipeline (rollmed K, B; default segmentation and features); its job log.
+
+    ``strategy`` "tap" (chipstream-cli's default) links the input's features
+    into the result through a basin, "drain" (``--drain-basins``) copies them.
+    """
     job = dcnum_logic.DCNumPipelineJob(
         path_in=pathlib.Path(path_in).resolve(),
         path_out=pathlib.Path(path_out).resolve(),
         background_code="rollmed",
         background_kwargs={"kernel_size": K, "batch_size": BATCH},
-        basin_strategy="tap",  # as chipstream-cli does without --drain-basins
+        basin_strategy=strategy,
         num_procs=1,
     )
     with dcnum_logic.DCNumJobRunner(job) as runner:
@@ -54,7 +60,7 @@ def run_dcnum(path_in, path_out) -> dict:
     return job_log(path_out)
 
 
-def run_chipstream(path_in, path_out) -> dict:
+def run_chipstream(path_in, path_out, *extra) -> dict:
     proc = subprocess.run(
         [
             str(pathlib.Path(sys.executable).with_name("chipstream-cli")),
@@ -64,6 +70,7 @@ def run_chipstream(path_in, path_out) -> dict:
             f"kernel_size={K}",
             "--num-cpus",
             "1",
+            *extra,
             str(pathlib.Path(path_in).resolve()),
             str(pathlib.Path(path_out).resolve()),
         ],
@@ -159,12 +166,35 @@ def rechunked(src, path, chunk) -> pathlib.Path:
     return pathlib.Path(path)
 
 
+def with_virtual_images(src, path) -> pathlib.Path:
+    """``src`` with its images replaced by a virtual dataset onto ``src``'s, as
+    dcnum's ``concatenated_hdf5_data`` makes its inputs."""
+    shutil.copy(src, path)
+    with h5py.File(path, "a", libver="latest") as h5:
+        shape, dtype = h5["events/image"].shape, h5["events/image"].dtype
+        attrs = dict(h5["events/image"].attrs)
+        del h5["events/image"]
+        layout = h5py.VirtualLayout(shape=shape, dtype=dtype)
+        layout[:] = h5py.VirtualSource(str(src), "events/image", shape=shape)
+        h5["events"].create_virtual_dataset("image", layout, fillvalue=0).attrs.update(attrs)
+    return pathlib.Path(path)
+
+
 INPUTS = {
     "strings": lambda raw, d: raw,
     "bytes": lambda raw, d: with_byte_metadata(raw, d / "bytes.rtdc"),
     "basin": lambda raw, d: with_basin(raw, d / "basin.rtdc"),
     "chunks": lambda raw, d: rechunked(raw, d / "chunks.rtdc", 7),
+    "virtual": lambda raw, d: with_virtual_images(raw, d / "virtual.rtdc"),
 }
+
+
+def assert_lean(ours, raw):
+    """Our output links the raw images (a virtual dataset), a fraction of their size."""
+    with h5py.File(ours, "r") as h5:
+        assert h5["events/image"].is_virtual
+        assert {"frame", "time", "image_bg"} <= set(h5["events"])
+    assert ours.stat().st_size < raw.stat().st_size / 2
 
 
 @pytest.mark.slow
@@ -174,9 +204,42 @@ def test_dcnum_pipeline_skips_background_of_new_output(kind, raw, plain, tmp_pat
     ours = tmp_path / "out" / "bg.rtdc"
     ours.parent.mkdir()
     compute_background(source, ours, K, batch_size=BATCH, event_chunk=60, progress=False)
+    assert_lean(ours, raw)
     with dcnum_read.HDF5Data(ours) as hd:  # dcnum opens it, image and image_bg
         assert hd.image is not None and hd.image_bg is not None
         assert hd.get_ppid() == rtdc.data_ppid(hd.pixel_size)
+    log = run_dcnum(ours, tmp_path / "dcn.rtdc")
+    assert log["tasks"] == {"background": False, "segmentation": True}
+    assert_same_result(tmp_path / "dcn.rtdc", plain)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["strings", "virtual"])
+def test_dcnum_pipeline_drains_lean_output(kind, raw, plain, tmp_path):
+    """dcnum's "drain" copies image, frame and time from our lean output into its
+    result: the images are read through the virtual dataset (or, when every
+    frame gives one event, the virtual dataset itself is copied; its absolute
+    source path still finds the raw file from the result's other folder)."""
+    source = INPUTS[kind](raw, tmp_path)
+    ours = tmp_path / "out" / "bg.rtdc"
+    ours.parent.mkdir()
+    compute_background(source, ours, K, batch_size=BATCH, progress=False)
+    result = tmp_path / "dcn" / "drained.rtdc"
+    result.parent.mkdir()
+    log = run_dcnum(ours, result, strategy="drain")
+    assert log["tasks"] == {"background": False, "segmentation": True}
+    with h5py.File(result, "r") as h5:
+        assert {"image", "frame", "time", "image_bg"} <= set(h5["events"])  # in the file
+    assert_same_result(result, plain)
+
+
+@pytest.mark.slow
+def test_dcnum_pipeline_on_copied_images(raw, plain, tmp_path):
+    """copy_images=True: today's self-contained output, the same result."""
+    ours = tmp_path / "bg.rtdc"
+    compute_background(raw, ours, K, batch_size=BATCH, copy_images=True, progress=False)
+    with h5py.File(ours, "r") as h5:
+        assert not h5["events/image"].is_virtual
     log = run_dcnum(ours, tmp_path / "dcn.rtdc")
     assert log["tasks"] == {"background": False, "segmentation": True}
     assert_same_result(tmp_path / "dcn.rtdc", plain)
@@ -198,8 +261,10 @@ def test_chipstream_cli_skips_background(raw, plain, tmp_path):
     compute_background(raw, ours, K, progress=False)
     in_place = pathlib.Path(shutil.copy(raw, tmp_path / "in.rtdc"))
     compute_background(in_place, in_place, K, in_place=True, progress=False)
-    for source in (ours, in_place):
-        out = tmp_path / f"{source.stem}_dcn.rtdc"
-        log = run_chipstream(source, out)
+    assert_lean(ours, raw)
+    runs = [(ours, ()), (ours, ("--drain-basins",)), (in_place, ())]
+    for source, extra in runs:
+        out = tmp_path / f"{source.stem}{''.join(extra)}_dcn.rtdc"
+        log = run_chipstream(source, out, *extra)
         assert log["tasks"] == {"background": False, "segmentation": True}
         assert_same_result(out, plain)

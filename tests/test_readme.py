@@ -55,7 +55,8 @@ NOTEBOOK_COMMANDS = commands(bash_blocks(section("Notebooks"))[0])
 
 
 def test_the_notebooks_extra_installs_the_readme_notebook_commands():
-    assert NOTEBOOK_COMMANDS[0] == 'pip install ".[notebooks]"'
+    # editable, as the test step's install: a plain install would replace it
+    assert NOTEBOOK_COMMANDS[0] == 'pip install -e ".[notebooks]"'
     extra = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"][
         "optional-dependencies"
     ]["notebooks"]

@@ -312,10 +312,13 @@ def test_basin_byte_identical_to_create_with_basins(dcnum_run, tmp_path):
     rel = os.path.relpath(path_in, out_dir)
     p_d = out_dir / f"cwb-{tmp_path.name}.rtdc"
     p_o = out_dir / f"ours2-{tmp_path.name}.rtdc"
+    p_c = out_dir / f"ours3-{tmp_path.name}.rtdc"
     try:
         dcnum_writer.create_with_basins(p_d, basin_paths=[[str(path_in), rel]])
         with h5py.File(p_o, "w", libver="latest") as h5:
             rtdc.prepare_output_file(h5, path_in)
+        with h5py.File(p_c, "w", libver="latest") as h5:
+            rtdc.prepare_output_file(h5, path_in, copy_images=True)
         ((kd, td),) = basin_texts(p_d).items()
         ((ko, to),) = basin_texts(p_o).items()
         assert to == td.replace("Created by dcnum 0.31.0", f"Created by {rtdc.software_string()}")
@@ -327,12 +330,20 @@ def test_basin_byte_identical_to_create_with_basins(dcnum_run, tmp_path):
             # what dcnum's pipeline reads from its input file itself (not through
             # basins): the frame features and the images, stored as in the input
             assert sorted(ho["events"]) == ["frame", "image", "time"]
-            with h5py.File(path_in, "r") as hi:
-                assert layout(ho["events/image"]) == layout(hi["events/image"])
+            # by default the images are a virtual dataset onto the input's
+            # (absolute path, then relative), with the input's attributes;
+            # copy_images gives a copy with the input's layout
+            with h5py.File(path_in, "r") as hi, h5py.File(p_c, "r") as hc:
+                assert ho["events/image"].is_virtual and not hc["events/image"].is_virtual
+                sources = [vs.file_name for vs in ho["events/image"].virtual_sources()]
+                assert sources == [str(path_in.resolve()), rel]
+                assert attr_types(ho["events/image"]) == attr_types(hi["events/image"])
+                assert layout(hc["events/image"]) == layout(hi["events/image"])
                 np.testing.assert_array_equal(ho["events/time"][:], hi["events/time"][:])
-                np.testing.assert_array_equal(ho["events/image"][5], hi["events/image"][5])
+                for h5 in (ho, hc):
+                    np.testing.assert_array_equal(h5["events/image"][5], hi["events/image"][5])
     finally:
-        for p in (p_d, p_o):
+        for p in (p_d, p_o, p_c):
             p.unlink(missing_ok=True)
 
 

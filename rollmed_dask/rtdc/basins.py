@@ -23,6 +23,7 @@ import numpy as np
 from .format import (
     _as_str,
     _store_feature,
+    create_image_dataset,
     filter_kwargs,
     software_string,
 )
@@ -328,7 +329,9 @@ def copy_metadata(h5_src: h5py.File, h5_dst: h5py.File) -> None:
             dst.attrs["software"] = " | ".join(s for s in soft if s is not None)
 
 
-def prepare_output_file(h5out: h5py.File, input_path, *, defer_images: bool = False):
+def prepare_output_file(
+    h5out: h5py.File, input_path, *, copy_images: bool = False, defer_images: bool = False
+):
     """Make a new output file an ``.rtdc`` file that refers to its input.
 
     Does what dcnum's ``create_with_basins`` does for a background run:
@@ -346,7 +349,8 @@ def prepare_output_file(h5out: h5py.File, input_path, *, defer_images: bool = Fa
 
     and what dcnum's pipeline needs to take the file as its input
     (:func:`add_pipeline_inputs`): the input's frame features
-    (``frame``, ``time``...) and its images in ``events``.
+    (``frame``, ``time``...) and its images in ``events``, as a virtual
+    dataset onto the input's (or, with ``copy_images``, a copy).
 
     After the writer adds ``events/image_bg``, ``dclab.new_dataset(output)``
     shows the input's features through the basin, and ``image`` and
@@ -358,14 +362,16 @@ def prepare_output_file(h5out: h5py.File, input_path, *, defer_images: bool = Fa
         The new output file, opened for writing.
     input_path : str or pathlib.Path
         The input ``.rtdc`` file.
+    copy_images : bool
+        Copy the images instead of linking them (see :func:`add_pipeline_inputs`).
     defer_images : bool
-        Leave the copy of the images to the caller (see
-        :func:`add_pipeline_inputs`).
+        With ``copy_images``, leave the copy to the caller.
 
     Returns
     -------
     ImageCopy or None
-        With ``defer_images``, the image copy still to run; otherwise None.
+        With ``copy_images`` and ``defer_images``, the image copy still to
+        run; otherwise None.
 
     Raises
     ------
@@ -373,7 +379,8 @@ def prepare_output_file(h5out: h5py.File, input_path, *, defer_images: bool = Fa
         If the input does not exist.
     ValueError
         If the output is the input, the output is read-only, or the input
-        has no ``events`` group (a plain HDF5 file: no basin can point at it).
+        has no ``events`` group (a plain HDF5 file, see :func:`is_rtdc_file`:
+        no basin can point at it).
 
     Examples
     --------
@@ -431,7 +438,18 @@ def prepare_output_file(h5out: h5py.File, input_path, *, defer_images: bool = Fa
             description=f"Created by {software_string()}",
             identifier=identifier,
         )
-    return add_pipeline_inputs(h5out, pin, defer_images=defer_images)
+    return add_pipeline_inputs(h5out, pin, copy_images=copy_images, defer_images=defer_images)
+
+
+def is_rtdc_file(path) -> bool:
+    """Whether the HDF5 file ``path`` is an ``.rtdc`` file (it has an ``events`` group).
+
+    A plain HDF5 stack (frames in a top-level dataset such as ``images``) is
+    not: its output gets the background dataset and our run log only, no
+    metadata, basin or dcnum pipeline attributes.
+    """
+    with h5py.File(path, "r") as h5:
+        return isinstance(h5.get("events"), h5py.Group)
 
 
 #: dcnum's frame features (``dcnum.read.const.PROTECTED_FEATURES``): scalars
@@ -449,7 +467,9 @@ FRAME_FEATURES = (
 )
 
 
-def add_pipeline_inputs(h5out: h5py.File, input_path, *, defer_images: bool = False):
+def add_pipeline_inputs(
+    h5out: h5py.File, input_path, *, copy_images: bool = False, defer_images: bool = False
+):
     """Give a new output what dcnum's pipeline reads from its input file itself.
 
     dcnum 0.31's pipeline (``DCNumJobRunner.task_enforce_basin_strategy``)
@@ -461,17 +481,16 @@ def add_pipeline_inputs(h5out: h5py.File, input_path, *, defer_images: bool = Fa
     - a copy of each frame feature the input has (in its own ``events``
       group or through its basins, mapped as the basin says), a few bytes
       per event;
-    - a copy of ``events/image``: the compressed chunks are copied as they
-      are (no decompression, :class:`ImageCopy`), so it costs disk space and
-      reading and writing the bytes, little compute. A link
-      would cost neither, but HDF5 refuses to follow an external link (or a
-      virtual dataset) into a file the same process holds open with other
-      file-locking flags, and dclab opens files with ``locking=False`` while
-      h5py, dcnum and our reader use the default: dclab then fails on a file
-      this process just computed. To save the space, add the background to
-      the input itself (``in_place=True``). Images in a mapped basin (a
-      subset of another file) are not copied; there, as for dcnum run on that
-      input itself, the pipeline's result has no ``image``.
+    - ``events/image``: by default an HDF5 virtual dataset onto the file that
+      really holds the images (:func:`link_images`: no bytes copied, dcnum
+      counts it as the file's own); with ``copy_images`` a copy, whose
+      compressed chunks are copied as they are (no decompression,
+      :class:`ImageCopy`): a self-contained file, as large as the input.
+      Images in a mapped basin whose mapping is not a regular stride cannot
+      be served by a virtual dataset nor copied chunk by chunk: the output
+      then has no ``events/image`` (dclab still shows the images through the
+      basin), and, as for dcnum run on that input itself, the pipeline's
+      result has no ``image``.
 
     Parameters
     ----------
@@ -479,17 +498,21 @@ def add_pipeline_inputs(h5out: h5py.File, input_path, *, defer_images: bool = Fa
         The new output, open for writing.
     input_path : str or pathlib.Path
         The input ``.rtdc`` file.
+    copy_images : bool
+        Copy the images instead of linking them.
     defer_images : bool
-        Do not copy the images' chunks yet: create ``events/image`` with the
-        input's layout and return an :class:`ImageCopy` that copies them
-        (the caller runs and closes it; the output is incomplete until
-        then). Images that cannot be copied chunk by chunk (contiguous
-        storage) are copied at once all the same.
+        With ``copy_images``: do not copy the images' chunks yet: create
+        ``events/image`` with the input's layout and return an
+        :class:`ImageCopy` that copies them (the caller runs and closes it;
+        the output is incomplete until then). Images that cannot be copied
+        chunk by chunk (contiguous or virtual storage) are copied at once all
+        the same.
 
     Returns
     -------
     ImageCopy or None
-        With ``defer_images``, the copy still to run; otherwise None.
+        With ``copy_images`` and ``defer_images``, the copy still to run;
+        otherwise None.
 
     Examples
     --------
@@ -497,8 +520,8 @@ def add_pipeline_inputs(h5out: h5py.File, input_path, *, defer_images: bool = Fa
 
         with h5py.File("out.rtdc", "a") as h5:
             add_pipeline_inputs(h5, "in.rtdc")
-            sorted(h5["events"])
-        # ['frame', 'image', 'time']
+            sorted(h5["events"]), h5["events/image"].is_virtual
+        # (['frame', 'image', 'time'], True)
     """
     for feat in FRAME_FEATURES:
         try:
@@ -512,6 +535,9 @@ def add_pipeline_inputs(h5out: h5py.File, input_path, *, defer_images: bool = Fa
         loc = find_image_dataset(input_path, "events/image")
     except KeyError:
         return None
+    if not copy_images:
+        link_images(h5out, loc)
+        return None
     if loc.mapping is not None:
         return None
     h5 = h5py.File(loc.path, "r")
@@ -519,6 +545,10 @@ def add_pipeline_inputs(h5out: h5py.File, input_path, *, defer_images: bool = Fa
         src = h5[loc.dataset]
         from ..h5chunks import can_copy_chunks, create_empty_like
 
+        if src.is_virtual:
+            _copy_virtual(src, h5out["events"])
+            h5.close()
+            return None
         if not can_copy_chunks(src):
             h5.copy(src, h5out["events"], "image")
             h5.close()
@@ -536,10 +566,114 @@ def add_pipeline_inputs(h5out: h5py.File, input_path, *, defer_images: bool = Fa
     return None
 
 
+def _copy_virtual(src: h5py.Dataset, events: h5py.Group) -> None:
+    """Store the data a virtual dataset shows as a real one (``h5py.Group.copy``
+    would copy the mapping, not the images), in dcnum's layout, with its attributes."""
+    from ..h5chunks import copy_attributes
+
+    dst = create_image_dataset(events, "image", src.shape[0], src.shape[1:], src.dtype)
+    copy_attributes(src, dst)
+    step = dst.chunks[0]
+    for start in range(0, src.shape[0], step):
+        dst[start : start + step] = src[start : start + step]
+
+
+def _regular_stride(mapping: np.ndarray) -> slice | None:
+    """``mapping`` as a slice (start, stop, step >= 1), or None if it is not one."""
+    if len(mapping) == 0:
+        return None
+    start = int(mapping[0])
+    step = int(mapping[1] - mapping[0]) if len(mapping) > 1 else 1
+    if step < 1 or not np.array_equal(mapping, start + step * np.arange(len(mapping))):
+        return None
+    return slice(start, start + step * (len(mapping) - 1) + 1, step)
+
+
+def link_images(h5out: h5py.File, loc: ImageLocation) -> bool:
+    """Make ``events/image`` an HDF5 virtual dataset onto the images at ``loc``.
+
+    The dataset has the source's shape (or the mapped length), dtype and
+    attributes, fill value 0, and costs no image bytes. Its source file is
+    recorded twice, like a file basin's paths: first the absolute path, then
+    the path relative to the output's folder. HDF5 skips a source file it
+    cannot find and, where both are found, reads the last: so the images are
+    found when the output moves alone (the absolute path), and when the raw
+    data and the output move together (the relative path, resolved against
+    the output's folder, which HDF5 prefers). Both found means two reads of
+    each image; decompression is cheap next to dcnum's segmentation.
+
+    If neither is found (the raw file was moved elsewhere or deleted),
+    ``events/image`` has 0 events (HDF5 sizes an unlimited mapping by the
+    sources it finds), so readers see a length mismatch instead of images;
+    for a mapped basin (a fixed-size mapping) it reads as zeros, the fill value.
+
+    Parameters
+    ----------
+    h5out : h5py.File
+        The new output, open for writing (its final folder: relative paths
+        are relative to it).
+    loc : ImageLocation
+        Where the images really are (:func:`find_image_dataset`). A mapped
+        basin is served if its mapping is a regular stride (e.g. a slice of
+        the raw file's events); otherwise nothing is linked.
+
+    Returns
+    -------
+    bool
+        Whether ``events/image`` was created.
+
+    Examples
+    --------
+    .. code-block:: python
+
+        with h5py.File("out.rtdc", "a", libver="latest") as h5:
+            link_images(h5, find_image_dataset("in.rtdc"))
+            [vs.file_name for vs in h5["events/image"].virtual_sources()]
+        # ['/data/in.rtdc', 'in.rtdc']
+    """
+    from ..h5chunks import copy_attributes
+
+    select = slice(None)
+    if loc.mapping is not None:
+        select = _regular_stride(loc.mapping)
+        if select is None:
+            return False
+    paths = [str(loc.path)]
+    try:
+        paths.append(os.path.relpath(loc.path, pathlib.Path(h5out.filename).resolve().parent))
+    except ValueError:
+        pass  # no relative path exists (e.g. another drive on Windows)
+    with h5py.File(loc.path, "r") as h5:
+        src = h5[loc.dataset]
+        n_events = len(range(*select.indices(src.shape[0])))
+        frame = src.shape[1:]
+        # Unmapped, the mapping is unlimited along the events: the dataset is as
+        # long as the source files HDF5 finds, 0 events if none (a loud length
+        # mismatch for dclab and dcnum, instead of silent fill values).
+        unlimited = loc.mapping is None
+        layout = h5py.VirtualLayout(
+            shape=(n_events, *frame),
+            dtype=src.dtype,
+            maxshape=(None if unlimited else n_events, *frame),
+        )
+        for path in paths:
+            if unlimited:
+                vsource = h5py.VirtualSource(
+                    path, loc.dataset, shape=src.shape, maxshape=(None, *frame)
+                )
+                layout[: h5py.h5s.UNLIMITED] = vsource[: h5py.h5s.UNLIMITED]
+            else:
+                layout[:] = h5py.VirtualSource(path, loc.dataset, shape=src.shape)[select]
+        dst = h5out.require_group("events").create_virtual_dataset("image", layout, fillvalue=0)
+        copy_attributes(src, dst)
+    return True
+
+
 class ImageCopy:
     """The input's images, still to be copied into a new output chunk by chunk.
 
-    Returned by :func:`add_pipeline_inputs` (``defer_images=True``): the
+    Returned by :func:`add_pipeline_inputs` (``copy_images=True,
+    defer_images=True``): the
     output's ``events/image`` exists with the input's layout and attributes
     but no data yet. :meth:`run` copies the stored chunks as they are (no
     decompression), each in one short HDF5 call, so that the copy can go on in
