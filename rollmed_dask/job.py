@@ -31,6 +31,7 @@ from .sinks import (
     zarr_job_params,
 )
 from .sources import Source, as_source
+from .tiff import is_tiff_source
 
 FORMATS = ("hdf5", "zarr")
 COMPRESSIONS = ("zstd", "gzip", "none")
@@ -353,6 +354,7 @@ def _run_job(
             src.dtype,
             input_path=input_path,
             in_place=in_place,
+            plain=is_tiff_source(src),
             **common,
         )
     try:
@@ -376,7 +378,8 @@ def _run_job(
         log = rtdc.run_log_lines(
             params, input_path=src.path, output_path=target, time_start=started
         )
-        sink.commit(rtdc.bg_ppid_attrs(k, batch_size), log)
+        # dcnum's labels mean nothing for a TIFF stack: its output is plain
+        sink.commit({} if is_tiff_source(src) else rtdc.bg_ppid_attrs(k, batch_size), log)
     except BaseException as exc:
         sink.abort()
         if resume and sink.tmp.exists():
@@ -487,7 +490,7 @@ def _check_in_place_matches(target: pathlib.Path, dataset: str, shape: tuple) ->
 
 
 def _is_hdf5_input(src: Source) -> bool:
-    return src.path is not None and src.path.is_file()
+    return src.path is not None and src.path.is_file() and not is_tiff_source(src)
 
 
 class _progress_bar:

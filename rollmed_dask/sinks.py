@@ -364,12 +364,14 @@ class HDF5Sink(Sink):
         compression="zstd",
         input_path=None,
         in_place=False,
+        plain=False,
         **kwargs,
     ):
         super().__init__(target, dataset, shape, dtype, **kwargs)
         self.compression = compression
         self.input_path = input_path
         self.in_place = in_place
+        self.plain = plain  # no dcnum pipeline labels (a TIFF input is no .rtdc data)
         self.h5 = None
         self.dset = None
         self.codec = None
@@ -460,7 +462,8 @@ class HDF5Sink(Sink):
             self.image_copy = None
         for key, value in dataset_attrs.items():
             self.dset.attrs[key] = value
-        rtdc.write_pipeline_attrs(self.h5, self.dataset)  # dcnum then skips its background
+        if not self.plain:
+            rtdc.write_pipeline_attrs(self.h5, self.dataset)  # dcnum then skips its background
         rtdc.write_log(self.h5, _free_log_name(self.h5, rtdc.run_log_name()), log_lines)
         self.h5.close()
         self.h5 = None
@@ -655,6 +658,7 @@ class ZarrSink(Sink):
             chunks=(self.chunk_events,) + self.shape[1:],
             compressors=_zarr_compressors(self.compression),
             fill_value=0,
+            dimension_names=NGFF_AXES,  # OME-Zarr 0.5 asks for them (see ngff_attrs)
         )
         (self.tmp / PROGRESS_DIR).mkdir()
         self._params_file().write_text(json.dumps(self.job_params, sort_keys=True))
@@ -707,8 +711,29 @@ class ZarrSink(Sink):
         root.attrs.update(
             {ZARR_LOG_ATTR: {rtdc.run_log_name(): log_lines}, ZARR_JOB_ATTR: self.job_params}
         )
+        group_name, _, array_name = self.dataset.strip("/").rpartition("/")
+        (root[group_name] if group_name else root).attrs.update(ngff_attrs(array_name))
         _remove(self.tmp / PROGRESS_DIR)
         move_into_place(self.tmp, self.target)
+
+
+NGFF_AXES = ("t", "y", "x")
+
+
+def ngff_attrs(array_name: str) -> dict:
+    """OME-Zarr (NGFF 0.5) image metadata for the group that holds the background.
+
+    One resolution level, the array itself; axes t (the events), y, x in
+    pixels. With it, OME-Zarr readers (napari-ome-zarr, Fiji's N5/Zarr
+    reader, ``ome_zarr``) open ``out.zarr/events`` as an image.
+    """
+    axes = [{"name": "t", "type": "time"}] + [{"name": n, "type": "space"} for n in "yx"]
+    dataset = {
+        "path": array_name,
+        "coordinateTransformations": [{"type": "scale", "scale": [1.0, 1.0, 1.0]}],
+    }
+    multiscale = {"name": array_name, "axes": axes, "datasets": [dataset]}
+    return {"ome": {"version": "0.5", "multiscales": [multiscale]}}
 
 
 def _plain(value):
