@@ -378,8 +378,7 @@ def _run_job(
         log = rtdc.run_log_lines(
             params, input_path=src.path, output_path=target, time_start=started
         )
-        # dcnum's labels mean nothing for a TIFF stack: its output is plain
-        sink.commit({} if is_tiff_source(src) else rtdc.bg_ppid_attrs(k, batch_size), log)
+        sink.commit(rtdc.bg_ppid_attrs(k, batch_size), log)
     except BaseException as exc:
         sink.abort()
         if resume and sink.tmp.exists():

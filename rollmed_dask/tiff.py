@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import logging
 import math
 import os
 import pathlib
@@ -168,6 +169,30 @@ def _file_state(path: str) -> tuple:
     return stat.st_ino, stat.st_size, stat.st_mtime_ns
 
 
+_quiet_lock = threading.Lock()
+_quiet_depth = [0, logging.NOTSET]  # callers inside, the level to restore
+
+
+@contextlib.contextmanager
+def _quiet():
+    """tifffile's log warnings held back while a file is opened and described:
+    a damaged file gets one clear error from us, not log lines besides. Counted,
+    so that threads inside at once restore the level only when the last leaves."""
+    log = logging.getLogger("tifffile")
+    with _quiet_lock:
+        if _quiet_depth[0] == 0:
+            _quiet_depth[1] = log.level
+            log.setLevel(logging.CRITICAL)
+        _quiet_depth[0] += 1
+    try:
+        yield
+    finally:
+        with _quiet_lock:
+            _quiet_depth[0] -= 1
+            if _quiet_depth[0] == 0:
+                log.setLevel(_quiet_depth[1])
+
+
 @contextlib.contextmanager
 def _open_tiff(path: str):
     """(TiffFile, lock) for the duration of a ``with`` block, shared by concurrent reads.
@@ -180,7 +205,8 @@ def _open_tiff(path: str):
     with _open_files_lock:
         entry = _open_files.get(key)
         if entry is None:
-            tif = _tifffile().TiffFile(path)
+            with _quiet():
+                tif = _tifffile().TiffFile(path)
             tif.filehandle.set_lock(True)
             entry = _open_files[key] = [tif, 0]
         entry[1] += 1
@@ -213,7 +239,7 @@ class TiffStackReader:
         self.series = int(series)
         self.planes = dict(planes or {})
         try:
-            with _open_tiff(self.path) as (tif, lock), lock:
+            with _quiet(), _open_tiff(self.path) as (tif, lock), lock:
                 self._describe(tif, axis)
         except (ValueError, KeyError, ImportError):
             raise
@@ -240,7 +266,10 @@ class TiffStackReader:
             )
         page_axes, page_shape = axes[:-2], shape[:-2]
         if math.prod(page_shape) != len(series):
-            raise ValueError(f"{where} does not store one frame per page; it cannot be read")
+            raise ValueError(
+                f"{where} should hold {math.prod(page_shape)} pages but {len(series)} are "
+                f"there: the file is truncated or damaged; copy it again from the original"
+            )
         sizes = dict(zip(page_axes, page_shape, strict=True))
         if axis is None:
             longer = [a for a in page_axes if sizes[a] > 1]
