@@ -525,10 +525,8 @@ def open_tiff(path, dataset: str | None = None):
         reader = TiffFrameReader(folder, names)
         source_path = folder
     _check_stack(reader.shape, reader.dtype, repr(reader))
-    selected = None
-    if isinstance(reader, TiffStackReader):
-        selected = selection_text(reader.series, reader.axis, reader.planes)
-    return Source(reader, reader.chunks, path=source_path, dataset=selected, pickles_small=True)
+    # the selection as given (as an HDF5 dataset name is): batch reruns compare it
+    return Source(reader, reader.chunks, path=source_path, dataset=dataset, pickles_small=True)
 
 
 def is_tiff_source(source) -> bool:
