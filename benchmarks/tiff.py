@@ -48,6 +48,8 @@ HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 SHAPE = (512, 512)
+# 256 MiB, the default, holds no block of 1 + 2K frames of 512 x 512 uint16 at K=100
+BUDGET = "1GiB"
 CASES = ("ours-tiff-zarr", "ours-rtdc-zarr", "ours-tiff-hdf5", "dask-image", "io-floor")
 
 
@@ -110,14 +112,15 @@ def run_case(case: str, work: pathlib.Path, k: int, subset: int) -> dict:
     out = work / f"out-{case}"
     shutil.rmtree(out.with_suffix(".zarr"), ignore_errors=True)
     out.with_suffix(".h5").unlink(missing_ok=True)
+    opts = {"memory_budget": BUDGET}
     load0, cpu0, t0 = os.getloadavg()[0], _cpu(), time.perf_counter()
     events = None
     if case == "ours-tiff-zarr":
-        compute_background(work / "stack.tif", out.with_suffix(".zarr"), k, progress=False)
+        compute_background(work / "stack.tif", out.with_suffix(".zarr"), k, progress=False, **opts)
     elif case == "ours-rtdc-zarr":
-        compute_background(work / "stack.h5", out.with_suffix(".zarr"), k, progress=False)
+        compute_background(work / "stack.h5", out.with_suffix(".zarr"), k, progress=False, **opts)
     elif case == "ours-tiff-hdf5":
-        compute_background(work / "stack.tif", out.with_suffix(".h5"), k, progress=False)
+        compute_background(work / "stack.tif", out.with_suffix(".h5"), k, progress=False, **opts)
     elif case == "dask-image":
         x = imread.imread(str(work / "stack.tif"))[:subset]
         x = x.rechunk((max(2 * k, 200), *SHAPE))
@@ -170,7 +173,7 @@ def _io_floor(work, target, k) -> None:
     src = as_source(work / "stack.tif")
     known = zarr.open_group(str(work / "out-ours-tiff-zarr.zarr"), mode="r")["events/image_bg"]
     chunk = rtdc.default_chunk_events(SHAPE, src.dtype)
-    plan = plan_block_tasks(src, k, align_events=chunk)[0]
+    plan = plan_block_tasks(src, k, align_events=chunk, memory_budget=BUDGET)[0]
     out = zarr.create_array(
         str(target), overwrite=True, shape=src.shape, dtype=src.dtype, chunks=(chunk, *SHAPE),
         compressors=_zarr_compressors("zstd"),
