@@ -200,7 +200,7 @@ def output_path(source: pathlib.Path, root: pathlib.Path, out_dir, fmt: str) -> 
     >>> output_path(pathlib.Path("/d/day1/a.rtdc"), pathlib.Path("/d"), "/o", "hdf5").as_posix()
     '/o/day1/a_bg.rtdc'
     """
-    suffix = ".zarr" if fmt == "zarr" else ".rtdc"
+    suffix = {"zarr": ".zarr", "tiff": ".ome.tif"}.get(fmt, ".rtdc")
     relative = source.parent.relative_to(root)
     stem = source.stem.removesuffix(".ome")  # a.ome.tif -> a_bg.zarr
     return pathlib.Path(out_dir) / relative / f"{stem}{OUTPUT_SUFFIX}{suffix}"
