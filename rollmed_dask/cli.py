@@ -202,8 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--format",
         choices=FORMATS,
-        help="output format (default: from the suffix, .zarr is Zarr, .tif/.tiff an "
-        "OME-TIFF)",
+        help="output format (default: from the suffix, .zarr is Zarr, .tif/.tiff an OME-TIFF)",
     )
     g.add_argument(
         "--compression",
