@@ -302,3 +302,26 @@ def test_tiff_sink_abort_leaves_the_old_output(tmp_path):
     sink.abort()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bg.tif"]
     assert target.read_bytes() == b"old output"
+
+
+@pytest.mark.cluster
+@pytest.mark.filterwarnings("ignore::UserWarning:distributed")
+def test_tiff_inputs_on_distributed_workers(tmp_path):
+    from rollmed_dask.cluster import close_client, start_local_cluster
+
+    img = make_stack("uint16", n=120)
+    stack, dataset = write_layout("ome-tc", img, tmp_path)
+    frames, _ = write_layout("frames-glob", img, tmp_path)
+    client = start_local_cluster(2)
+    try:
+        for source, selection in [(stack, dataset), (frames, "events/image")]:
+            out = tmp_path / f"bg-{len(selection)}.zarr"
+            summary = compute_background(
+                source, out, K, dataset=selection, scheduler=client, progress=False,
+                event_chunk=30,
+            )  # fmt: skip
+            assert "distributed" in summary.scheduler and summary.blocks > 2
+            expected = rolling_median_reference(img, K)
+            np.testing.assert_array_equal(read_images(out, "events/image_bg"), expected)
+    finally:
+        close_client(client)
