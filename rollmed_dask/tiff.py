@@ -97,7 +97,9 @@ def claims(path) -> bool:
         return is_tiff_file(path)
     if path.is_dir():
         return is_frame_folder(path)
-    return is_glob(text)
+    # a glob of TIFF files, or one that matches files ("data[1].rtdc" that is
+    # not there stays a missing file)
+    return is_glob(text) and (path.suffix.lower() in TIFF_SUFFIXES or bool(glob.glob(text)))
 
 
 def natural_key(name: str) -> list:
@@ -393,8 +395,8 @@ def check_sequence(names: list[str]) -> None:
     missing = f"{prefix}{numbers[gap] + step:0{width}d}{suffix}"
     raise ValueError(
         f"frame {missing} is missing from the numbered sequence {names[0]} ... {names[-1]} "
-        f"(between {names[gap]} and {names[gap + 1]}); restore it, or give only the "
-        f"frames without a gap (a glob such as 'frames/{prefix}0*{suffix}')"
+        f"(between {names[gap]} and {names[gap + 1]}); restore it, or if frames were "
+        f"left out on purpose, number the files again without gaps"
     )
 
 
@@ -464,15 +466,19 @@ class TiffFrameReader:
 
 
 def find_frames(path) -> tuple[pathlib.Path, list[str]]:
-    """The folder and the naturally sorted frame names of a folder or a glob."""
+    """The folder and the naturally sorted frame names of a folder or a glob
+    (its files named .tif, .tiff, .btf or .tf8)."""
     text = os.fspath(path)
     if pathlib.Path(text).is_dir():
         folder = pathlib.Path(text)
         files = frame_files(folder)
     else:
-        files = [pathlib.Path(p) for p in glob.glob(text) if pathlib.Path(p).is_file()]
+        files = [pathlib.Path(p) for p in glob.glob(text)]
+        files = [p for p in files if p.suffix.lower() in TIFF_SUFFIXES and p.is_file()]
         if not files:
-            raise FileNotFoundError(f"no file matches {text!r}: check the folder and the pattern")
+            raise FileNotFoundError(
+                f"no TIFF file (.tif, .tiff) matches {text!r}: check the folder and the pattern"
+            )
         folders = {p.parent.resolve() for p in files}
         if len(folders) > 1:
             raise ValueError(
@@ -497,14 +503,14 @@ def open_tiff(path, dataset: str | None = None):
     --------
     >>> import numpy as np, tempfile, pathlib, tifffile
     >>> d = pathlib.Path(tempfile.mkdtemp())
-    >>> tifffile.imwrite(d / "stack.tif", np.zeros((5, 4, 3), np.uint16))
+    >>> tifffile.imwrite(d / "stack.tif", np.zeros((5, 4, 6), np.uint16))
     >>> open_tiff(d / "stack.tif").shape
-    (5, 4, 3)
-    >>> for i in (1, 2, 10):
+    (5, 4, 6)
+    >>> for i in range(1, 11):
     ...     tifffile.imwrite(d / f"frame_{i}.tif", np.full((4, 3), i, np.uint8))
     >>> reader = open_tiff(str(d / "frame_*.tif")).array
-    >>> reader.names, int(reader[2].max())
-    (('frame_1.tif', 'frame_2.tif', 'frame_10.tif'), 10)
+    >>> reader.names[:3], reader.names[-1], int(reader[2].max())
+    (('frame_1.tif', 'frame_2.tif', 'frame_3.tif'), 'frame_10.tif', 3)
     """
     from .sources import Source, _check_stack
 
