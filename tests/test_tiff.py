@@ -35,6 +35,11 @@ def make_stack(dtype, n=N, seed=0) -> np.ndarray:
     return rng.integers(info.min, info.max, (n, H, W), dtype=dtype, endpoint=True)
 
 
+def wide(img: np.ndarray) -> np.ndarray:
+    """128 x 132 frames: output chunks of 31 uint16 events, so a job has several blocks."""
+    return np.repeat(np.repeat(img, 16, axis=1), 11, axis=2)
+
+
 def write_layout(layout: str, img: np.ndarray, folder):
     """Write ``img`` as a TIFF input of the given layout; return (input, dataset)."""
     if layout == "multipage":
@@ -255,8 +260,7 @@ def test_a_tiff_output_is_never_the_input(tmp_path, capsys):
 
 
 def test_tiff_output_is_an_ome_tiff_that_tifffile_reads(tmp_path):
-    img = make_stack("uint16", n=200)
-    img = np.repeat(np.repeat(img, 16, axis=1), 11, axis=2)  # 128 x 132: 31-event chunks
+    img = wide(make_stack("uint16", n=200))
     tifffile.imwrite(tmp_path / "in.tif", img)
     out = tmp_path / "bg.ome.tif"
     summary = compute_background(tmp_path / "in.tif", out, K, progress=False)
@@ -309,7 +313,7 @@ def test_tiff_sink_abort_leaves_the_old_output(tmp_path):
 def test_tiff_inputs_on_distributed_workers(tmp_path):
     from rollmed_dask.cluster import close_client, start_local_cluster
 
-    img = make_stack("uint16", n=120)
+    img = wide(make_stack("uint16", n=120))  # 31-event output chunks: several blocks
     stack, dataset = write_layout("ome-tc", img, tmp_path)
     frames, _ = write_layout("frames-glob", img, tmp_path)
     client = start_local_cluster(2)
