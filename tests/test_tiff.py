@@ -329,3 +329,17 @@ def test_tiff_inputs_on_distributed_workers(tmp_path):
             np.testing.assert_array_equal(read_images(out, "events/image_bg"), expected)
     finally:
         close_client(client)
+
+
+def test_cli_takes_a_folder_of_frames_as_one_stack_and_tiff_stacks_with_pattern(tmp_path):
+    img = make_stack("uint8")
+    frames, _ = write_layout("frames-folder", img, tmp_path)
+    assert main([str(frames), str(tmp_path / "bg.zarr"), "-k", str(K), "-q"]) == 0
+    expected = rolling_median_reference(img, K)
+    np.testing.assert_array_equal(read_images(tmp_path / "bg.zarr", "events/image_bg"), expected)
+    (tmp_path / "raw" / "day1").mkdir(parents=True)
+    tifffile.imwrite(tmp_path / "raw" / "day1" / "a.ome.tif", img, ome=True)
+    args = ["-r", str(tmp_path / "raw"), str(tmp_path / "out"), "--pattern", "*.tif"]
+    assert main([*args, "-k", str(K), "--format", "zarr", "-q"]) == 0
+    got = read_images(tmp_path / "out" / "day1" / "a_bg.zarr", "events/image_bg")
+    np.testing.assert_array_equal(got, expected)
