@@ -147,14 +147,6 @@ def parse_selection(dataset: str | None) -> dict:
     return selection
 
 
-def selection_text(series=None, axis=None, planes=None) -> str:
-    """The ``dataset`` string of a selection (the inverse of :func:`parse_selection`)."""
-    parts = [] if series is None else [f"series={series}"]
-    parts += [] if axis is None else [f"axis={axis}"]
-    parts += [f"{k}={v}" for k, v in (planes or {}).items()]
-    return ",".join(parts) or DEFAULT_DATASET
-
-
 # ---------------------------------------------------------------------------
 # one multi-page file
 # ---------------------------------------------------------------------------
@@ -232,8 +224,8 @@ def _damaged(path, where: str, exc: BaseException) -> ValueError:
 class TiffStackReader:
     """A picklable, lazily opened view of the frames of one TIFF series.
 
-    ``reader[a:b]`` reads pages of events a..b-1 only (``pages_read`` counts
-    them in this process, for tests and benchmarks).
+    ``reader[a:b]`` reads the pages of events a..b-1 only, one at a time
+    (:func:`_read_page`, which the tests count).
     """
 
     def __init__(self, path, series: int = 0, axis: str | None = None, planes=None):
