@@ -231,7 +231,7 @@ TIFF_ERRORS = {
     "plane not chosen": (["tzc.ome.tif", "--axis", "T", "--dataset", "Z=1"], "choose one"),
     "no such axis": (["tzc.ome.tif", "--axis", "Q"], "has no axis 'Q'"),
     "no such series": (["tzc.ome.tif", "--series", "3"], "not series=3"),
-    "nothing matches": (["nothing/*.tif"], "no file matches"),
+    "nothing matches": (["nothing/*.tif"], "no TIFF file (.tif, .tiff) matches"),
 }
 
 
