@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass
 
 from .pipeline import DEFAULT_MEMORY_BUDGET
 from .scheduling import STOP_CHECKS
+from .tiff import is_frame_folder
 
 OUTPUT_SUFFIX = "_bg"
 RUN_LOG_PREFIX = "rollmed-dask-job"
@@ -167,11 +168,12 @@ def _hidden(path: pathlib.Path, root: pathlib.Path) -> bool:
     return any(part.startswith(".") for part in path.relative_to(root).parts)
 
 
-def find_inputs(paths, recursive: bool = False) -> list[tuple]:
+def find_inputs(paths, recursive: bool = False, pattern: str = "*.rtdc") -> list[tuple]:
     """The input files, each with the folder it was found from.
 
-    A folder needs ``recursive``; below it every ``*.rtdc`` counts, sorted,
-    except hidden files (our temporaries) and outputs of rollmed-dask.
+    A folder needs ``recursive``; below it every file matching ``pattern``
+    (``*.rtdc``; ``*.tif`` for TIFF stacks) counts, sorted, except hidden files
+    (our temporaries) and outputs of rollmed-dask.
     """
     found, seen = [], set()
     for given in paths:
@@ -182,11 +184,11 @@ def find_inputs(paths, recursive: bool = False) -> list[tuple]:
             if not recursive:
                 raise ValueError(
                     f"input {str(given)!r} is a folder, not a Zarr store; pass -r "
-                    f"(recursive=True) to process every .rtdc file below it"
+                    f"(recursive=True) to process every {pattern} file below it"
                 )
             root = path
             candidates = sorted(
-                p for p in path.rglob("*.rtdc") if p.is_file() and not _hidden(p, path)
+                p for p in path.rglob(pattern) if p.is_file() and not _hidden(p, path)
             )
         else:
             root, candidates = path.parent, [path]
@@ -221,9 +223,10 @@ def output_path(source: pathlib.Path, root: pathlib.Path, out_dir, fmt: str) -> 
     >>> output_path(pathlib.Path("/d/day1/a.rtdc"), pathlib.Path("/d"), "/o", "hdf5").as_posix()
     '/o/day1/a_bg.rtdc'
     """
-    suffix = ".zarr" if fmt == "zarr" else ".rtdc"
+    suffix = {"zarr": ".zarr", "tiff": ".ome.tif"}.get(fmt, ".rtdc")
     relative = source.parent.relative_to(root)
-    return pathlib.Path(out_dir) / relative / f"{source.stem}{OUTPUT_SUFFIX}{suffix}"
+    stem = source.stem.removesuffix(".ome")  # a.ome.tif -> a_bg.zarr
+    return pathlib.Path(out_dir) / relative / f"{stem}{OUTPUT_SUFFIX}{suffix}"
 
 
 # ---------------------------------------------------------------------------
@@ -234,6 +237,10 @@ def output_path(source: pathlib.Path, root: pathlib.Path, out_dir, fmt: str) -> 
 def _events(source: pathlib.Path, dataset: str) -> int | None:
     """Events of an input, cheaply; None when it cannot be read (the job says why)."""
     try:
+        from .tiff import claims, open_tiff
+
+        if claims(source):
+            return open_tiff(source, dataset).shape[0]
         if source.is_dir():
             import zarr
 
@@ -376,7 +383,7 @@ def _error_line(exc: BaseException) -> str:
 
 # options of compute_backgrounds that are not compute_background's, or that
 # each file gets in its own way (one shared scheduler, no per-file progress bar)
-_BATCH_ONLY = ("recursive", "scheduler", "progress")
+_BATCH_ONLY = ("recursive", "pattern", "scheduler", "progress")
 
 
 def _run_one(job: _Job, opts: dict, scheduler, num_workers, stop) -> FileResult:
@@ -506,6 +513,7 @@ def compute_backgrounds(
     kernel_size: int = 100,
     *,
     recursive: bool = False,
+    pattern: str = "*.rtdc",
     dataset: str = "events/image",
     output_dataset: str = "events/image_bg",
     format: str | None = None,
@@ -544,6 +552,9 @@ def compute_backgrounds(
     recursive : bool
         A folder in ``inputs`` stands for every ``*.rtdc`` below it (sorted;
         hidden files and outputs of rollmed-dask left out).
+    pattern : str
+        The files a folder stands for with ``recursive``: ``"*.tif"`` takes
+        TIFF stacks (one stack per file) instead of ``.rtdc`` files.
     overwrite : bool
         Replace outputs made with other parameters (or not by rollmed-dask).
         Outputs that are up to date are always skipped: the same parameters
@@ -602,7 +613,7 @@ def _compute_backgrounds(*, inputs, out_dir, files_at_once, num_workers, lines, 
 
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]
-    found = find_inputs(inputs, opts["recursive"])
+    found = find_inputs(inputs, opts["recursive"], opts["pattern"])
     jobs = _plan_jobs(found, out_dir, opts, output_format)
     results: list[FileResult | None] = [None] * len(jobs)
     todo = []
@@ -874,7 +885,8 @@ def is_batch(args) -> bool:
     if len(paths) != 2:
         return False
     source, target = paths
-    folder_in = source.is_dir() and not is_zarr_store(source)
+    # a folder of TIFF frames is one stack, not many inputs
+    folder_in = source.is_dir() and not is_zarr_store(source) and not is_frame_folder(source)
     folder_out = (
         not args.in_place
         and (target.is_dir() or getattr(args, "output_is_folder", False))
@@ -912,6 +924,7 @@ def run_cli(args, options: dict) -> int:
             num_workers=None,
             lines=not args.quiet,
             recursive=args.recursive,
+            pattern=args.pattern,
             **options,
         )
     except BatchInterrupted as stopped:

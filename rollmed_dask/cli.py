@@ -149,7 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="*",
         action=batch.InputsAndOutput,  # makes them paths, and keeps a trailing slash's meaning
         metavar="PATH",
-        help="INPUT... OUTPUT: the input .rtdc/HDF5 file or Zarr store (or several, or "
+        help="INPUT... OUTPUT: the input .rtdc/HDF5 file, Zarr store or TIFF stack (a "
+        "multi-page TIFF, or a folder or quoted glob of TIFF frames) (or several, or "
         "folders with -r: see 'many inputs'), then the output file, .rtdc/.h5 (HDF5) or "
         ".zarr (Zarr), or folder",
     )
@@ -219,9 +220,22 @@ def build_parser() -> argparse.ArgumentParser:
         "--output-dataset", default="events/image_bg", help="output dataset (default: %(default)s)"
     )
     g.add_argument(
+        "--series",
+        type=_whole_number,
+        metavar="N",
+        help="TIFF input: the series (image) of the file to read (default: the first)",
+    )
+    g.add_argument(
+        "--axis",
+        metavar="NAME",
+        help="TIFF input: the axis that holds the events, such as T of an OME-TIFF with "
+        "T, Z and C (default: the one axis longer than 1); pick a plane of each other "
+        "axis with --dataset, such as --dataset C=1",
+    )
+    g.add_argument(
         "--format",
         choices=FORMATS,
-        help="output format (default: from the suffix, .zarr is Zarr)",
+        help="output format (default: from the suffix, .zarr is Zarr, .tif/.tiff an OME-TIFF)",
     )
     g.add_argument(
         "--compression",
@@ -261,6 +275,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--recursive",
         action="store_true",
         help="a folder INPUT stands for every .rtdc file below it",
+    )
+    g.add_argument(
+        "--pattern",
+        default="*.rtdc",
+        metavar="GLOB",
+        help="with -r, the files a folder stands for, such as '*.tif' for TIFF stacks "
+        "(default: %(default)s)",
     )
     g.add_argument(
         "--report",
@@ -551,7 +572,7 @@ def job_options(args, scheduler) -> dict:
     the same for ``compute_background`` and for every file of a batch."""
     return dict(
         kernel_size=args.kernel_size,
-        dataset=args.dataset,
+        dataset=_dataset(args),
         output_dataset=args.output_dataset,
         format=args.format,
         compression=args.compression,
@@ -566,6 +587,19 @@ def job_options(args, scheduler) -> dict:
         event_chunk=args.event_chunk,
         batch_size=args.batch_size,
     )
+
+
+def _dataset(args) -> str:
+    """``--dataset``, with a TIFF input's ``--series`` and ``--axis`` folded in
+    (``series=1,axis=T,C=0``: see :mod:`rollmed_dask.tiff`)."""
+    if args.series is None and args.axis is None:
+        return args.dataset
+    from .tiff import DEFAULT_DATASET
+
+    parts = [] if args.dataset == DEFAULT_DATASET else [args.dataset]
+    parts += [] if args.series is None else [f"series={args.series}"]
+    parts += [] if args.axis is None else [f"axis={args.axis}"]
+    return ",".join(parts)
 
 
 def _run(args) -> int:

@@ -34,8 +34,9 @@ from .sinks import (
     zarr_job_params,
 )
 from .sources import Source, as_source
+from .tiff import is_tiff_source
 
-FORMATS = ("hdf5", "zarr")
+FORMATS = ("hdf5", "zarr", "tiff")
 COMPRESSIONS = ("zstd", "gzip", "none")
 
 
@@ -82,9 +83,11 @@ class BackgroundSummary:
 
 
 def output_format(target: pathlib.Path, format: str | None) -> str:
-    """``format`` if given, else ``zarr`` for a ``.zarr`` target, else ``hdf5``."""
+    """``format`` if given, else ``zarr`` for a ``.zarr`` target, ``tiff`` for a
+    ``.tif``/``.tiff`` one, else ``hdf5``."""
     if format is None:
-        return "zarr" if target.suffix.lower() == ".zarr" else "hdf5"
+        suffix = target.suffix.lower()
+        return {".zarr": "zarr", ".tif": "tiff", ".tiff": "tiff"}.get(suffix, "hdf5")
     if format not in FORMATS:
         raise ValueError(f"format={format!r} is not known; pass one of {', '.join(FORMATS)}")
     return format
@@ -148,7 +151,7 @@ def compute_background(
         K, events per window, ``1 <= K < N``.
     dataset, output_dataset : str
         Input dataset in ``source`` and output dataset in ``target``.
-    format : {"hdf5", "zarr"}, optional
+    format : {"hdf5", "zarr", "tiff"}, optional
         Output format; by default from the suffix of ``target``.
     compression : {"zstd", "gzip", "none"}
         Output compression. "zstd" is what dcnum writes (zstd level 5 via
@@ -442,6 +445,10 @@ def _run_job(
     )
     if fmt == "zarr":
         sink = ZarrSink(target, output_dataset, src.shape, src.dtype, **common)
+    elif fmt == "tiff":
+        from .tiff_sink import TiffSink
+
+        sink = TiffSink(target, output_dataset, src.shape, src.dtype, **common)
     else:
         input_path = src.path if _is_hdf5_input(src) else None
         sink = HDF5Sink(
@@ -452,6 +459,7 @@ def _run_job(
             input_path=input_path,
             in_place=in_place,
             copy_images=copy_images,
+            plain=is_tiff_source(src),
             **common,
         )
     try:
@@ -586,7 +594,7 @@ def _check_in_place_matches(target: pathlib.Path, dataset: str, shape: tuple) ->
 
 
 def _is_hdf5_input(src: Source) -> bool:
-    return src.path is not None and src.path.is_file()
+    return src.path is not None and src.path.is_file() and not is_tiff_source(src)
 
 
 class _progress_bar:

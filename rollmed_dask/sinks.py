@@ -488,6 +488,7 @@ class HDF5Sink(Sink):
         input_path=None,
         in_place=False,
         copy_images=False,
+        plain=False,
         **kwargs,
     ):
         super().__init__(target, dataset, shape, dtype, **kwargs)
@@ -496,7 +497,9 @@ class HDF5Sink(Sink):
         self.in_place = in_place
         self.copied_from = None  # file_state of an in-place target when copied
         self.copy_images = copy_images
-        self.plain = False  # a plain HDF5 input: no .rtdc metadata in the output
+        # no .rtdc metadata nor dcnum pipeline labels: a TIFF input, or (found
+        # in open) a plain HDF5 input, is no .rtdc data
+        self.plain = plain
         self.h5 = None
         self.dset = None
         self.codec = None
@@ -521,7 +524,9 @@ class HDF5Sink(Sink):
         else:
             self.h5 = h5py.File(self.tmp, "w", libver="latest")
             self.write_behind = WriteBehind(self.tmp)
-            self.plain = self.input_path is not None and not rtdc.is_rtdc_file(self.input_path)
+            self.plain = self.plain or (
+                self.input_path is not None and not rtdc.is_rtdc_file(self.input_path)
+            )
             if self.input_path is not None and not self.plain:
                 copy = rtdc.prepare_output_file(
                     self.h5, self.input_path, copy_images=self.copy_images, defer_images=True
@@ -805,6 +810,7 @@ class ZarrSink(Sink):
             chunks=(self.chunk_events,) + self.shape[1:],
             compressors=_zarr_compressors(self.compression),
             fill_value=0,
+            dimension_names=NGFF_AXES,  # OME-Zarr 0.5 asks for them (see ngff_attrs)
         )
         (self.tmp / PROGRESS_DIR).mkdir()
         self._params_file().write_text(json.dumps(self.job_params, sort_keys=True))
@@ -865,12 +871,14 @@ class ZarrSink(Sink):
         array.attrs.update(
             {**{k: _plain(v) for k, v in rtdc.IMAGE_ATTRS.items()}, **dataset_attrs}
         )
-        # the log marks the store as ours: only such a folder is ever replaced
+        group_name, _, array_name = self.dataset.strip("/").rpartition("/")
+        (root[group_name] if group_name else root).attrs.update(ngff_attrs(array_name))
+        # the log marks the store as ours: only such a folder is ever replaced;
+        # written last, the job attribute lets a resumed run recognise this
+        # partial as complete if the process dies before the move
         root.attrs.update(
             {ZARR_LOG_ATTR: {rtdc.run_log_name(): log_lines}, ZARR_JOB_ATTR: self.job_params}
         )
-        # the job attribute written above lets a resumed run recognise this
-        # partial as complete if the process dies before the move
         _remove(self.tmp / PROGRESS_DIR)
         move_into_place(self.tmp, self.target)
 
@@ -911,6 +919,25 @@ def settle_zarr_io(timeout: float = 120) -> None:
         future.result(timeout)
     except TimeoutError:
         future.cancel()
+
+
+NGFF_AXES = ("t", "y", "x")
+
+
+def ngff_attrs(array_name: str) -> dict:
+    """OME-Zarr (NGFF 0.5) image metadata for the group that holds the background.
+
+    One resolution level, the array itself; axes t (the events), y, x in
+    pixels. With it, OME-Zarr readers (napari-ome-zarr, Fiji's N5/Zarr
+    reader, ``ome_zarr``) open ``out.zarr/events`` as an image.
+    """
+    axes = [{"name": "t", "type": "time"}] + [{"name": n, "type": "space"} for n in "yx"]
+    dataset = {
+        "path": array_name,
+        "coordinateTransformations": [{"type": "scale", "scale": [1.0, 1.0, 1.0]}],
+    }
+    multiscale = {"name": array_name, "axes": axes, "datasets": [dataset]}
+    return {"ome": {"version": "0.5", "multiscales": [multiscale]}}
 
 
 def _plain(value):

@@ -216,7 +216,12 @@ def _is_hdf5(path: pathlib.Path) -> bool:
 
 
 def open_path(path, dataset: str) -> Source:
-    """Open an HDF5 (``.rtdc``) file or a Zarr store on disk."""
+    """Open an HDF5 (``.rtdc``) file or a Zarr store on disk, or a TIFF stack
+    (a file, a folder or glob of frames: :mod:`rollmed_dask.tiff`)."""
+    from . import tiff
+
+    if tiff.claims(path):
+        return tiff.open_tiff(path, dataset)
     path = pathlib.Path(path)
     if not path.exists():
         raise FileNotFoundError(f"input {str(path)!r} does not exist: check the path")
@@ -224,8 +229,8 @@ def open_path(path, dataset: str) -> Source:
         return _open_zarr_path(path, dataset)
     if not _is_hdf5(path):
         raise ValueError(
-            f"input {str(path)!r} is not an HDF5 file (.rtdc/.h5) nor a Zarr store: "
-            f"pass an HDF5 file or a Zarr directory"
+            f"input {str(path)!r} is not an HDF5 file (.rtdc/.h5), a TIFF nor a Zarr store: "
+            f"pass an HDF5 or TIFF file, a Zarr directory or a folder of TIFF frames"
         )
     from .rtdc import find_image_dataset
 
@@ -354,7 +359,7 @@ def data_token(array) -> str:
             meta = folder / ("zarr.json" if (folder / "zarr.json").exists() else ".zarray")
             return tokenize("zarr", str(folder), repr(array.metadata), file_state(str(meta)))
         return tokenize(array)
-    if isinstance(array, np.ndarray | HDF5Reader) or module.startswith("dask"):
+    if isinstance(array, np.ndarray | HDF5Reader) or module.startswith(("dask", "rollmed_dask")):
         return tokenize(array)
     return uuid.uuid4().hex
 

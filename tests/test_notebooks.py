@@ -38,6 +38,7 @@ EXPECTED_FIGURES = {
     "02-local-cluster.ipynb": 1,
     "03-hpc-slurm.ipynb": 0,
     "04-from-dcnum.ipynb": 1,
+    "05-tiff-stack.ipynb": 1,
 }
 #: Text each notebook must print: the proof that it really did the job.
 EXPECTED_TEXT = {
@@ -53,6 +54,11 @@ EXPECTED_TEXT = {
         "client: closed",
     ],
     "04-from-dcnum.ipynb": ["bit-identical: True"],
+    "05-tiff-stack.ipynb": [
+        "bit-identical to rolling_median_reference: True",
+        "the same background: True",
+        "frame_7.tif is missing",
+    ],
 }
 NEEDS_SLURM = {"03-hpc-slurm.ipynb"}
 CELL_TIMEOUT = 240  # seconds per cell
