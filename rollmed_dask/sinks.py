@@ -343,7 +343,19 @@ class Sink:
 
     def done_starts(self) -> set[int]:
         """Event offsets of blocks a previous, interrupted run completed."""
-        return set()
+        return set(self.done_digests())
+
+    def done_digests(self) -> dict:
+        """``{start: digests or None}`` of the blocks a previous, interrupted run
+        completed: the digests of the input rows each block read, recorded with
+        it (:meth:`record_digests`), None where none were."""
+        return {}
+
+    def record_digests(self, start: int, digests) -> None:
+        """Keep a finished block's input digests with a resumable output."""
+
+    #: What the partial's first run recorded about its input (``open``), or None.
+    previous_input = None
 
 
 class HDF5Sink(Sink):
@@ -376,7 +388,7 @@ class HDF5Sink(Sink):
         self.image_copy = None  # BackgroundCopy of the input's images into a new file
         self.write_behind = None
 
-    def open(self) -> None:
+    def open(self, input_data=None) -> None:
         import h5py
         import hdf5plugin  # noqa: F401
 
@@ -641,11 +653,24 @@ class ZarrSink(Sink):
     def _params_file(self) -> pathlib.Path:
         return self.tmp / PROGRESS_DIR / "job.json"
 
-    def open(self) -> None:
+    def _input_file(self) -> pathlib.Path:
+        return self.tmp / PROGRESS_DIR / "input.json"
+
+    def open(self, input_data=None) -> None:
+        """Create the temporary store, or check the partial one to continue.
+
+        ``input_data`` (JSON-able: the input's stat and identity, see
+        :mod:`rollmed_dask.identity`) is kept in the progress folder; the one a
+        continued partial kept is :attr:`previous_input`.
+        """
         import zarr
 
         if self.resume and self.tmp.exists():
             self._check_resumable()
+            try:
+                self.previous_input = json.loads(self._input_file().read_text())
+            except (OSError, ValueError):
+                self.previous_input = None
             return
         root = zarr.open_group(store=str(self.tmp), mode="w")
         root.create_array(
@@ -657,6 +682,7 @@ class ZarrSink(Sink):
             fill_value=0,
         )
         (self.tmp / PROGRESS_DIR).mkdir()
+        self._input_file().write_text(json.dumps(input_data, sort_keys=True))
         self._params_file().write_text(json.dumps(self.job_params, sort_keys=True))
 
     def _check_resumable(self) -> None:
@@ -668,23 +694,46 @@ class ZarrSink(Sink):
                 f"damaged), so it cannot be continued; rerun without {{option}} to start over",
                 "resume",
             )
+        from .identity import differing_param
+
         try:
             previous = json.loads(self._params_file().read_text())
         except (OSError, ValueError):
             previous = None
-        if previous != json.loads(json.dumps(self.job_params, sort_keys=True)):
+        if not isinstance(previous, dict):
             raise option_error(
                 ValueError,
-                f"the partial output {str(self.tmp)!r} was made by a run with other "
-                f"parameters ({previous}); rerun without {{option}} to start over",
+                f"the partial output {str(self.tmp)!r} has no readable record of its "
+                f"parameters ({PROGRESS_DIR}/job.json), so it cannot be continued; rerun "
+                f"without {{option}} to start over",
+                "resume",
+            )
+        why = differing_param(previous, self.job_params)
+        if why is not None:
+            raise option_error(
+                ValueError,
+                f"the partial output {str(self.tmp)!r} was made with {why}; rerun without "
+                f"{{option}} to start over",
                 "resume",
             )
 
-    def done_starts(self) -> set[int]:
+    def done_digests(self) -> dict:
         progress = self.tmp / PROGRESS_DIR
         if not (self.resume and progress.is_dir()):
-            return set()
-        return {int(p.name) for p in progress.iterdir() if p.name.isdigit()}
+            return {}
+        done = {}
+        for marker in progress.iterdir():
+            if marker.name.isdigit():
+                done[int(marker.name)] = _read_block_digests(progress / f"{marker.name}.digests")
+        return done
+
+    def record_digests(self, start: int, digests) -> None:
+        # after the block's marker (the worker wrote it with the data): a block
+        # whose digests are missing, killed in between, is computed again
+        if self.resume and digests is not None:
+            chunks, context = digests
+            text = json.dumps({"chunks": [d.hex() for d in chunks], "context": context.hex()})
+            (self.tmp / PROGRESS_DIR / f"{start}.digests").write_text(text)
 
     @property
     def prepare(self):
@@ -709,6 +758,15 @@ class ZarrSink(Sink):
         )
         _remove(self.tmp / PROGRESS_DIR)
         move_into_place(self.tmp, self.target)
+
+
+def _read_block_digests(path: pathlib.Path):
+    """A block's ``(chunk digests, context digest)`` as recorded, or None."""
+    try:
+        data = json.loads(path.read_text())
+        return [bytes.fromhex(d) for d in data["chunks"]], bytes.fromhex(data["context"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def _plain(value):
