@@ -299,7 +299,7 @@ def output_state(job: _Job, opts: dict) -> tuple[str, str | None]:
                     "different",
                     f"was made with {key}={params.get(key)!r}, this run has {opts[key]!r}",
                 )
-        return _data_state(job, opts, attrs)
+        return _data_state(job, opts, params)
     return "different", "was not written by rollmed-dask"
 
 
@@ -316,10 +316,10 @@ def _ppid_difference(made, opts) -> str:
     return f"{made}, this run {opts}"
 
 
-def _data_state(job: _Job, opts: dict, attrs: dict) -> tuple[str, str | None]:
+def _data_state(job: _Job, opts: dict, params: dict) -> tuple[str, str | None]:
     from . import identity
 
-    stored = identity.read_record(attrs.get(identity.ATTR))
+    stored = identity.read_record(params.get(identity.ATTR))
     if stored is None:
         return "different", "records no identity of its input data (an older output)"
 

@@ -43,8 +43,9 @@ import time
 import numpy as np
 
 PREFIX = "xxh3-128:"
-#: The output attribute (HDF5 dataset or Zarr array) holding the record, as JSON.
-ATTR = "rollmed-dask input"
+#: The key of the record in an output's run log parameters (and in the job
+#: parameters a Zarr store keeps in its root attributes).
+ATTR = "input_identity"
 #: A recorded stat is trusted only if every file was last changed this long
 #: before the job started: far above the coarseness of file times (ms).
 QUIET_NS = 1_000_000_000
@@ -190,22 +191,18 @@ def now_ns() -> int:
     return time.time_ns()
 
 
-def record(digest: str | None, chunk_events: int, state) -> str:
-    """The JSON stored in an output (:data:`ATTR`)."""
-    return json.dumps(
-        {"digest": digest, "chunk_events": chunk_events, "files": state}, sort_keys=True
-    )
+def record(digest: str | None, chunk_events: int, state) -> dict:
+    """What an output keeps of its input (:data:`ATTR`), JSON-able."""
+    return {"digest": digest, "chunk_events": chunk_events, "files": state}
 
 
 def read_record(value) -> dict | None:
     """A stored record, or None if there is none (an older output) or it is damaged."""
-    if isinstance(value, bytes):
-        value = value.decode()
-    try:
-        data = json.loads(value)
-    except (TypeError, ValueError):
+    if not (isinstance(value, dict) and isinstance(value.get("digest"), str)):
         return None
-    return data if isinstance(data, dict) and data.get("digest") else None
+    if not isinstance(value.get("chunk_events"), int):
+        return None
+    return value
 
 
 def unchanged_since(state, input_path) -> bool:
@@ -262,8 +259,10 @@ def paths_same_file(a, b) -> bool:
 
 def differing_param(stored: dict, wanted: dict) -> str | None:
     """``"kernel_size=50, this run has 100"`` for the first parameter that
-    differs, or None. Input paths are compared as files, not strings."""
-    for key, value in wanted.items():
+    differs, or None. Input paths are compared as files, not strings, and
+    last: the parameters a user chose are the likelier news."""
+    for key in sorted(wanted, key=lambda key: key == "input"):
+        value = wanted[key]
         was = stored.get(key)
         if key == "input" and paths_same_file(was, value):
             continue

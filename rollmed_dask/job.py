@@ -292,7 +292,7 @@ def _complete_state(target: pathlib.Path, src, k, compression, output_dataset):
     why = identity.differing_param(stored, _result_params(src, k, compression))
     if why is not None:
         return False, f"was made with {why}"
-    found = _stored_record(target, output_dataset)
+    found = identity.read_record(stored.get(identity.ATTR))
     if found is None:
         return False, "records no identity of its input data (an older output)"
     if src.path is None:
@@ -300,16 +300,6 @@ def _complete_state(target: pathlib.Path, src, k, compression, output_dataset):
     else:
         same, why = identity.same_data(found, src.path, lambda: src.array)
     return (True, None) if same else (False, why or "was made from other data")
-
-
-def _stored_record(target: pathlib.Path, output_dataset: str):
-    import zarr
-
-    try:
-        attrs = zarr.open_group(store=str(target), mode="r")[output_dataset].attrs
-        return identity.read_record(attrs.get(identity.ATTR))
-    except Exception:  # no array, a damaged store: no record
-        return None
 
 
 def _upfront_identity(src, chunk_events: int) -> str | None:
@@ -433,14 +423,15 @@ def _run_job(
             scheduler=resolved.description,
             memory_budget=memory_budget,
             blocks_resumed=len(done),
-            input_identity=upfront,
         )
+        # what the output was made from: in its run log, and a Zarr store's root
+        # attributes (the image_bg attributes stay exactly dcnum's)
+        params[identity.ATTR] = identity.record(upfront, chunk_events, trusted)
+        sink.job_params[identity.ATTR] = params[identity.ATTR]
         log = rtdc.run_log_lines(
             params, input_path=src.path, output_path=target, time_start=started
         )
-        attrs = rtdc.bg_ppid_attrs(k, batch_size)
-        attrs[identity.ATTR] = identity.record(upfront, chunk_events, trusted)
-        sink.commit(attrs, log)
+        sink.commit(rtdc.bg_ppid_attrs(k, batch_size), log)
     except BaseException as exc:
         sink.abort()
         if resume and sink.tmp.exists():

@@ -17,7 +17,13 @@ import numpy as np
 import pytest
 from conftest import read_images
 
-from rollmed_dask import compute_background, compute_backgrounds, identity, rolling_median
+from rollmed_dask import (
+    batch,
+    compute_background,
+    compute_backgrounds,
+    identity,
+    rolling_median,
+)
 from rollmed_dask import sources as sources_module
 from rollmed_dask.core import rolling_median_reference
 from rollmed_dask.sinks import PROGRESS_DIR, ZarrSink, partial_path
@@ -61,6 +67,11 @@ def raw(tmp_path):
 def run(raw_folder, out, **kw):
     results = compute_backgrounds(raw_folder, out, K, recursive=True, progress=False, **kw)
     return {pathlib.Path(r["input"]).stem: r for r in results}
+
+
+def stored_record(output):
+    """The record of the input's data in an output's run log."""
+    return batch._read_run_logs(output)[-1]["parameters"][identity.ATTR]
 
 
 @pytest.fixture
@@ -111,9 +122,7 @@ def test_fast_path_reads_nothing_and_a_touched_file_is_read_and_still_current(
     folder, _ = raw
     monkeypatch.setattr(identity, "QUIET_NS", 0)  # the inputs were just written
     run(folder, tmp_path / "bg")
-    stored = json.loads(
-        h5py.File(tmp_path / "bg" / "a_bg.rtdc")["events/image_bg"].attrs[identity.ATTR]
-    )
+    stored = stored_record(tmp_path / "bg" / "a_bg.rtdc")
     assert stored["files"][0][0] == str(folder / "a.rtdc")
     assert {r["status"] for r in run(folder, tmp_path / "bg").values()} == {"skipped"}
     assert count_slow_path == []  # unchanged stat: decided without reading
@@ -125,8 +134,7 @@ def test_fast_path_reads_nothing_and_a_touched_file_is_read_and_still_current(
 def test_stat_is_not_trusted_when_the_input_was_written_just_before_the_job(raw, tmp_path):
     folder, _ = raw
     compute_background(folder / "a.rtdc", tmp_path / "a.rtdc", K, progress=False)
-    with h5py.File(tmp_path / "a.rtdc") as h5:
-        stored = json.loads(h5["events/image_bg"].attrs[identity.ATTR])
+    stored = stored_record(tmp_path / "a.rtdc")
     assert stored["files"] is None  # a rewrite in the same clock tick could keep it
     assert stored["digest"].startswith(identity.PREFIX)
 
@@ -198,8 +206,12 @@ def test_the_event_count_is_compared(raw, tmp_path):
 def test_an_output_without_a_recorded_identity_is_not_current(raw, tmp_path):
     folder, _ = raw
     run(folder, tmp_path / "bg")
-    with h5py.File(tmp_path / "bg" / "a_bg.rtdc", "r+") as h5:
-        del h5["events/image_bg"].attrs[identity.ATTR]
+    with h5py.File(tmp_path / "bg" / "a_bg.rtdc", "r+") as h5:  # as an older version wrote it
+        (name,) = [n for n in h5["logs"] if n.startswith("rollmed-dask-job")]
+        info = json.loads(b"\n".join(h5["logs"][name][:]))
+        del info["parameters"][identity.ATTR]
+        del h5["logs"][name]
+        h5["logs"][name] = json.dumps(info).encode().split(b"\n")
     again = run(folder, tmp_path / "bg")
     assert "records no identity of its input data" in again["a"]["error"]
     assert again["b"]["status"] == "skipped"
