@@ -393,7 +393,12 @@ def _run_job(
             in_place=in_place,
             **common,
         )
-    input_data = {"files": state, "identity": upfront, "chunk_events": chunk_events}
+    # a partial trusts its input's stat as an output does (quiet since the start)
+    input_data = {
+        "files": identity.trusted_state(state, state, started_ns),
+        "identity": upfront,
+        "chunk_events": chunk_events,
+    }
     try:
         sink.open(input_data)
         blocks = block_tasks(src, k, engine, chunks, sink.prepare, chunk_events)

@@ -370,3 +370,31 @@ def test_input_rewritten_in_place_between_two_calls_in_one_process(filters, tmp_
     out = tmp_path / "bg.rtdc"
     compute_background(path, out, K, progress=False)
     exact(out, second)
+
+
+# --- basins: the identity of the events as the job sees them ---------------
+
+
+@pytest.mark.parametrize("mapping", [None, np.arange(1, N, 2)], ids=["basin", "mapped-basin"])
+def test_a_basin_input_is_current_until_its_basin_changes(mapping, tmp_path, monkeypatch):
+    from rollmed_dask.rtdc.basins import store_file_basin
+
+    monkeypatch.setattr(identity, "QUIET_NS", 0)  # the fast path: the basin's stat counts
+
+    images = tmp_path / "images.rtdc"  # outside the input folder: not an input itself
+    img = write_plain(images, 0)
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    n = N if mapping is None else len(mapping)
+    with h5py.File(raw / "m.rtdc", "w") as h5:
+        h5["events/index"] = np.arange(1, n + 1, dtype=np.uint32)
+        store_file_basin(
+            h5, "images", [str(images)], features=["image"], identifier=None, mapping=mapping
+        )
+    run(raw, tmp_path / "bg")
+    seen = img if mapping is None else img[mapping]
+    exact(tmp_path / "bg" / "m_bg.rtdc", seen)
+    assert run(raw, tmp_path / "bg")["m"]["status"] == "skipped"
+    replace_keeping_times(images, seed=5)  # the input file itself is untouched
+    again = run(raw, tmp_path / "bg")["m"]
+    assert again["status"] == "failed" and "other data" in again["error"]
