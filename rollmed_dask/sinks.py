@@ -341,10 +341,6 @@ class Sink:
         if not self.resume:
             _remove_temporary(self.tmp)
 
-    def done_starts(self) -> set[int]:
-        """Event offsets of blocks a previous, interrupted run completed."""
-        return set(self.done_digests())
-
     def done_digests(self) -> dict:
         """``{start: digests or None}`` of the blocks a previous, interrupted run
         completed: the digests of the input rows each block read, recorded with
