@@ -416,7 +416,6 @@ def _run_job(
                 payload, block_digests = result
                 bar.update(sink.write(payload))
                 digests[payload[0]] = block_digests
-                sink.record_digests(payload[0], block_digests)
 
             stream_blocks(tasks, on_result, resolved, num_workers)
         if src.pickles_small:

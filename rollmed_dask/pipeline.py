@@ -531,7 +531,7 @@ def _stored_chunk(view, region: tuple, finish):
 def _digested_chunk(view, region: tuple, finish, digest_events: int):
     start, stop = region[0].start, region[0].stop
     rows, digests = view.rows_and_digests(start, stop, digest_events)
-    return finish(rows, start), digests
+    return finish(rows, start, digests), digests
 
 
 def background_array(source, kernel_size: int, engine: str, chunks):
@@ -594,11 +594,12 @@ def block_tasks(
     finish : callable
         ``finish(rows, start)``, run in the task; it joins the graph's tokens.
     digest_events : int
-        With a stored source that pickles small, each task returns
-        ``(finish(rows, start), digests)``: the digests of the input rows it
-        read, in chunks of ``digest_events`` rows
-        (:func:`rollmed_dask.identity.block_digests`), which cost no second
-        read. Other sources return ``(finish(rows, start), None)``.
+        With a stored source that pickles small, each task calls
+        ``finish(rows, start, digests)`` and returns ``(its result,
+        digests)``: the digests of the input rows it read, in chunks of
+        ``digest_events`` rows (:func:`rollmed_dask.identity.block_digests`),
+        which cost no second read. Other sources return ``(finish(rows,
+        start), None)``.
 
     Returns
     -------

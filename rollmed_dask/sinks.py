@@ -344,11 +344,8 @@ class Sink:
     def done_digests(self) -> dict:
         """``{start: digests or None}`` of the blocks a previous, interrupted run
         completed: the digests of the input rows each block read, recorded with
-        it (:meth:`record_digests`), None where none were."""
+        it, None where none were."""
         return {}
-
-    def record_digests(self, start: int, digests) -> None:
-        """Keep a finished block's input digests with a resumable output."""
 
     #: What the partial's first run recorded about its input (``open``), or None.
     previous_input = None
@@ -622,11 +619,11 @@ def _free_log_name(h5, name: str) -> str:
     return candidate
 
 
-def _pass_block(block, start):
+def _pass_block(block, start, digests=None):
     return start, np.ascontiguousarray(block)
 
 
-def _encode_block_task(codec, block, start):
+def _encode_block_task(codec, block, start, digests=None):
     from .h5chunks import encode_block
 
     return start, encode_block(codec, block)
@@ -717,19 +714,11 @@ class ZarrSink(Sink):
         progress = self.tmp / PROGRESS_DIR
         if not (self.resume and progress.is_dir()):
             return {}
-        done = {}
-        for marker in progress.iterdir():
-            if marker.name.isdigit():
-                done[int(marker.name)] = _read_block_digests(progress / f"{marker.name}.digests")
-        return done
-
-    def record_digests(self, start: int, digests) -> None:
-        # after the block's marker (the worker wrote it with the data): a block
-        # whose digests are missing, killed in between, is computed again
-        if self.resume and digests is not None:
-            chunks, context = digests
-            text = json.dumps({"chunks": [d.hex() for d in chunks], "context": context.hex()})
-            (self.tmp / PROGRESS_DIR / f"{start}.digests").write_text(text)
+        return {
+            int(marker.name): _read_block_digests(marker)
+            for marker in progress.iterdir()
+            if marker.name.isdigit()
+        }
 
     @property
     def prepare(self):
@@ -757,7 +746,7 @@ class ZarrSink(Sink):
 
 
 def _read_block_digests(path: pathlib.Path):
-    """A block's ``(chunk digests, context digest)`` as recorded, or None."""
+    """A block's ``(chunk digests, context digest)`` as its marker holds them, or None."""
     try:
         data = json.loads(path.read_text())
         return [bytes.fromhex(d) for d in data["chunks"]], bytes.fromhex(data["context"])
@@ -780,16 +769,24 @@ def _zarr_compressors(compression):
     return [ZstdCodec(level=5, checksum=True)]
 
 
-def _zarr_write_block(store_path: str, dataset: str, block, start: int):
+def _zarr_write_block(store_path: str, dataset: str, block, start: int, digests=None):
     import zarr
 
     array = zarr.open_array(store=store_path, path=dataset, mode="r+")
     array[start : start + len(block)] = block
     crash_point("zarr-data")
     # One marker per block start, written only after the block's data: resume
-    # trusts a marker, so a block without one is computed again.
+    # trusts a marker, so a block without one is computed again. It holds the
+    # digests of the input rows the block read, which a resumed run checks;
+    # renamed into place, so it is never seen half written.
     marker = pathlib.Path(store_path) / PROGRESS_DIR / str(start)
-    marker.touch()
+    text = ""
+    if digests is not None:
+        chunks, context = digests
+        text = json.dumps({"chunks": [d.hex() for d in chunks], "context": context.hex()})
+    tmp = marker.with_name(f"{start}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, marker)
     crash_point("zarr-marker")
     return start, len(block)
 
