@@ -6,9 +6,11 @@ once. Small files run side by side (a few at once, each on a share of the
 threads), so the per-file work that is not parallel (opening, metadata,
 committing) overlaps another file's median.
 
-A rerun is a resume: an output that is complete and made with the same
-parameters (its ``dcnum ppid background`` and our run log) is skipped; one
-made otherwise is refused unless ``overwrite``. Outputs only appear when
+A rerun is a resume: an output that is complete, made with the same
+parameters (its ``dcnum ppid background`` and our run log) and from the same
+data (the identity of the input's frames it records, see
+:mod:`rollmed_dask.identity`) is skipped; one made otherwise is refused
+unless ``overwrite``, which always computes again. Outputs only appear when
 complete (``compute_background`` writes to a temporary first), so an
 interrupted batch leaves finished files and nothing else.
 """
@@ -43,7 +45,9 @@ created if missing.
 Outputs mirror the inputs' tree below their common folder, as <name>_bg.rtdc
 (<name>_bg.zarr with --format zarr). With -r --in-place there is no OUTPUT:
 every INPUT gets events/image_bg itself. A rerun skips outputs that are up to
-date (same parameters), refuses those made otherwise unless --overwrite, and
+date (same parameters, made from the same frames: checked by the identity of
+the input data each output records), refuses those made otherwise unless
+--overwrite (which always computes again), and
 redoes what an interruption left unfinished (Zarr with --resume: resumed).
 Exit status: 0 all done or up to date, 1 some files failed, 2 usage error."""
 
@@ -282,7 +286,16 @@ def _output_dataset_attrs(target: pathlib.Path, dataset: str):
 
 
 def output_state(job: _Job, opts: dict) -> tuple[str, str | None]:
-    """``("missing", None)``, ``("current", None)`` or ``("different", why)``."""
+    """``("missing", None)``, ``("current", None)`` or ``("different", why)``.
+
+    Current only when the output was made with this run's parameters (K and
+    batch size in its ``dcnum ppid background``, the event count, the dataset
+    and compression in its run log) *and* from the data the input holds now:
+    the identity recorded in the output (:mod:`rollmed_dask.identity`) is
+    checked by the input's stat when that is unchanged (microseconds), else
+    by reading and hashing the input (a moved or copied folder, a file
+    touched or rewritten). ``why`` names what differs, with both values.
+    """
     target, in_place = job.output, opts["in_place"]
     if not in_place and not (target.exists() or target.is_symlink()):
         return "missing", None
@@ -292,7 +305,9 @@ def output_state(job: _Job, opts: dict) -> tuple[str, str | None]:
     try:
         found = _output_dataset_attrs(target, opts["output_dataset"])
     except Exception as exc:  # a damaged or foreign output: never replaced silently
-        return "different", f"cannot be read as an output ({type(exc).__name__})"
+        if in_place:  # the input itself: its job says what is wrong with it
+            return "missing", None
+        return "different", f"is not a readable HDF5 file or Zarr store ({type(exc).__name__})"
     if found is None:
         if in_place:
             return "missing", None
@@ -300,7 +315,7 @@ def output_state(job: _Job, opts: dict) -> tuple[str, str | None]:
     shape, attrs = found
     made = attrs.get("dcnum ppid background")
     if made != want:
-        return "different", f"was made with {made or 'unknown parameters'}, not {want}"
+        return "different", f"was made with {_ppid_difference(made, opts)}"
     if job.events is not None and shape[0] != job.events:
         return "different", f"has {shape[0]} events, the input {job.events}"
     for info in reversed(_read_run_logs(target)):
@@ -308,14 +323,46 @@ def output_state(job: _Job, opts: dict) -> tuple[str, str | None]:
         if output is None or pathlib.Path(output).name != target.name:
             continue
         params = info.get("parameters", {})
-        if source is None or pathlib.Path(source).name != job.input.name:
-            return "different", f"was made from another input ({source})"
-        if params.get("dataset") != opts["dataset"]:
-            return "different", f"was made from the dataset {params.get('dataset')!r}"
-        if params.get("compression") != opts["compression"]:
-            return "different", f"was written with compression {params.get('compression')!r}"
-        return "current", None
+        for key in ("dataset", "compression"):
+            if params.get(key) != opts[key]:
+                return (
+                    "different",
+                    f"was made with {key}={params.get(key)!r}, this run has {opts[key]!r}",
+                )
+        return _data_state(job, opts, params)
     return "different", "was not written by rollmed-dask"
+
+
+def _ppid_difference(made, opts) -> str:
+    """``"kernel_size=50, this run has 100"`` from a dcnum pipeline id ``rollmed:k=50^b=B``."""
+    fields = dict(
+        part.split("=", 1) for part in str(made).partition(":")[2].split("^") if "=" in part
+    )
+    if not str(made).startswith("rollmed:") or not fields:
+        return f"{made or 'unknown parameters'}, not kernel_size={opts['kernel_size']}"
+    for key, name in (("k", "kernel_size"), ("b", "batch_size")):
+        if fields.get(key) != str(opts[name]):
+            return f"{name}={fields.get(key)}, this run has {opts[name]}"
+    return f"{made}, this run {opts}"
+
+
+def _data_state(job: _Job, opts: dict, params: dict) -> tuple[str, str | None]:
+    from . import identity
+
+    stored = identity.read_record(params.get(identity.ATTR))
+    if stored is None:
+        return "different", "records no identity of its input data (an older output)"
+
+    def open_array():
+        from .sources import as_source
+
+        return as_source(job.input, opts["dataset"]).array
+
+    try:
+        same, why = identity.same_data(stored, job.input, open_array)
+    except Exception:  # an unreadable input: its job says what is wrong, before any output
+        return "missing", None
+    return ("current", None) if same else ("different", why)
 
 
 # ---------------------------------------------------------------------------
@@ -556,9 +603,9 @@ def compute_backgrounds(
         The files a folder stands for with ``recursive``: ``"*.tif"`` takes
         TIFF stacks (one stack per file) instead of ``.rtdc`` files.
     overwrite : bool
-        Replace outputs made with other parameters (or not by rollmed-dask).
-        Outputs that are up to date are always skipped: the same parameters
-        give the same bits.
+        Compute every output again and replace it, including those made with
+        other parameters or data (or not by rollmed-dask) and those that are
+        up to date.
     resume : bool
         Zarr: continue partial outputs an interrupted run left.
     in_place : bool
@@ -619,7 +666,7 @@ def _compute_backgrounds(*, inputs, out_dir, files_at_once, num_workers, lines, 
     todo = []
     for i, job in enumerate(jobs):
         state, why = output_state(job, opts)
-        if state == "current":
+        if state == "current" and not opts["overwrite"]:
             results[i] = FileResult(
                 str(job.input), str(job.output), "skipped", job.events, note="up to date"
             )

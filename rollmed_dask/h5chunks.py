@@ -574,7 +574,7 @@ def _chunk_offsets(region, chunks):
     return itertools.product(*ranges)
 
 
-def read_block(dset, start, stop, tile=None, *, codec=None, out=None) -> np.ndarray:
+def read_block(dset, start, stop, tile=None, *, codec=None, out=None, scope=None) -> np.ndarray:
     """Read events ``[start, stop)`` (optionally a pixel tile) of an HDF5 dataset.
 
     The stored chunks covering the region are fetched with
@@ -597,6 +597,9 @@ def read_block(dset, start, stop, tile=None, *, codec=None, out=None) -> np.ndar
         every call.
     out : numpy.ndarray, optional
         Destination of the region's shape and the dataset's dtype.
+    scope : str, optional
+        Reuse the chunk addresses found for this file only within this scope
+        (a reader, so one job; see :class:`RawChunks`).
 
     Returns
     -------
@@ -629,7 +632,7 @@ def read_block(dset, start, stop, tile=None, *, codec=None, out=None) -> np.ndar
     if out.size == 0:
         return out
     direct = out.dtype == codec.dtype
-    with RawChunks.of(dset) as raw_chunks:
+    with RawChunks.of(dset, scope) as raw_chunks:
         _read_chunks(dset, region, codec, out, direct, raw_chunks)
     return out
 
@@ -709,7 +712,12 @@ class RawChunks:
     through h5py (:meth:`of` yields None).
     """
 
-    _tables: dict = {}  # (path, dataset, file state) -> (addresses, sizes, masks) or None
+    # (scope, path, dataset, file state) -> (addresses, sizes, masks) or None.
+    # The scope (one reader: one job or graph) matters: file times are coarse,
+    # so a file rewritten in place twice within a few ms keeps its size, mtime
+    # and ctime, and an old table would read other bytes at the old addresses
+    # (wrong pixels, or a false checksum error).
+    _tables: dict = {}
     _lock = threading.Lock()
     _KEEP = 8
 
@@ -721,9 +729,13 @@ class RawChunks:
 
     @classmethod
     @contextlib.contextmanager
-    def of(cls, dset):
-        """A reader of ``dset``'s chunks for one block (or None), in a ``with`` block."""
-        table = cls._table(dset)
+    def of(cls, dset, scope=None):
+        """A reader of ``dset``'s chunks for one block (or None), in a ``with`` block.
+
+        The chunk addresses are reused for later blocks of the same ``scope``
+        and file state; without a scope, for the same file state alone.
+        """
+        table = cls._table(dset, scope)
         if table is None:
             yield None
             return
@@ -734,14 +746,15 @@ class RawChunks:
             os.close(fd)
 
     @classmethod
-    def _table(cls, dset):
+    def _table(cls, dset, scope=None):
         if not hasattr(os, "preadv") or dset.chunks is None:
             return None
         if tuple(dset.chunks[1:]) != tuple(dset.shape[1:]) or dset.file.driver != "sec2":
             return None
         path = dset.file.filename
-        stat = os.stat(path)
-        key = (path, dset.name, stat.st_ino, stat.st_size, stat.st_mtime_ns)
+        from .sources import file_state
+
+        key = (scope, path, dset.name, file_state(path))
         with cls._lock:
             if key in cls._tables:
                 return cls._tables[key]

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import kernel_warmup, rtdc
+from . import identity, kernel_warmup, rtdc
 from .core import check_kernel_size, select_engine
 from .pipeline import DEFAULT_MEMORY_BUDGET, block_tasks, parse_bytes, plan_block_tasks
 from .scheduling import resolve_scheduler, stream_blocks
@@ -255,8 +255,17 @@ def compute_background(
         remove_stale_temporaries(target, keep_resumable=resumable)
         resuming = resumable and partial_path(target).exists()
         if not in_place:
-            if resumable and not resuming and _is_complete(target, src, k, compression):
-                return _complete_summary(src, target, fmt, output_dataset, k, engine, t0)
+            if resumable and not resuming and not overwrite:
+                complete, why = _complete_state(target, src, k, compression, output_dataset)
+                if complete:
+                    return _complete_summary(src, target, fmt, output_dataset, k, engine, t0)
+                if why is not None:
+                    raise option_error(
+                        FileExistsError,
+                        f"the existing output {str(target)!r} {why}; pass {{option}} to "
+                        f"replace it once the new result is complete",
+                        "overwrite",
+                    )
             check_target(target, overwrite or resuming, src.path)
         # the blocks, the workers' memory and a partial to resume are checked
         # as the run will see them, before a starter may submit SLURM jobs
@@ -369,13 +378,35 @@ def _result_params(src, k, compression) -> dict:
     }
 
 
-def _is_complete(target: pathlib.Path, src, k, compression) -> bool:
-    """A complete Zarr output of ours made by the same job: nothing to resume."""
+def _complete_state(target: pathlib.Path, src, k, compression, output_dataset):
+    """Is ``target`` a complete Zarr output of ours of this very job (nothing to
+    resume)? ``(True, None)``; ``(False, None)`` when it is not a complete output
+    of ours; ``(False, why)`` when it is one made otherwise: another parameter
+    (named, with both values) or other data (:func:`rollmed_dask.identity.same_data`).
+    """
     stored = zarr_job_params(target)
     if not isinstance(stored, dict):
-        return False
-    stored = {key: value for key, value in stored.items() if key != "block_events"}
-    return stored == _result_params(src, k, compression)
+        return False, None
+    why = identity.differing_param(stored, _result_params(src, k, compression))
+    if why is not None:
+        return False, f"was made with {why}"
+    found = identity.read_record(stored.get(identity.ATTR))
+    if found is None:
+        return False, "records no identity of its input data (an older output)"
+    if src.path is None:
+        same, why = found["digest"] == _upfront_identity(src, found["chunk_events"]), None
+    else:
+        same, why = identity.same_data(found, src.path, lambda: src.array)
+    return (True, None) if same else (False, why or "was made from other data")
+
+
+def _upfront_identity(src, chunk_events: int) -> str | None:
+    """The identity of an input that no block task hashes (in memory, a mapped
+    basin), read and hashed before the job; None for a dask array, whose
+    graph would run twice."""
+    if type(src.array).__module__.startswith("dask"):
+        return None
+    return identity.compute_identity(src.array, chunk_events)
 
 
 def _summary(src, target, fmt, output_dataset, k, engine, t0, **run) -> BackgroundSummary:
@@ -434,11 +465,16 @@ def _run_job(
 ):
     """Graph, sink, streaming and commit of a validated job."""
     started = time.time()
+    started_ns = identity.now_ns()
+    files = identity.source_files(src)
+    state = identity.files_state(files) if files else None
     n_events, height, width = src.shape
     chunk_events = rtdc.default_chunk_events((height, width), src.dtype)
     chunks = plan_block_tasks(
         src, k, memory_budget=memory_budget, event_chunk=event_chunk, align_events=chunk_events
     )
+    # stored sources hash their rows in the block tasks; others before the job
+    upfront = None if src.pickles_small else _upfront_identity(src, chunk_events)
     params = {**_result_params(src, k, compression), "block_events": chunks[0][0]}
     common = dict(
         chunk_events=chunk_events, job_params=dict(params), resume=resume, compression=compression
@@ -462,24 +498,52 @@ def _run_job(
             plain=is_tiff_source(src),
             **common,
         )
+    # a partial trusts its input's stat as an output does (quiet since the start)
+    input_data = {
+        "files": identity.trusted_state(state, state, started_ns),
+        "identity": upfront,
+        "chunk_events": chunk_events,
+    }
     try:
-        sink.open()
-        done = sink.done_starts()
-        blocks = block_tasks(src, k, engine, chunks, sink.prepare)
+        sink.open(input_data)
+        blocks = block_tasks(src, k, engine, chunks, sink.prepare, chunk_events)
+        if getattr(sink, "complete", False):  # a partial killed just before its move
+            _install_complete_partial(src, sink, k, compression, output_dataset)
+            return _summary(
+                src, target, fmt, output_dataset, k, engine, t0, blocks=len(blocks),
+                blocks_resumed=len(blocks), scheduler=resolved.description,
+                events_resumed=n_events,
+            )  # fmt: skip
+        digests = sink.done_digests()
+        if src.pickles_small:  # a block done without its digests is computed again
+            digests = {start: d for start, d in digests.items() if d is not None}
+        done = set(digests)
+        if done:
+            _check_resumed(src, sink, blocks, digests, input_data, k)
         tasks = [block.task for block in blocks if block.start not in done]
         resumed_events = sum(block.stop - block.start for block in blocks if block.start in done)
         with _progress_bar(n_events, resumed_events, progress) as bar:
 
-            def on_result(payload):
+            def on_result(result):
+                payload, block_digests = result
                 bar.update(sink.write(payload))
+                digests[payload[0]] = block_digests
 
             stream_blocks(tasks, on_result, resolved, num_workers)
+        if src.pickles_small:
+            chunk_digests = [d for start in sorted(digests) for d in digests[start][0]]
+            upfront = identity.combine(chunk_digests, src.dtype, src.shape, chunk_events)
+        trusted = _state_after_job(src, files, state, started_ns)
         params.update(
             engine=engine,
             scheduler=resolved.description,
             memory_budget=memory_budget,
             blocks_resumed=len(done),
         )
+        # what the output was made from: in its run log, and a Zarr store's root
+        # attributes (the image_bg attributes stay exactly dcnum's)
+        params[identity.ATTR] = identity.record(upfront, chunk_events, trusted)
+        sink.job_params[identity.ATTR] = params[identity.ATTR]
         log = rtdc.run_log_lines(
             params, input_path=src.path, output_path=target, time_start=started
         )
@@ -505,6 +569,79 @@ def _run_job(
         scheduler=resolved.description,
         events_resumed=resumed_events,
     )
+
+
+def _install_complete_partial(src, sink, k, compression, output_dataset) -> None:
+    """Move a partial that was committed but not moved into place, once its
+    record says it was made from this input's data."""
+    complete, why = _complete_state(sink.tmp, src, k, compression, output_dataset)
+    if not complete:
+        raise option_error(
+            ValueError,
+            f"the partial output {str(sink.tmp)!r} {why or 'was made from other data'}; "
+            f"rerun without {{option}} to start over",
+            "resume",
+        )
+    sink.install()
+
+
+def _state_after_job(src, files, state, started_ns):
+    """The input's stat to record (None: untrusted), refusing an input that
+    changed while the job read it: its background would mix two inputs."""
+    if not files:
+        return None
+    after = identity.files_state(files)
+    if after != state:
+        raise ValueError(
+            f"the input {str(src.path)!r} changed while it was read (another program "
+            f"wrote it); nothing was written: run again once it is complete"
+        )
+    return identity.trusted_state(state, after, started_ns)
+
+
+def _check_resumed(src, sink, blocks, digests, input_data, k) -> None:
+    """A partial is continued only if its blocks were made from this input's data.
+
+    Unchanged stat since the partial was started: the same data. Otherwise
+    the rows every done block read (its own and its overlap) are read again
+    and hashed, and must give the digests recorded with the block.
+    """
+    previous = sink.previous_input or {}
+    problem = f"the partial output {str(sink.tmp)!r} was made from other data"
+    if not src.pickles_small:  # identity known before the job, or None (a dask array)
+        if previous.get("identity") != input_data["identity"]:
+            raise option_error(
+                ValueError, f"{problem}; rerun without {{option}} to start over", "resume"
+            )
+        return
+    if src.path is not None and identity.unchanged_since(previous.get("files"), src.path):
+        return
+    from .pipeline import RollingMedianView
+
+    view = RollingMedianView(src.array, k, "numpy")
+    for block in blocks:
+        if block.start not in digests:
+            continue
+        got = _read_digests(view, block.start, block.stop, input_data["chunk_events"])
+        if got != digests[block.start]:
+            raise option_error(
+                ValueError,
+                f"{problem} (the input changed since, at events {block.start}-{block.stop}); "
+                f"rerun without {{option}} to start over",
+                "resume",
+            )
+
+
+def _read_digests(view, start, stop, chunk_events):
+    """The digests a block task records, from the input rows alone (no median)."""
+    from .identity import block_digests
+
+    n, k = view.shape[0], view.kernel_size
+    first_tail = n - k
+    j0 = min(start, first_tail - 1)
+    end = max(min(stop, first_tail) - 1 + k, stop)
+    chunks, context = block_digests(np.asarray(view.source[j0:end]), j0, start, stop, chunk_events)
+    return chunks, context
 
 
 # Of a worker's memory limit per thread, the share one block task may plan on:

@@ -302,19 +302,36 @@ def background_rows(read, start: int, stop: int, n_events: int, kernel_size: int
     Rows j >= N-K repeat row N-K-1; a range lying wholly in that tail needs
     only the one window N-K-1. Input row N-1 is never read.
     """
+    return _background_rows(read, start, stop, n_events, kernel_size, engine)[0]
+
+
+def _background_rows(read, start, stop, n_events, kernel_size, engine, digest_events=0):
+    """``background_rows``, and with ``digest_events`` the digests of the rows
+    read (:func:`rollmed_dask.identity.block_digests`), else None.
+
+    The digests need every row of ``[start, stop)``; only the last block lacks
+    one (input row N-1, which no window reads), so it reads that row more.
+    """
     k = kernel_size
     first_tail = n_events - k
     j0 = min(start, first_tail - 1)
     j1 = min(stop, first_tail)
-    block = read(j0, j1 - 1 + k)  # first: overlaps a kernel load still under way
+    end = j1 - 1 + k
+    block = read(j0, max(end, stop) if digest_events else end)  # first: overlaps a kernel load
+    digests = None
+    if digest_events:
+        from .identity import block_digests
+
+        digests = block_digests(block, j0, start, stop, digest_events)
+        block = block[: end - j0]
     medians = get_window_kernel(engine)(block, k)
     if stop <= first_tail:
-        return medians
+        return medians, digests
     out = np.empty((stop - start,) + medians.shape[1:], dtype=medians.dtype)
     computed = max(0, first_tail - start)
     out[:computed] = medians[:computed]
     out[computed:] = medians[-1]
-    return out
+    return out, digests
 
 
 def _median_block(block, *, kernel_size, n_events, engine, block_info):
@@ -369,6 +386,17 @@ class RollingMedianView:
 
         rows = background_rows(read, start, stop, self.shape[0], self.kernel_size, self.engine)
         return rows[::step]
+
+    def rows_and_digests(self, start: int, stop: int, digest_events: int):
+        """Background rows ``[start, stop)`` of whole frames, and the digests of
+        the input rows read for them (:func:`rollmed_dask.identity.block_digests`)."""
+
+        def read(a, b):
+            return np.asarray(self.source[a:b])
+
+        return _background_rows(
+            read, start, stop, self.shape[0], self.kernel_size, self.engine, digest_events
+        )
 
 
 def rolling_median_dask(x, kernel_size: int, engine: str = "auto"):
@@ -460,15 +488,17 @@ def plan_source_chunks(
     )
 
 
-def _stored_graph(source, kernel_size: int, engine: str, chunks, finish=None):
+def _stored_graph(source, kernel_size: int, engine: str, chunks, finish=None, digest_events=0):
     """The graph of a stored source's background: one task per chunk, no neighbours.
 
     Every task reads its own overlap through one :class:`RollingMedianView`
     (one key of the graph, which all tasks refer to: it holds the reader) and
     computes its rows; with ``finish``, it returns ``finish(rows, start)``
-    instead. A plain ``HighLevelGraph`` of one layer, keyed as dask arrays
-    are (``(name, i, j, l)``): :func:`background_array` wraps it as an array
-    and :func:`block_tasks` as Delayed, without importing ``dask.array`` (0.2
+    instead, and with ``digest_events`` also the digests of the input rows it
+    read: ``(finish(rows, start), digests)``. A plain ``HighLevelGraph`` of
+    one layer, keyed as dask arrays are (``(name, i, j, l)``):
+    :func:`background_array` wraps it as an array and :func:`block_tasks` as
+    Delayed, without importing ``dask.array`` (0.2
     to 0.5 s of every CLI run, measured) and with no rechunk or fusion pass.
 
     Returns
@@ -487,14 +517,17 @@ def _stored_graph(source, kernel_size: int, engine: str, chunks, finish=None):
 
     from .sources import data_token
 
-    token = tokenize(data_token(source.array), kernel_size, engine, chunks, finish)
+    token = tokenize(data_token(source.array), kernel_size, engine, chunks, finish, digest_events)
     name = f"rolling_median-{token}"
     view_key = f"rolling_median-view-{token}"
     layer = {view_key: RollingMedianView(source.array, kernel_size, engine)}
     bounds = [_bounds(axis) for axis in chunks]
     for index in product(*(range(len(axis)) for axis in chunks)):
         region = tuple(slice(*bounds[axis][i]) for axis, i in enumerate(index))
-        layer[(name, *index)] = (_stored_chunk, view_key, region, finish)
+        if digest_events:
+            layer[(name, *index)] = (_digested_chunk, view_key, region, finish, digest_events)
+        else:
+            layer[(name, *index)] = (_stored_chunk, view_key, region, finish)
     return name, HighLevelGraph({name: MaterializedLayer(layer)}, {name: set()})
 
 
@@ -510,6 +543,12 @@ def _bounds(chunks) -> list[tuple[int, int]]:
 def _stored_chunk(view, region: tuple, finish):
     rows = view[region]
     return rows if finish is None else finish(rows, region[0].start)
+
+
+def _digested_chunk(view, region: tuple, finish, digest_events: int):
+    start, stop = region[0].start, region[0].stop
+    rows, digests = view.rows_and_digests(start, stop, digest_events)
+    return finish(rows, start, digests), digests
 
 
 def background_array(source, kernel_size: int, engine: str, chunks):
@@ -550,7 +589,9 @@ def plan_block_tasks(source, kernel_size: int, **planning) -> tuple[tuple[int, .
     return plan_source_chunks(source, kernel_size, whole_frames=source.pickles_small, **planning)
 
 
-def block_tasks(source, kernel_size: int, engine: str, chunks, finish) -> list[BlockTask]:
+def block_tasks(
+    source, kernel_size: int, engine: str, chunks, finish, digest_events: int = 0
+) -> list[BlockTask]:
     """The block tasks of a source's background: the one way a job's graph is made.
 
     Each task computes the background rows of one block of whole frames and
@@ -569,6 +610,13 @@ def block_tasks(source, kernel_size: int, engine: str, chunks, finish) -> list[B
         From :func:`plan_block_tasks`.
     finish : callable
         ``finish(rows, start)``, run in the task; it joins the graph's tokens.
+    digest_events : int
+        With a stored source that pickles small, each task calls
+        ``finish(rows, start, digests)`` and returns ``(its result,
+        digests)``: the digests of the input rows it read, in chunks of
+        ``digest_events`` rows (:func:`rollmed_dask.identity.block_digests`),
+        which cost no second read. Other sources return ``(finish(rows,
+        start), None)``.
 
     Returns
     -------
@@ -586,7 +634,7 @@ def block_tasks(source, kernel_size: int, engine: str, chunks, finish) -> list[B
                 f"block_tasks takes blocks of whole frames, not pixel tiles {chunks[1:]}; "
                 f"plan them with plan_block_tasks"
             )
-        name, graph = _stored_graph(source, kernel_size, engine, chunks, finish)
+        name, graph = _stored_graph(source, kernel_size, engine, chunks, finish, digest_events)
         return [
             BlockTask(start, stop, Delayed((name, i, 0, 0), graph, layer=name))
             for i, (start, stop) in enumerate(_bounds(chunks[0]))
@@ -596,6 +644,7 @@ def block_tasks(source, kernel_size: int, engine: str, chunks, finish) -> list[B
     payloads = bg.map_blocks(
         _finish_block,
         finish=finish,
+        with_digests=bool(digest_events),
         dtype=object,
         meta=np.empty((0, 0, 0), dtype=object),
         token="prepared",  # tokenized with bg and finish: two jobs never share keys
@@ -608,10 +657,10 @@ def block_tasks(source, kernel_size: int, engine: str, chunks, finish) -> list[B
     ]
 
 
-def _finish_block(block, *, finish, block_info=None):
+def _finish_block(block, *, finish, with_digests=False, block_info=None):
     # dask says where the block lies: chunks need not be uniform
     start = block_info[None]["array-location"][0][0]
-    return finish(block, start)
+    return (finish(block, start), None) if with_digests else finish(block, start)
 
 
 def rolling_median(

@@ -464,9 +464,14 @@ class Sink:
         if not self.resume:
             _remove_temporary(self.tmp)
 
-    def done_starts(self) -> set[int]:
-        """Event offsets of blocks a previous, interrupted run completed."""
-        return set()
+    def done_digests(self) -> dict:
+        """``{start: digests or None}`` of the blocks a previous, interrupted run
+        completed: the digests of the input rows each block read, recorded with
+        it, None where none were."""
+        return {}
+
+    #: What the partial's first run recorded about its input (``open``), or None.
+    previous_input = None
 
 
 class HDF5Sink(Sink):
@@ -506,7 +511,7 @@ class HDF5Sink(Sink):
         self.image_copy = None  # BackgroundCopy of the input's images into a new file
         self.write_behind = None
 
-    def open(self) -> None:
+    def open(self, input_data=None) -> None:
         import h5py
         import hdf5plugin  # noqa: F401
 
@@ -768,11 +773,11 @@ def _free_log_name(h5, name: str) -> str:
     return candidate
 
 
-def _pass_block(block, start):
+def _pass_block(block, start, digests=None):
     return start, np.ascontiguousarray(block)
 
 
-def _encode_block_task(codec, block, start):
+def _encode_block_task(codec, block, start, digests=None):
     from .h5chunks import encode_block
 
     return start, encode_block(codec, block)
@@ -796,11 +801,24 @@ class ZarrSink(Sink):
     def _params_file(self) -> pathlib.Path:
         return self.tmp / PROGRESS_DIR / "job.json"
 
-    def open(self) -> None:
+    def _input_file(self) -> pathlib.Path:
+        return self.tmp / PROGRESS_DIR / "input.json"
+
+    def open(self, input_data=None) -> None:
+        """Create the temporary store, or check the partial one to continue.
+
+        ``input_data`` (JSON-able: the input's stat and identity, see
+        :mod:`rollmed_dask.identity`) is kept in the progress folder; the one a
+        continued partial kept is :attr:`previous_input`.
+        """
         import zarr
 
         if self.resume and self.tmp.exists():
             self._check_resumable()
+            try:
+                self.previous_input = json.loads(self._input_file().read_text())
+            except (OSError, ValueError):
+                self.previous_input = None
             return
         root = zarr.open_group(store=str(self.tmp), mode="w")
         root.create_array(
@@ -813,6 +831,7 @@ class ZarrSink(Sink):
             dimension_names=NGFF_AXES,  # OME-Zarr 0.5 asks for them (see ngff_attrs)
         )
         (self.tmp / PROGRESS_DIR).mkdir()
+        self._input_file().write_text(json.dumps(input_data, sort_keys=True))
         self._params_file().write_text(json.dumps(self.job_params, sort_keys=True))
 
     def _check_resumable(self) -> None:
@@ -824,21 +843,36 @@ class ZarrSink(Sink):
                 f"damaged), so it cannot be continued; rerun without {{option}} to start over",
                 "resume",
             )
-        wanted = json.loads(json.dumps(self.job_params, sort_keys=True))
-        if not self._params_file().exists() and zarr_job_params(self.tmp) == wanted:
+        from .identity import differing_param
+
+        stored = zarr_job_params(self.tmp)
+        if (
+            not self._params_file().exists()
+            and isinstance(stored, dict)
+            and differing_param(stored, self.job_params) is None
+        ):
             # committed (progress removed, job recorded) but killed before the
-            # move: complete, it only needs to be moved into place
+            # move: complete; the job checks its data and moves it into place
             self.complete = True
             return
         try:
             previous = json.loads(self._params_file().read_text())
         except (OSError, ValueError):
             previous = None
-        if previous != wanted:
+        if not isinstance(previous, dict):
             raise option_error(
                 ValueError,
-                f"the partial output {str(self.tmp)!r} was made by a run with other "
-                f"parameters ({previous}); rerun without {{option}} to start over",
+                f"the partial output {str(self.tmp)!r} has no readable record of its "
+                f"parameters ({PROGRESS_DIR}/job.json), so it cannot be continued; rerun "
+                f"without {{option}} to start over",
+                "resume",
+            )
+        why = differing_param(previous, self.job_params)
+        if why is not None:
+            raise option_error(
+                ValueError,
+                f"the partial output {str(self.tmp)!r} was made with {why}; rerun without "
+                f"{{option}} to start over",
                 "resume",
             )
 
@@ -846,13 +880,19 @@ class ZarrSink(Sink):
         settle_zarr_io()  # nothing may write into the temporary once it is removed
         super().abort()
 
-    def done_starts(self) -> set[int]:
-        if self.complete:
-            return set(range(0, self.shape[0], self.job_params["block_events"]))
+    def install(self) -> None:
+        """Move a complete partial (see :attr:`complete`) into place."""
+        move_into_place(self.tmp, self.target)
+
+    def done_digests(self) -> dict:
         progress = self.tmp / PROGRESS_DIR
         if not (self.resume and progress.is_dir()):
-            return set()
-        return {int(p.name) for p in progress.iterdir() if p.name.isdigit()}
+            return {}
+        return {
+            int(marker.name): _read_block_digests(marker)
+            for marker in progress.iterdir()
+            if marker.name.isdigit()
+        }
 
     @property
     def prepare(self):
@@ -940,6 +980,15 @@ def ngff_attrs(array_name: str) -> dict:
     return {"ome": {"version": "0.5", "multiscales": [multiscale]}}
 
 
+def _read_block_digests(path: pathlib.Path):
+    """A block's ``(chunk digests, context digest)`` as its marker holds them, or None."""
+    try:
+        data = json.loads(path.read_text())
+        return [bytes.fromhex(d) for d in data["chunks"]], bytes.fromhex(data["context"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def _plain(value):
     return value.decode() if isinstance(value, bytes | np.bytes_) else value
 
@@ -955,7 +1004,7 @@ def _zarr_compressors(compression):
     return [ZstdCodec(level=5, checksum=True)]
 
 
-def _zarr_write_block(store_path: str, dataset: str, block, start: int):
+def _zarr_write_block(store_path: str, dataset: str, block, start: int, digests=None):
     import zarr
 
     array = zarr.open_array(store=store_path, path=dataset, mode="r+")
@@ -966,9 +1015,17 @@ def _zarr_write_block(store_path: str, dataset: str, block, start: int):
         raise
     crash_point("zarr-data")
     # One marker per block start, written only after the block's data: resume
-    # trusts a marker, so a block without one is computed again.
+    # trusts a marker, so a block without one is computed again. It holds the
+    # digests of the input rows the block read, which a resumed run checks;
+    # renamed into place, so it is never seen half written.
     marker = pathlib.Path(store_path) / PROGRESS_DIR / str(start)
-    marker.touch()
+    text = ""
+    if digests is not None:
+        chunks, context = digests
+        text = json.dumps({"chunks": [d.hex() for d in chunks], "context": context.hex()})
+    tmp = marker.with_name(f"{start}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, marker)
     crash_point("zarr-marker")
     return start, len(block)
 

@@ -39,9 +39,13 @@ _open_files_lock = threading.Lock()
 
 
 def file_state(path: str) -> tuple:
-    """What changes when a file is rewritten or replaced: inode, size, mtime."""
+    """What changes when a file is rewritten or replaced: device, inode, size,
+    mtime and ctime (which no user can set back). File times are coarse (a
+    few ms), so two rewrites in quick succession may keep all of them: what
+    must never mix two versions of a file is scoped to one reader instead
+    (``HDF5Reader.scope``)."""
     stat = os.stat(path)
-    return stat.st_ino, stat.st_size, stat.st_mtime_ns
+    return stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns
 
 
 @contextlib.contextmanager
@@ -90,10 +94,15 @@ class HDF5Reader:
     ``distributed`` workers alike.
     """
 
-    def __init__(self, path, dataset: str, mapping=None):
+    def __init__(self, path, dataset: str, mapping=None, scope=None):
         self.path = os.fspath(pathlib.Path(path).resolve())
         self.dataset = dataset
         self.mapping = None if mapping is None else np.asarray(mapping, dtype=np.int64)
+        # What is cached about the file's layout (the chunk addresses) belongs
+        # to this reader, and so to one job or one graph, in every process it
+        # is sent to: a file rewritten between two calls is read afresh, even
+        # when its size and times did not change.
+        self.scope = scope or uuid.uuid4().hex
         with open_h5_readonly(self.path) as h5:
             dset = h5[self.dataset]
             self.shape = tuple(dset.shape)
@@ -112,7 +121,7 @@ class HDF5Reader:
             dset = h5[self.dataset]
             if getattr(self, "_codec", None) is None:
                 self._codec = ChunkCodec.from_dataset(dset)
-            return read_block(dset, start, stop, tile, codec=self._codec)
+            return read_block(dset, start, stop, tile, codec=self._codec, scope=self.scope)
 
     def __getitem__(self, key):
         key = key if isinstance(key, tuple) else (key,)
@@ -135,7 +144,7 @@ class HDF5Reader:
         return self.shape[0]
 
     def __reduce__(self):
-        return (type(self), (self.path, self.dataset, self.mapping))
+        return (type(self), (self.path, self.dataset, self.mapping, self.scope))
 
     def __dask_tokenize__(self):
         # the file's state, not only its path: a file rewritten on disk must

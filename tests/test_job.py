@@ -321,5 +321,5 @@ def test_resume_refuses_a_partial_output_of_another_job(tmp_path):
     failing = da.from_array(img, chunks=(40, 6, 6)).map_blocks(explode_in_block, dtype=img.dtype)
     with pytest.raises(Boom):
         compute_background(failing, out, 5, progress=False, resume=True, event_chunk=40)
-    with pytest.raises(ValueError, match="other parameters"):
+    with pytest.raises(ValueError, match="made with kernel_size=5, this run has 7"):
         compute_background(img, out, 7, progress=False, resume=True, event_chunk=40)
