@@ -1,7 +1,7 @@
 """Many inputs in one run: a folder of measurements, start-up paid once, safe to rerun.
 
 Every file is one ``compute_background`` call, all in this process on one
-scheduler, so imports, numba's compiled kernels and a cluster are paid for
+scheduler, so imports, the compiled kernels and a cluster are paid for
 once. Small files run side by side (a few at once, each on a share of the
 threads), so the per-file work that is not parallel (opening, metadata,
 committing) overlaps another file's median.

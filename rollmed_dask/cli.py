@@ -60,10 +60,6 @@ examples:
 
 exit status: 0 done, 2 a mistake (one line on stderr says what to change),
 130 interrupted (existing files left as they were).
-
-numba compiles the kernels once and caches them in $ROLLMED_DASK_CACHE_DIR,
-else $XDG_CACHE_HOME/rollmed-dask/numba or ~/.cache/rollmed-dask/numba, never
-in the installation (which may be read-only).
 """
 
 
@@ -175,7 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--engine",
         choices=ENGINES,
         default="auto",
-        help="per-block kernel, all bit-identical (default: %(default)s)",
+        help="per-block kernel, all bit-identical; numba: the old name of compiled "
+        "(default: %(default)s)",
     )
 
     g = p.add_argument_group("input and output")

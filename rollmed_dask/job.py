@@ -12,7 +12,7 @@ import sys
 import time
 from dataclasses import dataclass
 
-from . import kernel_warmup, rtdc
+from . import rtdc
 from .core import check_kernel_size, select_engine
 from .pipeline import DEFAULT_MEMORY_BUDGET, block_tasks, parse_bytes, plan_block_tasks
 from .scheduling import resolve_scheduler, stream_blocks
@@ -134,8 +134,9 @@ def compute_background(
     compression : {"zstd", "gzip", "none"}
         Output compression. "zstd" is what dcnum writes (zstd level 5 via
         hdf5plugin); fletcher32 checksums are always written to HDF5.
-    engine : {"auto", "numba", "scipy", "numpy"}
-        The per-block kernel; all give identical bits.
+    engine : {"auto", "compiled", "scipy", "numpy"}
+        The per-block kernel; all give identical bits ("numba", the compiled
+        kernels' old name, selects "compiled").
     scheduler : None, str or distributed.Client
         None (an active Client, else threads), "threads", "processes",
         "synchronous", a Client or a scheduler address "tcp://host:port".
@@ -231,7 +232,6 @@ def compute_background(
         # only now: a scheduler may be a starter that submits SLURM jobs, and no
         # job is submitted for a run that the checks above refuse
         resolved = resolve_scheduler(scheduler)
-        kernel_warmup.start(engine, src.dtype, resolved)  # overlaps the set-up below
         try:
             return _run_job(
                 src,
