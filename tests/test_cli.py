@@ -54,7 +54,6 @@ def test_help_explains_the_tool():
         "sorted(img[j:j+K])[K//2]",
         "-b rollmed:k=250^b=5000",
         "exit status: 0 done, 2 a mistake",
-        "ROLLMED_DASK_CACHE_DIR",
     ]:
         assert words in result.stdout
     for action in build_parser()._actions:
