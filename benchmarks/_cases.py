@@ -211,7 +211,7 @@ def case_io_floor(a):
     out = out.rechunk({1: h, 2: w})
     starts = [sum(out.chunks[0][:i]) for i in range(len(out.chunks[0]))]
     params = {"io-floor": True, "events": n, "kernel_size": a.kernel}
-    sink = HDF5Sink(a.output, "events/image_bg", src.shape, src.dtype, compression="zstd",
+    sink = HDF5Sink(a.output, "events/image_bg", src.shape, src.dtype,
                     input_path=src.path, chunk_events=chunk_events, job_params=params,
                     resume=False)  # fmt: skip
     resolved = resolve_scheduler(a.scheduler)

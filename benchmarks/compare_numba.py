@@ -74,13 +74,15 @@ def main(argv=None) -> None:
             stack = frames_of(dtype, base)
             for k in a.kernels:
                 block = stack[: k + a.frames]
-                same = np.array_equal(numba_kernel(block, k).view(np.uint8),
-                                      median_windows_compiled(block, k).view(np.uint8))  # fmt: skip
-                if not same:
+                ours = median_windows_compiled(block, k).view(np.uint8)
+                if not np.array_equal(numba_kernel(block, k).view(np.uint8), ours):
                     raise SystemExit(f"{name} K={k}: the two kernels differ")
                 t = {"numba": [], "compiled": []}
                 for _ in range(a.repeat):
-                    for label, fn in (("numba", numba_kernel), ("compiled", median_windows_compiled)):
+                    for label, fn in (
+                        ("numba", numba_kernel),
+                        ("compiled", median_windows_compiled),
+                    ):
                         c0 = time.process_time()
                         fn(block, k)
                         t[label].append(time.process_time() - c0)

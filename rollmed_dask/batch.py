@@ -24,6 +24,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass
 
+from .compression import DEFAULT_COMPRESSION
 from .pipeline import DEFAULT_MEMORY_BUDGET
 
 OUTPUT_SUFFIX = "_bg"
@@ -470,7 +471,7 @@ def compute_backgrounds(
     dataset: str = "events/image",
     output_dataset: str = "events/image_bg",
     format: str | None = None,
-    compression: str = "zstd",
+    compression: str = DEFAULT_COMPRESSION,
     engine: str = "auto",
     scheduler=None,
     progress: bool = True,

@@ -202,6 +202,10 @@ ERROR_CASES = {
         ["add --example DIR"],
     ),
     "unknown option": (["{cases}", "{tmp}/out.rtdc", "--kernel", "5"], ["--kernel"]),
+    "unknown compression level": (
+        ["{cases}", "{tmp}/out.rtdc", "--compression", "zstd-10"],
+        ["argument --compression", "'zstd-10'", "zstd-9"],
+    ),
     "no paths": ([], ["INPUT and OUTPUT are required"]),
     "other method": (
         ["{cases}", "{tmp}/out.rtdc", "-b", "sparsemed"],
