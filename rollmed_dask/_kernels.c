@@ -344,7 +344,7 @@ typedef struct {
  * byte shared by all keys (the exponent byte of similar floats) costs one
  * counting pass and no scatter. */
 #define DEF_RANKED(S, KEY_T, CNT_T)                                                     \
-    static void dense_ranks_##S(KEY_T *ka, KEY_T *kb, idx *ia, idx *ib, idx M,          \
+    VECTOR_CLONES static void dense_ranks_##S(KEY_T *ka, KEY_T *kb, idx *ia, idx *ib, idx M,          \
                                 uint16_t *ranks, idx nb, idx b, KEY_T *uniq)            \
     {                                                                                   \
         idx cnt[256];                                                                   \
@@ -391,7 +391,7 @@ typedef struct {
     }                                                                                   \
     /* Medians of pixels p0 .. p0+nb-1 via their ranks (< M <= 65536): a radix sort \
      * per pixel plus the histogram, independent of K. */                             \
-    static void ranked_##S(const KEY_T *src, idx P, idx M, idx k, idx p0, idx nb,       \
+    VECTOR_CLONES static void ranked_##S(const KEY_T *src, idx P, idx M, idx k, idx p0, idx nb,       \
                            KEY_T *out, CNT_T *fine, CNT_T *mid, CNT_T *coarse,          \
                            idx *med, idx *below, ranked_scratch *sc)                    \
     {                                                                                   \
