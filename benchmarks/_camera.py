@@ -98,7 +98,7 @@ def noise_text(res: dict) -> str:
 
 
 def kernel_noise(sigmas, kernels, cell_rates, frames_after_k: int, image_shape, repeat: int):
-    """ns per output pixel-event of the numba kernel, 1 thread, on camera frames.
+    """ns per output pixel-event of the compiled kernel, 1 thread, on camera frames.
 
     For every noise sigma and cell rate one stack of ``max(K) + frames_after_k``
     frames is drawn (``rollmed_dask.example.camera_frames``); each K runs on its
@@ -113,7 +113,7 @@ def kernel_noise(sigmas, kernels, cell_rates, frames_after_k: int, image_shape, 
     import numpy as np
 
     from rollmed_dask.example import camera_frames
-    from rollmed_dask.kernels_numba import median_windows_numba
+    from rollmed_dask.kernels import median_windows_compiled
 
     stacks = {}
     for sigma in sigmas:
@@ -122,7 +122,7 @@ def kernel_noise(sigmas, kernels, cell_rates, frames_after_k: int, image_shape, 
                                    noise_sigma=sigma, cell_rate=rate)  # fmt: skip
             share = noise_of_frames(frames)["share_of_frames_with_objects"]
             stacks[sigma, rate] = (frames, share)
-    median_windows_numba(stacks[sigmas[0], cell_rates[0]][0][:3], 2)  # load the kernel
+    median_windows_compiled(stacks[sigmas[0], cell_rates[0]][0][:3], 2)  # load the kernel
     times: dict = {}
     exact = True
     for rep in range(repeat):
@@ -130,7 +130,7 @@ def kernel_noise(sigmas, kernels, cell_rates, frames_after_k: int, image_shape, 
             for k in kernels:
                 block = frames[: k + frames_after_k]
                 t0 = time.process_time()
-                out = median_windows_numba(block, k)
+                out = median_windows_compiled(block, k)
                 times.setdefault((sigma, rate, k), []).append(time.process_time() - t0)
                 if rep == 0:
                     flat = block.reshape(len(block), -1)[:, ::7]

@@ -211,7 +211,7 @@ def case_io_floor(a):
     out = out.rechunk({1: h, 2: w})
     starts = [sum(out.chunks[0][:i]) for i in range(len(out.chunks[0]))]
     params = {"io-floor": True, "events": n, "kernel_size": a.kernel}
-    sink = HDF5Sink(a.output, "events/image_bg", src.shape, src.dtype, compression="zstd",
+    sink = HDF5Sink(a.output, "events/image_bg", src.shape, src.dtype,
                     input_path=src.path, chunk_events=chunk_events, job_params=params,
                     resume=False)  # fmt: skip
     resolved = resolve_scheduler(a.scheduler)
@@ -253,12 +253,11 @@ def _second(block, known):
 
 
 def case_kernel(a):
-    """ns per output pixel-event of the numba window kernel on in-memory blocks.
+    """ns per output pixel-event of the compiled window kernel on in-memory blocks.
 
     Blocks of L + K - 1 frames of the real input (L: the event chunk the
     pipeline plans at this K), 1 thread runs them in turn, T threads run them
-    from a thread pool. The first call (numba compile or disk-cache load) is
-    timed on its own and not in the rates.
+    from a thread pool. The first call is timed on its own and not in the rates.
     """
     import statistics
     from concurrent.futures import ThreadPoolExecutor
@@ -270,7 +269,7 @@ def case_kernel(a):
     from rollmed_dask.core import get_window_kernel
     from rollmed_dask.pipeline import plan_chunks
 
-    kernel = get_window_kernel("numba")  # imports numba and the kernel module
+    kernel = get_window_kernel("compiled")  # imports the compiled kernels
     import_done = time.perf_counter()
     rss0 = _rss_mb()
     with h5py.File(a.input, "r") as h5:
@@ -343,7 +342,7 @@ def case_kernel_noise(a):
     sys.path.insert(0, str(HERE))
     import _camera
 
-    from rollmed_dask.kernels_numba import median_windows_numba  # noqa: F401
+    from rollmed_dask.kernels import median_windows_compiled  # noqa: F401
 
     import_done = time.perf_counter()
     rss0 = _rss_mb()
@@ -357,11 +356,8 @@ def case_first_call(a):
     """Set-up of the first ``compute_background`` call over the steady state.
 
     Three calls on the same input in this fresh process, wall and CPU time of
-    each. The job loads its kernels on a thread of its own while it sets up
-    (``rollmed_dask.kernel_warmup``), so part of the load overlaps. With
-    ``--parts`` the set-up the first call would do is done first, piece by
-    piece, and timed: importing numba, numba's target set-up (its registries;
-    it imports scipy.linalg to probe for BLAS), loading the cached kernels of
+    each. With ``--parts`` the set-up the first call would do is done first,
+    piece by piece, and timed: importing and calling the compiled kernels of
     the input's dtype, importing dask, h5py/hdf5plugin/numcodecs; the first
     call then shows what is left. With ``--dtype`` the input is a new HDF5
     file of the input's first ``--dtype-events`` frames converted to that
@@ -414,20 +410,12 @@ def case_first_call(a):
             dtype = h5["events/image"].dtype
     if a.parts:
 
-        def numba_setup():
-            from numba.core.registry import cpu_target
-
-            cpu_target.typing_context.refresh()
-            cpu_target.target_context.refresh()
-
         def kernel_load():
-            from rollmed_dask.kernels_numba import prepare
+            from rollmed_dask.kernels import median_windows_compiled
 
-            prepare(dtype)
+            median_windows_compiled(np.zeros((3, 2), dtype=dtype), 2)
 
-        part("import numba", lambda: __import__("numba"))
-        part("numba target set-up (registries, scipy.linalg)", numba_setup)
-        part("load the cached kernels of the dtype", kernel_load)
+        part("import and first call of the compiled kernels", kernel_load)
         part("import dask (delayed, threaded)", lambda: __import__("dask.threaded"))
         part("import h5py, hdf5plugin, numcodecs, h5chunks",
              lambda: __import__("rollmed_dask.h5chunks"))  # fmt: skip
@@ -441,11 +429,7 @@ def case_first_call(a):
     out.unlink()
     if a.dtype:
         source.unlink()
-    import rollmed_dask.kernels_numba as kn
-
-    # compiled in this process (0 after installation: every kernel came from the cache)
-    compiled = sum(sum(d.stats.cache_misses.values()) for d in vars(kn).values()
-                   if hasattr(d, "stats"))  # fmt: skip
+    compiled = 0  # the kernels are compiled at installation, never in a process
     first = calls[0]
     steady = {key: min(c[key] for c in calls[1:]) for key in ("wall_s", "cpu_s")}
     extra = {"calls": calls, "parts": parts, "version": rollmed_dask.__version__,
@@ -472,7 +456,7 @@ def case_io_stages(a):
     import numpy as np
 
     from rollmed_dask import h5chunks, rtdc
-    from rollmed_dask.kernels_numba import median_windows_numba
+    from rollmed_dask.kernels import median_windows_compiled
     from rollmed_dask.pipeline import plan_chunks
 
     import_done = time.perf_counter()
@@ -486,7 +470,7 @@ def case_io_stages(a):
     # planned blocks, as many as fit (at least one, shorter on a small input)
     length = max(chunk, min(length, (n - k + 1) // chunk * chunk))
     starts = list(range(0, n - k + 1 - length + 1, length))[: a.blocks]
-    median_windows_numba(np.zeros((3, 2), dtype=src.dtype), 2)  # load, not timed
+    median_windows_compiled(np.zeros((3, 2), dtype=src.dtype), 2)  # load, not timed
     stages: dict = {}
 
     def add(name, c0):
@@ -506,7 +490,7 @@ def case_io_stages(a):
             blk = h5chunks.read_block(src, s, e + k - 1, codec=icodec)
             add("read: raw chunks, zstd decode, fletcher32 check (+ overlap)", c)
             c = time.process_time()
-            bg = median_windows_numba(blk, k)
+            bg = median_windows_compiled(blk, k)
             add("kernel", c)
             c = time.process_time()
             enc = h5chunks.encode_block(ocodec, bg)
@@ -581,7 +565,7 @@ def case_graph(a):
     src = as_source(path, "events/image")
     chunk_events = rtdc.default_chunk_events(shape[1:], src.dtype)
     chunks = plan_block_tasks(src, k, align_events=chunk_events)
-    blocks = block_tasks(src, k, "numba", chunks, _second)
+    blocks = block_tasks(src, k, "compiled", chunks, _second)
     res["ooc_setup_s"] = time.perf_counter() - t0
     res["ooc_blocks"] = len(blocks)
     path.unlink()

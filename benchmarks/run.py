@@ -476,16 +476,6 @@ class Suite:
         a fresh process after installation (every kernel compiled and cached first)."""
         a = self.a
         k = 100 if 100 in a.kernels else a.kernels[0]
-        t0 = time.perf_counter()
-        subprocess.run([sys.executable, "-c", "from rollmed_dask.kernels_numba import "
-                        "compile_kernels; compile_kernels(file=False)"], cwd=ROOT,
-                       env=dict(os.environ, PYTHONPATH=os.pathsep.join(
-                           [str(ROOT), os.environ.get("PYTHONPATH", "")])),
-                       check=True, timeout=a.case_timeout)  # fmt: skip
-        log(
-            f"first-call: kernels of every common dtype compiled or cached "
-            f"({time.perf_counter() - t0:.1f} s, as the first job of an installation does)"
-        )
         res = {"events": n, "kernel": k}
         modes = [("plain", []), ("parts", ["--parts"])]
         modes += [(dt, ["--dtype", dt]) for dt in FIRST_CALL_DTYPES]

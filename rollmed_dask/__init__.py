@@ -4,8 +4,8 @@
 >>> sorted(rollmed_dask.__all__)
 ['BackgroundRollMed', 'BackgroundSummary', 'compute_background', 'compute_backgrounds', 'rolling_median', 'rolling_median_reference']
 
-Importing the package is light: numba, distributed and dask-jobqueue are
-imported only where they are used.
+Importing the package is light: the compiled kernels, distributed and
+dask-jobqueue are imported only where they are used.
 """  # noqa: E501
 
 from .batch import compute_backgrounds

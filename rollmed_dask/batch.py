@@ -1,7 +1,7 @@
 """Many inputs in one run: a folder of measurements, start-up paid once, safe to rerun.
 
 Every file is one ``compute_background`` call, all in this process on one
-scheduler, so imports, numba's compiled kernels and a cluster are paid for
+scheduler, so imports, the compiled kernels and a cluster are paid for
 once. Small files run side by side (a few at once, each on a share of the
 threads), so the per-file work that is not parallel (opening, metadata,
 committing) overlaps another file's median.
@@ -26,6 +26,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass
 
+from .compression import DEFAULT_COMPRESSION
 from .pipeline import DEFAULT_MEMORY_BUDGET
 from .scheduling import STOP_CHECKS
 from .tiff import is_frame_folder
@@ -564,7 +565,7 @@ def compute_backgrounds(
     dataset: str = "events/image",
     output_dataset: str = "events/image_bg",
     format: str | None = None,
-    compression: str = "zstd",
+    compression: str = DEFAULT_COMPRESSION,
     engine: str = "auto",
     scheduler=None,
     progress: bool = True,

@@ -18,7 +18,11 @@ import numbers
 
 import numpy as np
 
-ENGINES = ("auto", "numba", "scipy", "numpy")
+ENGINES = ("auto", "compiled", "numba", "scipy", "numpy")
+
+#: Engine names kept for what they used to select: "numba" was the compiled
+#: engine until its kernels became a C extension built at installation.
+ENGINE_ALIASES = {"numba": "compiled"}
 
 
 class NotAWholeNumber(TypeError, ValueError):
@@ -217,8 +221,8 @@ def _recompute_ambiguous(stack: np.ndarray, out: np.ndarray, k: int, has_nan: bo
         fixed[rows, cols] = median_windows_numpy(windows, k)[0]
 
 
-def numba_supports(dtype) -> bool:
-    """Whether the compiled numba kernels handle this dtype (not longdouble)."""
+def compiled_supports(dtype) -> bool:
+    """Whether the compiled kernels handle this dtype (not longdouble)."""
     dtype = np.dtype(dtype)
     return dtype.kind in "ui" or (dtype.kind == "f" and dtype.itemsize in (2, 4, 8))
 
@@ -243,14 +247,14 @@ def check_engine_dtype(engine: str, dtype) -> None:
             if dtype.kind in "ui"
             else "scipy.ndimage does not support it"
         )
-        others = "'numba' or 'numpy'" if numba_supports(dtype) else "'numpy'"
+        others = "'compiled' or 'numpy'" if compiled_supports(dtype) else "'numpy'"
         raise ValueError(
             f"engine='scipy' is not exact for dtype {dtype} ({why}); "
             f"pass engine='auto' (or {others})"
         )
-    if engine == "numba" and not numba_supports(dtype):
+    if ENGINE_ALIASES.get(engine, engine) == "compiled" and not compiled_supports(dtype):
         raise ValueError(
-            f"engine='numba' has no kernel for dtype {dtype}; pass engine='auto' (or 'numpy')"
+            f"engine={engine!r} has no kernel for dtype {dtype}; pass engine='auto' (or 'numpy')"
         )
 
 
@@ -258,28 +262,32 @@ def select_engine(engine: str, dtype) -> str:
     """Resolve ``engine="auto"``, reject unknown names and dtypes an engine cannot
     compute exactly.
 
-    "auto" is numba wherever it has a kernel, else the numpy reference itself
-    (longdouble).
+    "auto" is the compiled kernels wherever they have one, else the numpy
+    reference itself (longdouble). "numba", the compiled engine's name before
+    its kernels were built ahead of time, selects the compiled engine.
 
     Examples
     --------
     >>> select_engine("auto", "uint8"), select_engine("auto", "longdouble")
-    ('numba', 'numpy')
+    ('compiled', 'numpy')
+    >>> select_engine("numba", "uint16")
+    'compiled'
     """
     if engine not in ENGINES:
         raise ValueError(f"engine={engine!r} is not known; pass one of {', '.join(ENGINES)}")
     if engine == "auto":
-        return "numba" if numba_supports(dtype) else "numpy"
-    check_engine_dtype(engine, dtype)
-    return engine
+        return "compiled" if compiled_supports(dtype) else "numpy"
+    check_engine_dtype(engine, dtype)  # the message names the engine as the user wrote it
+    return ENGINE_ALIASES.get(engine, engine)
 
 
 def get_window_kernel(engine: str):
     """The window kernel function of a resolved engine name."""
-    if engine == "numba":
-        from .kernels_numba import median_windows_numba
+    engine = ENGINE_ALIASES.get(engine, engine)
+    if engine == "compiled":
+        from .kernels import median_windows_compiled
 
-        return median_windows_numba
+        return median_windows_compiled
     if engine == "scipy":
         return median_windows_scipy
     if engine == "numpy":

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import identity, kernel_warmup, rtdc
+from . import identity, rtdc
+from .compression import DEFAULT_COMPRESSION, check_compression
 from .core import check_kernel_size, select_engine
 from .pipeline import DEFAULT_MEMORY_BUDGET, block_tasks, parse_bytes, plan_block_tasks
 from .scheduling import resolve_scheduler, stream_blocks
@@ -37,7 +38,6 @@ from .sources import Source, as_source
 from .tiff import is_tiff_source
 
 FORMATS = ("hdf5", "zarr", "tiff")
-COMPRESSIONS = ("zstd", "gzip", "none")
 
 
 @dataclass
@@ -117,7 +117,7 @@ def compute_background(
     dataset: str = "events/image",
     output_dataset: str = "events/image_bg",
     format: str | None = None,
-    compression: str = "zstd",
+    compression: str = DEFAULT_COMPRESSION,
     engine: str = "auto",
     scheduler=None,
     progress: bool = True,
@@ -153,11 +153,14 @@ def compute_background(
         Input dataset in ``source`` and output dataset in ``target``.
     format : {"hdf5", "zarr", "tiff"}, optional
         Output format; by default from the suffix of ``target``.
-    compression : {"zstd", "gzip", "none"}
-        Output compression. "zstd" is what dcnum writes (zstd level 5 via
-        hdf5plugin); fletcher32 checksums are always written to HDF5.
-    engine : {"auto", "numba", "scipy", "numpy"}
-        The per-block kernel; all give identical bits.
+    compression : str
+        Output compression: "zstd-1" (default) .. "zstd-9", "gzip-1" .. "gzip-9",
+        "none", as dcnum spells them; "zstd" is zstd-5 (dcnum's default) and
+        "gzip" gzip-4. The default was chosen by measurement (README, "Output
+        format"). fletcher32 checksums are always written to HDF5.
+    engine : {"auto", "compiled", "scipy", "numpy"}
+        The per-block kernel; all give identical bits ("numba", the compiled
+        kernels' old name, selects "compiled").
     scheduler : None, str or distributed.Client
         None (an active Client, else threads), "threads", "processes",
         "synchronous", a Client or a scheduler address "tcp://host:port".
@@ -222,10 +225,7 @@ def compute_background(
     t0 = time.perf_counter()
     target = pathlib.Path(target)
     fmt = output_format(target, format)
-    if compression not in COMPRESSIONS:
-        raise ValueError(
-            f"compression={compression!r} is not known; pass one of {', '.join(COMPRESSIONS)}"
-        )
+    check_compression(compression)
     parse_bytes(memory_budget)
     check_resume_format(resume, fmt, in_place)
     if in_place:
@@ -274,7 +274,6 @@ def compute_background(
         # only now: a scheduler may be a starter that submits SLURM jobs, and no
         # job is submitted for a run that the checks above refuse
         resolved = resolve_scheduler(scheduler)
-        kernel_warmup.start(engine, src.dtype, resolved)  # overlaps the set-up below
         try:
             summary = _run_job(
                 src,
@@ -743,7 +742,15 @@ class _progress_bar:
 
     def __enter__(self):
         if self.enabled:
-            from tqdm.auto import tqdm
+            import warnings
+
+            from tqdm import TqdmExperimentalWarning
+
+            # tqdm.auto's choice (a widget in Jupyter, text elsewhere) without the
+            # asyncio it also imports: 30 ms of CPU at every CLI start (measured)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", TqdmExperimentalWarning)
+                from tqdm.autonotebook import tqdm
 
             desc = "rolling median"
             self.bar = tqdm(

@@ -690,9 +690,10 @@ def rolling_median(
         block by block, never loaded whole.
     kernel_size : int
         K, the number of events in each window.
-    engine : {"auto", "numba", "scipy", "numpy"}
+    engine : {"auto", "compiled", "scipy", "numpy"}
         The per-block kernel; all give the same bits, NaNs included. "auto"
-        picks numba, or numpy for longdouble. "scipy" refuses 64-bit integers
+        picks the compiled kernels, or numpy for longdouble ("numba", their old
+        name, selects them too). "scipy" refuses 64-bit integers
         and longdouble, which it cannot select exactly.
     dataset : str
         Dataset inside a file or group.

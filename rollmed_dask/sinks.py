@@ -34,13 +34,9 @@ import sys
 import numpy as np
 
 from . import rtdc
+from .compression import DEFAULT_COMPRESSION, hdf5_filter, zarr_compressors
 
 PARTIAL_SUFFIX = ".partial"
-HDF5_COMPRESSION = {
-    "zstd": True,  # zstd level 5 through hdf5plugin, as dcnum writes
-    "gzip": {"compression": "gzip", "compression_opts": 4},
-    "none": False,
-}
 PROGRESS_DIR = ".rollmed-progress"
 # The root attribute that marks a Zarr store as written (completely) by us.
 ZARR_LOG_ATTR = "rollmed-dask log"
@@ -489,7 +485,7 @@ class HDF5Sink(Sink):
         shape,
         dtype,
         *,
-        compression="zstd",
+        compression=DEFAULT_COMPRESSION,
         input_path=None,
         in_place=False,
         copy_images=False,
@@ -545,7 +541,7 @@ class HDF5Sink(Sink):
             dtype=self.dtype,
             maxshape=(None,) + self.shape[1:],
             chunks=(self.chunk_events,) + self.shape[1:],
-            **rtdc.filter_kwargs(HDF5_COMPRESSION[self.compression]),
+            **rtdc.filter_kwargs(hdf5_filter(self.compression)),
         )
         for key, value in rtdc.IMAGE_ATTRS.items():
             self.dset.attrs.create(key, value)
@@ -793,7 +789,9 @@ class ZarrSink(Sink):
     place.
     """
 
-    def __init__(self, target, dataset, shape, dtype, *, compression="zstd", **kwargs):
+    def __init__(
+        self, target, dataset, shape, dtype, *, compression=DEFAULT_COMPRESSION, **kwargs
+    ):
         super().__init__(target, dataset, shape, dtype, **kwargs)
         self.compression = compression
         self.complete = False  # a resumed partial that only lacked the final move
@@ -994,14 +992,9 @@ def _plain(value):
 
 
 def _zarr_compressors(compression):
-    from zarr.codecs import GzipCodec, ZstdCodec
-
-    if compression in (None, "none", False):
+    if compression in (None, False):
         return None
-    if compression == "gzip":
-        return [GzipCodec(level=4)]
-    # checksum=True: a damaged chunk fails loudly instead of returning wrong pixels
-    return [ZstdCodec(level=5, checksum=True)]
+    return zarr_compressors(compression)
 
 
 def _zarr_write_block(store_path: str, dataset: str, block, start: int, digests=None):

@@ -56,7 +56,6 @@ def test_help_explains_the_tool():
         "exit status: 0 done, 1 the run failed",
         "2 a mistake",
         "130 interrupted (Ctrl-C), 143 terminated (SIGTERM",
-        "ROLLMED_DASK_CACHE_DIR",
     ]:
         assert words in result.stdout
     for action in build_parser()._actions:
@@ -207,6 +206,10 @@ ERROR_CASES = {
     "unknown option": (
         ["{cases}", "{tmp}/out.rtdc", "--kernal", "5"],
         ["--kernal", "did you mean --kernel-size?"],
+    ),
+    "unknown compression level": (
+        ["{cases}", "{tmp}/out.rtdc", "--compression", "zstd-10"],
+        ["argument --compression", "'zstd-10'", "zstd-9"],
     ),
     "no paths": ([], ["INPUT and OUTPUT are required"]),
     "other method": (

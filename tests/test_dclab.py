@@ -36,6 +36,14 @@ def test_new_file_from_compute_background(small_rtdc, tmp_path):
     check_with_dclab(out, small_rtdc, 12)
 
 
+def test_new_file_at_the_slowest_zstd_level(small_rtdc, tmp_path):
+    out = tmp_path / "bg.rtdc"
+    compute_background(small_rtdc, out, 12, compression="zstd-9", progress=False)
+    with h5py.File(out, "r") as h5:
+        assert h5["events/image_bg"]._filters["32015"] == (9,)
+    check_with_dclab(out, small_rtdc, 12)
+
+
 def test_new_file_from_the_drop_in_class(small_rtdc, tmp_path):
     out = tmp_path / "bg.rtdc"
     with BackgroundRollMed(small_rtdc, out, kernel_size=16) as job:

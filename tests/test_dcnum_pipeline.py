@@ -246,6 +246,18 @@ def test_dcnum_pipeline_on_copied_images(raw, plain, tmp_path):
 
 
 @pytest.mark.slow
+def test_dcnum_pipeline_skips_background_at_another_compression(raw, plain, tmp_path):
+    """The default is zstd-1; another codec and level (dcnum's gzip-N spelling) works as well."""
+    ours = tmp_path / "bg.rtdc"
+    compute_background(raw, ours, K, compression="gzip-1", progress=False)
+    with h5py.File(ours, "r") as h5:
+        assert h5["events/image_bg"].compression_opts == 1
+    log = run_dcnum(ours, tmp_path / "dcn.rtdc")
+    assert log["tasks"] == {"background": False, "segmentation": True}
+    assert_same_result(tmp_path / "dcn.rtdc", plain)
+
+
+@pytest.mark.slow
 def test_dcnum_pipeline_skips_background_in_place(raw, plain, tmp_path):
     source = with_byte_metadata(raw, tmp_path / "in.rtdc")
     compute_background(source, source, K, in_place=True, progress=False)

@@ -67,12 +67,13 @@ DTYPES = [
     "float64",
     "longdouble",
 ]
-ENGINES = ["auto", "numba", "scipy", "numpy"]
+ENGINES = ["auto", "compiled", "numba", "scipy", "numpy"]
 # what an engine cannot compute exactly, and the error that says so
 REFUSED = {
     ("scipy", "uint64"): "rounds integers above 2\\*\\*53",
     ("scipy", "int64"): "rounds integers above 2\\*\\*53",
     ("scipy", "longdouble"): "does not support",
+    ("compiled", "longdouble"): "has no kernel",
     ("numba", "longdouble"): "has no kernel",
 }
 
@@ -99,7 +100,7 @@ def test_engine_dtype_matrix(engine, dtype):
 
 
 @pytest.mark.parametrize("dtype", ["float16", "float32", "float64"])
-@pytest.mark.parametrize("engine", ["numba", "scipy"])
+@pytest.mark.parametrize("engine", ["compiled", "scipy"])
 def test_one_nan_leaves_the_other_medians_alone(engine, dtype):
     img = np.arange(40 * 6, dtype=dtype).reshape(40, 2, 3) % 23
     img[5, 0, 0] = np.nan
@@ -116,13 +117,18 @@ def test_scipy_engine_is_exact_above_2_53():
 
 def test_auto_takes_the_numpy_reference_for_longdouble():
     assert select_engine("auto", np.longdouble) == "numpy"
-    assert select_engine("auto", np.float16) == "numba"
+    assert select_engine("auto", np.float16) == "compiled"
+
+
+def test_numba_is_the_old_name_of_the_compiled_engine():
+    assert select_engine("numba", np.uint8) == "compiled"
+    assert get_window_kernel("numba") is get_window_kernel("compiled")
 
 
 @settings(max_examples=80, deadline=None)
 @given(
     dtype=st.sampled_from(DTYPES),
-    engine=st.sampled_from(["numba", "scipy", "numpy"]),
+    engine=st.sampled_from(["compiled", "scipy", "numpy"]),
     m=st.integers(1, 40),
     data=st.data(),
 )

@@ -55,9 +55,9 @@ def dcnum_result(small_rtdc, tmp_path_factory):
 
 def test_compute_background_equals_dcnum_bit_for_bit(small_rtdc, dcnum_result, tmp_path):
     out = tmp_path / "ours.rtdc"
-    summary = compute_background(
-        small_rtdc, out, 10, batch_size=50, progress=False, memory_budget="16MiB"
-    )
+    # zstd-5: dcnum's default codec, so that the whole layout can be compared
+    summary = compute_background(small_rtdc, out, 10, batch_size=50, progress=False,
+                                 memory_budget="16MiB", compression="zstd-5")  # fmt: skip
     assert summary.blocks > 1, "the test must cross block borders"
     np.testing.assert_array_equal(
         read_images(out, "events/image_bg"), read_images(dcnum_result, "events/image_bg")
@@ -200,14 +200,18 @@ def test_local_schedulers_give_identical_bits(scheduler, suffix, small_rtdc, tmp
     np.testing.assert_array_equal(read_images(out, "events/image_bg"), expected)
 
 
+# What an HDF5-to-HDF5 job on threads never needs: every CLI run would pay for them
+# (0.2-0.5 s each, measured; numba 0.5 s of CPU before its kernels were compiled ahead).
+NOT_FOR_HDF5_ON_THREADS = ("dask.array", "distributed", "scipy", "numba", "llvmlite", "zarr")
+
+
 def test_file_job_imports_neither_dask_array_nor_distributed(small_rtdc, tmp_path):
-    # every CLI run would pay for them (0.2-0.5 s each, measured)
     code = (
         "import sys\n"
         "from rollmed_dask import compute_background\n"
         f"compute_background({str(small_rtdc)!r}, {str(tmp_path / 'bg.rtdc')!r}, 30, "
         "scheduler='threads', progress=False)\n"
-        "print(sorted(m for m in ('dask.array', 'distributed') if m in sys.modules))\n"
+        f"print(sorted(m for m in {NOT_FOR_HDF5_ON_THREADS!r} if m in sys.modules))\n"
     )
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=300
@@ -217,16 +221,64 @@ def test_file_job_imports_neither_dask_array_nor_distributed(small_rtdc, tmp_pat
     np.testing.assert_array_equal(read_images(tmp_path / "bg.rtdc", "events/image_bg"), expected)
 
 
-@pytest.mark.parametrize("compression", ["gzip", "none"])
+def test_cli_hdf5_run_on_threads_imports_only_what_it_needs(small_rtdc, tmp_path):
+    """The command as a user types it; -X importtime lists every module it imported."""
+    run = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "rollmed_dask", str(small_rtdc),
+         str(tmp_path / "bg.rtdc"), "-k", "30", "--scheduler", "threads"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    imported = {
+        line.rsplit("|", 1)[1].strip()
+        for line in run.stderr.splitlines()
+        if line.startswith("import time:")
+    }
+    assert "rollmed_dask.kernels" in imported  # the listing is complete enough to trust
+    assert not imported & set(NOT_FOR_HDF5_ON_THREADS), sorted(imported)
+
+
+# spelling -> (HDF5 filter id, its first cd_value: the level); dcnum's spellings and ours
+COMPRESSION_FILTERS = {
+    "zstd-1": (32015, 1), "zstd-9": (32015, 9), "zstd": (32015, 5),
+    "gzip-1": (1, 1), "gzip-9": (1, 9), "gzip": (1, 4), "none": None,
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("compression", list(COMPRESSION_FILTERS))
 def test_other_compressions(compression, tmp_path):
     img = np.random.default_rng(2).integers(0, 255, (120, 8, 8), dtype=np.uint8)
     out = tmp_path / "bg.h5"
     compute_background(img, out, 9, compression=compression, progress=False)
     with h5py.File(out, "r") as h5:
         dset = h5["events/image_bg"]
-        assert dset.compression == (None if compression == "none" else "gzip")
+        plist = dset.id.get_create_plist()
+        filters = [plist.get_filter(i)[::2] for i in range(plist.get_nfilters())]
+        filters = [(fid, cd[0]) for fid, cd in filters if fid != h5py.h5z.FILTER_FLETCHER32]
+        wanted = COMPRESSION_FILTERS[compression]
+        assert filters == ([] if wanted is None else [wanted])
         assert dset.fletcher32
         np.testing.assert_array_equal(dset[:], rolling_median_reference(img, 9))
+
+
+def test_default_compression_is_zstd_1(tmp_path):
+    img = np.random.default_rng(2).integers(0, 255, (60, 8, 8), dtype=np.uint8)
+    compute_background(img, tmp_path / "bg.h5", 9, progress=False)
+    compute_background(img, tmp_path / "bg.zarr", 9, progress=False)
+    with h5py.File(tmp_path / "bg.h5", "r") as h5:
+        assert h5["events/image_bg"]._filters["32015"] == (1,)
+    import zarr
+
+    (codec,) = zarr.open_array(str(tmp_path / "bg.zarr"), path="events/image_bg").compressors
+    assert (type(codec).__name__, codec.level) == ("ZstdCodec", 1)
+
+
+@pytest.mark.parametrize("compression", ["zstd-0", "zstd-10", "gzip-0", "lz4", "ZSTD-1", None])
+def test_unknown_compression_is_refused_before_any_work(compression, tmp_path):
+    with pytest.raises(ValueError, match="pass zstd-1 .. zstd-9, gzip-1 .. gzip-9"):
+        compute_background(np.zeros((20, 2, 2), np.uint8), tmp_path / "bg.h5", 3,
+                           compression=compression, progress=False)  # fmt: skip
+    assert not list(tmp_path.iterdir())
 
 
 def test_pixel_tiled_input_file(tmp_path):

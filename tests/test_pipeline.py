@@ -28,7 +28,7 @@ from rollmed_dask.pipeline import (
 from rollmed_dask.sources import as_source
 
 DTYPES = ["uint8", "uint16", "int16", "float32", "float64"]
-ENGINES = ["numba", "scipy", "numpy"]
+ENGINES = ["compiled", "scipy", "numpy"]
 
 
 def brute_force(img, k):
@@ -132,7 +132,7 @@ def test_pixel_tiles_follow_storage_chunks(tile):
     chunks = plan_chunks(img.shape, img.dtype, 9, storage, event_chunk=20)
     assert chunks[1][0] == tile[0] and chunks[2][0] == tile[1]
     assert all(c % 10 == 0 for c in chunks[0][:-1])
-    result = rolling_median_dask(as_dask_array(source, chunks), 9, "numba")
+    result = rolling_median_dask(as_dask_array(source, chunks), 9, "compiled")
     assert result.chunks == chunks
     assert_eq(result, rolling_median_reference(img, 9), scheduler="threads")
 

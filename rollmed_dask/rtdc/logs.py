@@ -100,7 +100,7 @@ def _iso_time(value) -> str | None:
     return dt.isoformat(timespec="seconds")
 
 
-_LIBRARIES = ("numpy", "h5py", "hdf5plugin", "dask", "distributed", "numba", "scipy", "zarr")
+_LIBRARIES = ("numpy", "h5py", "hdf5plugin", "dask", "distributed", "scipy", "zarr")
 
 
 def run_log_lines(

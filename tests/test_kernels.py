@@ -1,6 +1,6 @@
-"""The numba window kernel is bit-identical to the numpy reference.
+"""The compiled window kernel is bit-identical to the numpy reference.
 
-``median_windows_numba`` picks one of four algorithms per block of pixels
+``median_windows_compiled`` picks one of four algorithms per block of pixels
 from the block's value range and K (256-bin histogram, 65536-bin histogram,
 sorted window, rank compression) and maps every dtype to unsigned keys, so the
 data below are chosen to reach each path in every dtype: ties, narrow ranges
@@ -11,7 +11,6 @@ are compared as raw bits, so signed zeros and NaN payloads must match too.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import threading
@@ -22,9 +21,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from rollmed_dask import kernels_numba
+from rollmed_dask import _kernels
 from rollmed_dask.core import median_windows_numpy
-from rollmed_dask.kernels_numba import median_windows_numba
+from rollmed_dask.kernels import median_windows_compiled
 
 DTYPES = ["uint8", "uint16", "int16", "int32", "int64", "uint32", "float32", "float64"]
 ALL_DTYPES = [*DTYPES, "int8", "uint64", "float16"]
@@ -48,7 +47,7 @@ def check_all_k(stack: np.ndarray, ks=(1, 2, 3, 4, 5, 10, None)) -> None:
     for k in ks:
         k = stack.shape[0] if k is None else k
         expected = median_windows_numpy(stack, k)
-        assert_identical(median_windows_numba(stack, k), expected, f"K={k}")
+        assert_identical(median_windows_compiled(stack, k), expected, f"K={k}")
 
 
 def float_pool(dtype) -> np.ndarray:
@@ -127,7 +126,7 @@ def test_non_contiguous_views(dtype, kind):
     for name, view in views.items():
         for k in (1, 2, 5, view.shape[0]):
             assert_identical(
-                median_windows_numba(view, k), median_windows_numpy(view, k), f"{name} K={k}"
+                median_windows_compiled(view, k), median_windows_numpy(view, k), f"{name} K={k}"
             )
 
 
@@ -173,7 +172,7 @@ def test_kernel_larger_than_count_width(dtype):
     kind = "ties" if dtype in ("uint8", "float64") else "mid"  # 256 / 65536 bins / sorted
     stack = make_data(dtype, kind, (k + 4, 2), seed=5)
     stack[: k // 2 + 3, 0] = stack.max()  # the median sits at a count boundary
-    assert_identical(median_windows_numba(stack, k), median_windows_numpy(stack, k))
+    assert_identical(median_windows_compiled(stack, k), median_windows_numpy(stack, k))
 
 
 @pytest.mark.parametrize("kind", ["wide", "ties", "special"])
@@ -191,7 +190,7 @@ def test_too_many_frames_for_ranks():
     k = 130
     rows = slice(65_600 - k - 40, None)  # the reference only where it is cheap
     expected = median_windows_numpy(stack[rows], k)
-    assert_identical(median_windows_numba(stack, k)[-expected.shape[0] :], expected)
+    assert_identical(median_windows_compiled(stack, k)[-expected.shape[0] :], expected)
 
 
 @pytest.mark.parametrize("dtype", ["float16", "float32", "float64"])
@@ -207,22 +206,22 @@ def test_many_ambiguous_float_windows(dtype):
 
 def test_empty_pixels_and_single_window():
     stack = np.zeros((M, 0, 4), dtype=np.uint8)
-    assert median_windows_numba(stack, 3).shape == (M - 2, 0, 4)
+    assert median_windows_compiled(stack, 3).shape == (M - 2, 0, 4)
     stack = make_data("int16", "ties", (M, 2, 2))
-    assert median_windows_numba(stack, M).shape == (1, 2, 2)
+    assert median_windows_compiled(stack, M).shape == (1, 2, 2)
 
 
 def test_output_is_new_array():
     stack = make_data("uint8", "ties", (M, 3))
     for k in (1, 3):
-        out = median_windows_numba(stack, k)
+        out = median_windows_compiled(stack, k)
         assert not np.shares_memory(out, stack)
 
 
 @pytest.mark.parametrize("k", [0, -1, M + 1, True, 2.0, "3", None])
 def test_bad_kernel_size(k):
     with pytest.raises(ValueError, match="kernel_size"):
-        median_windows_numba(np.zeros((M, 2), dtype=np.uint8), k)
+        median_windows_compiled(np.zeros((M, 2), dtype=np.uint8), k)
 
 
 @pytest.mark.parametrize("dtype", [bool, complex, np.longdouble, object, "M8[s]", "U3"])
@@ -230,12 +229,12 @@ def test_bad_dtype(dtype):
     if np.dtype(dtype).kind == "f" and np.dtype(dtype).itemsize == 8:
         pytest.skip("longdouble is float64 on this platform")
     with pytest.raises(ValueError, match="dtype"):
-        median_windows_numba(np.zeros((M, 2), dtype=dtype), 3)
+        median_windows_compiled(np.zeros((M, 2), dtype=dtype), 3)
 
 
 def test_zero_dimensional():
     with pytest.raises(ValueError, match="event axis"):
-        median_windows_numba(np.array(3, dtype=np.uint8), 1)
+        median_windows_compiled(np.array(3, dtype=np.uint8), 1)
 
 
 def test_threads_share_the_kernels():
@@ -244,7 +243,7 @@ def test_threads_share_the_kernels():
     results = {}
 
     def run(i):
-        results[i] = median_windows_numba(stacks[i], 31)
+        results[i] = median_windows_compiled(stacks[i], 31)
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(len(stacks))]
     for t in threads:
@@ -255,83 +254,50 @@ def test_threads_share_the_kernels():
         assert_identical(results[i], median_windows_numpy(stack, 31), DTYPES[i])
 
 
-def test_kernels_release_the_gil_and_cache():
-    dispatchers = [
-        v
-        for v in vars(kernels_numba).values()
-        if hasattr(v, "targetoptions") and hasattr(v, "py_func")
-    ]
-    assert len(dispatchers) > 10
-    for d in dispatchers:
-        assert d.targetoptions.get("nogil") is True, d.__name__
-        assert type(d._cache).__name__ != "NullCache", d.__name__  # cache=True
+def test_kernels_release_the_gil():
+    """This thread sees a kernel call's output half written while the call runs.
+
+    The call writes its output pixel block by pixel block; a half-written
+    output can only be seen from another thread while the call is inside C.
+    With the GIL held for the whole call, this thread only runs before or after
+    a call and sees the output all unwritten or all written. The other thread
+    makes up to 20 calls (about 1 s each), so that a busy machine that does not
+    schedule this thread during one call still gives it its chance.
+    """
+    rng = np.random.default_rng(9)
+    stack = rng.integers(0, 40_000, size=(400, 20_000), dtype=np.uint16)
+    current = {"out": None}
+    seen_half_written = threading.Event()
+
+    def run():
+        for _ in range(20):
+            out = np.full((400 - 99, 20_000), 65535, dtype=np.uint16)  # no median is 65535
+            current["out"] = out
+            _kernels.median_keys(stack, out, 400, 20_000, 100, 2)
+            if seen_half_written.is_set():
+                return
+
+    t = threading.Thread(target=run)
+    t.start()
+    while t.is_alive() and not seen_half_written.is_set():
+        out = current["out"]
+        if out is not None:
+            unwritten = out[-1] == 65535  # the last row, block by block
+            if unwritten.any() and not unwritten.all():
+                seen_half_written.set()
+    t.join()
+    assert seen_half_written.is_set()
 
 
-def test_import_compiles_nothing():
+def test_import_loads_no_jit_and_compiles_nothing():
     code = (
-        "import rollmed_dask.kernels_numba as kn\n"
-        "ds = [v for v in vars(kn).values() if hasattr(v, 'signatures')]\n"
-        "assert ds and not any(d.signatures for d in ds)\n"
+        "import sys, numpy as np\n"
+        "import rollmed_dask.kernels as kn\n"
+        "kn.median_windows_compiled(np.arange(60, dtype=np.float32).reshape(20, 3), 5)\n"
+        "assert not {'numba', 'llvmlite', 'scipy'} & set(sys.modules), sorted(sys.modules)\n"
+        "assert kn._kernels.__file__.endswith(('.so', '.pyd')), kn._kernels.__file__\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
-
-
-def test_a_uint8_call_loads_only_the_uint8_kernel():
-    # numba's set-up is paid once per process, but each kernel costs a load
-    # (or a compile on a new installation): a uint8 call must touch no other
-    code = (
-        "import numpy as np\n"
-        "import rollmed_dask.kernels_numba as kn\n"
-        "kn.median_windows_numba(np.arange(60, dtype=np.uint8).reshape(20, 3), 5)\n"
-        "used = {n: [str(s) for s in d.signatures] for n, d in vars(kn).items()\n"
-        "        if getattr(d, 'signatures', None)}\n"
-        "assert set(used) <= {'_run_hist256', '_block_hist256'}, used\n"
-        "assert all('uint8' in s for sigs in used.values() for s in sigs), used\n"
-    )
-    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
-
-
-def test_compile_kernels_reaches_every_kernel_of_a_dtype():
-    # in a fresh process: the signatures come from compile_kernels alone
-    code = (
-        "import rollmed_dask.kernels_numba as kn\n"
-        "kn.compile_kernels(['uint8', 'int16', 'float32', 'uint64'], file=False)\n"
-        "want = {'uint8': ['_run_hist256'], 'uint16': ['_run_hist256', '_run_hist16'],\n"
-        "        'uint32': ['_run_hist256', '_run_hist16', '_run_sorted', '_run_ranked',\n"
-        "                   '_float_to_keys', '_keys_to_float', '_float_specials',\n"
-        "                   '_ambiguous_windows'],\n"
-        "        'uint64': ['_run_hist256', '_run_hist16', '_run_sorted', '_run_ranked']}\n"
-        "for key, names in want.items():\n"
-        "    for name in names:\n"
-        "        sigs = [str(s) for s in getattr(kn, name).signatures]\n"
-        "        assert any(f'Array({key}' in s for s in sigs), (key, name, sigs)\n"
-    )
-    subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
-
-
-def test_a_compile_says_so_once_and_a_cache_load_does_not(tmp_path):
-    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path), ROLLMED_DASK_CACHE_DIR=str(tmp_path))
-    code = (
-        "import numpy as np\n"
-        "from rollmed_dask.kernels_numba import median_windows_numba\n"
-        "for k in (3, 5):\n"
-        "    median_windows_numba(np.arange(60, dtype=np.uint8).reshape(20, 3), k)\n"
-    )
-    runs = [
-        subprocess.run(
-            [sys.executable, "-c", code],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=300,
-            check=True,
-        )  # fmt: skip
-        for _ in range(2)
-    ]
-    lines = runs[0].stderr.splitlines()
-    assert [ln for ln in lines if "compiling the numba kernels for uint8" in ln] == lines
-    assert len(lines) == 1, runs[0].stderr
-    assert runs[1].stderr == ""  # loaded from the cache: nothing to say
 
 
 # Bit patterns to draw from, per dtype: small ranges so that ties are common,
@@ -365,7 +331,7 @@ def stacks(draw, dtypes=ALL_DTYPES, frames=(1, 40)):
 @given(stacks())
 def test_property_matches_reference(case):
     stack, k = case
-    assert_identical(median_windows_numba(stack, k), median_windows_numpy(stack, k))
+    assert_identical(median_windows_compiled(stack, k), median_windows_numpy(stack, k))
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -375,4 +341,4 @@ def test_property_matches_reference(case):
 def test_property_large_kernels(case):
     """Large K on wide dtypes, with ties: the rank-compression path."""
     stack, k = case
-    assert_identical(median_windows_numba(stack, k), median_windows_numpy(stack, k))
+    assert_identical(median_windows_compiled(stack, k), median_windows_numpy(stack, k))
