@@ -291,6 +291,21 @@ def pytest_command(args, timeout: int) -> list[str]:
             f"--timeout={timeout}", "--no-header", *args]  # fmt: skip
 
 
+def cached_tests_by_line(copy: pathlib.Path, selection, files, timeout) -> dict:
+    """:func:`tests_by_line`, kept in the copy for the same package, tests and selection."""
+    import hashlib
+
+    digest = hashlib.sha256(json.dumps(selection).encode())
+    for path in sorted((ROOT / PACKAGE).rglob("*.py")) + sorted((ROOT / "tests").rglob("*.py")):
+        digest.update(path.read_bytes())
+    cache = copy / f".trace-{digest.hexdigest()[:16]}.json"
+    if cache.exists():
+        return {tuple(json.loads(k)): set(v) for k, v in json.loads(cache.read_text()).items()}
+    result = tests_by_line(copy, selection, files, timeout)
+    cache.write_text(json.dumps({json.dumps(k): sorted(v) for k, v in result.items()}))
+    return result
+
+
 def tests_by_line(copy: pathlib.Path, selection, files, timeout) -> dict:
     """``{(file, line): {test node id}}`` from one traced run of the selection."""
     import coverage
@@ -353,6 +368,8 @@ class Worker:
                 mutant.status = "timeout"
         elif code == "timeout":
             mutant.status = "timeout"
+        elif code < 0:  # e.g. a crash point's SIGKILL fired in the tests' own process
+            mutant.status, mutant.by = "killed", f"the tests' process died (signal {-code})"
         else:
             mutant.status, mutant.by = "error", f"pytest exit {code}"
         return mutant
@@ -415,7 +432,7 @@ def serve(copy: pathlib.Path) -> None:
         print(json.dumps({"code": code, "failed": failed[0] if failed else ""}), flush=True)
 
 
-def run_module(name, args, workdir: pathlib.Path) -> list[Mutant]:
+def run_module(name, args, workdir: pathlib.Path, log) -> list[Mutant]:
     target, selection = MODULES[name]
     files = module_files(target)
     mutants = [m for f in files for m in find_mutants(f)]
@@ -426,7 +443,7 @@ def run_module(name, args, workdir: pathlib.Path) -> list[Mutant]:
         return mutants
     copies = [make_copy(workdir, f"w{i}") for i in range(args.jobs)]
     t0 = time.perf_counter()
-    covering = tests_by_line(copies[0], selection, files, args.timeout)
+    covering = cached_tests_by_line(copies[0], selection, files, args.timeout)
     print(f"  traced the selection in {time.perf_counter() - t0:.0f} s", flush=True)
     markers = []  # -m and -k with their values, kept for the narrowed runs
     for i, arg in enumerate(selection[:-1]):
@@ -452,19 +469,22 @@ def run_module(name, args, workdir: pathlib.Path) -> list[Mutant]:
                 done, _ = concurrent.futures.wait(running, return_when="FIRST_COMPLETED")
                 for future in done:
                     free.append(running.pop(future))
-                    _report(future.result())
+                    _report(future.result(), log)
             worker = free.pop()
             if tests is not selection:
                 tests = [*tests, *markers]
             running[pool.submit(worker.run, mutant, tests, args.timeout)] = worker
         for future in concurrent.futures.as_completed(running):
-            _report(future.result())
+            _report(future.result(), log)
     for worker in workers:
         worker.close()
     return mutants
 
 
-def _report(mutant: Mutant) -> None:
+def _report(mutant: Mutant, log=None) -> None:
+    if log is not None:  # each result as it comes: a run stopped early keeps its results
+        log.write(json.dumps(dataclasses.asdict(mutant)) + "\n")
+        log.flush()
     if mutant.status != "killed":
         print(f"  {mutant.status.upper()} ({mutant.seconds} s) {mutant.name}", flush=True)
 
@@ -505,8 +525,9 @@ def main(argv=None) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     results = {}
     t0 = time.perf_counter()
+    log = None if args.list else open(f"{args.out}l", "a")  # noqa: SIM115 (the whole run)
     for name in args.modules or list(MODULES):
-        results[name] = run_module(name, args, workdir)
+        results[name] = run_module(name, args, workdir, log)
         if not args.list:
             print(summary({name: results[name]}), flush=True)
     if args.list:
