@@ -146,3 +146,13 @@ def test_a_file_truncated_under_the_reader_is_a_chunk_error(tmp_path):
         with pytest.raises(hc.ChunkError, match="cut short"):
             copy.run()
         copy.close()
+
+
+@pytest.mark.parametrize("words", [(1, 65534), (65534, 2)], ids=["sum1-zero", "sum2-zero"])
+def test_fletcher32_with_one_sum_a_multiple_of_65535(words):
+    """HDF5's end-around carry gives 0xFFFF, never 0, for each sum on its own;
+    random buffers hit this once in 65535."""
+    from test_h5chunks import h5_fletcher32_reference
+
+    data = struct.pack(">2H", *words)
+    assert hc.fletcher32(data) == h5_fletcher32_reference(data)
