@@ -55,6 +55,24 @@ def test_two_runs_in_one_process_get_different_temporaries(tmp_path):
     assert sorted(temporaries(target)) == sorted([first, second])
 
 
+def test_stale_temporaries_of_every_kind_are_removed_and_nothing_else(tmp_path):
+    """A killed run leaves a file (HDF5), a folder (Zarr) or, from another tool,
+    a link: each goes, and a link's target stays."""
+    target = tmp_path / "bg.rtdc"
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    (kept / "data").write_text("x")
+    stale_file = target.with_name(".bg.rtdc.111-0123abcd.partial")
+    stale_file.write_text("x")
+    stale_dir = target.with_name(".bg.rtdc.222-0123abcd.partial")
+    stale_dir.mkdir()
+    (stale_dir / "chunk").write_text("x")
+    target.with_name(".bg.rtdc.333-0123abcd.partial").symlink_to(kept)
+    sinks.remove_stale_temporaries(target, keep_resumable=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept"]
+    assert (kept / "data").read_text() == "x"
+
+
 def test_a_waiter_on_the_released_lock_file_takes_the_new_one(tmp_path, monkeypatch):
     """The holder unlinks the lock file and closes it while a waiter has the old
     file open: the waiter's flock then succeeds on a file no one else sees, and
