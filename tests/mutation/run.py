@@ -311,18 +311,26 @@ def tests_by_line(copy: pathlib.Path, selection, files, timeout) -> dict:
     import coverage
 
     data_file = copy / ".coverage-mutation"
-    data_file.unlink(missing_ok=True)
+    for old in copy.glob(".coverage-mutation*"):
+        old.unlink()
     rc = copy / ".coveragerc-mutation"
-    rc.write_text("[run]\nconcurrency = thread\n")
+    rc.write_text(
+        f"[run]\nconcurrency = thread\nparallel = true\ndata_file = {data_file}\n"
+        f"include = {copy / PACKAGE}/*\n"
+    )
     cmd = [sys.executable, "-m", "coverage", "run", f"--rcfile={rc}",
-           f"--data-file={data_file}", f"--include={copy / PACKAGE}/*",
            *pytest_command(["-p", "contexts", *selection], timeout)[1:]]  # fmt: skip
     cmd[cmd.index("-x")] = "--maxfail=1000"  # a baseline failure is reported below
-    proc = subprocess.run(cmd, cwd=copy, env=_environment(copy), capture_output=True, text=True)
+    env = _environment(copy)
+    # the processes the tests start (the CLI) trace too: startup/sitecustomize.py
+    env["PYTHONPATH"] += os.pathsep + str(copy / "tests" / "mutation" / "startup")
+    env["COVERAGE_PROCESS_START"] = str(rc)
+    proc = subprocess.run(cmd, cwd=copy, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"the tests fail without a mutant:\n{proc.stdout[-3000:]}")
-    data = coverage.CoverageData(basename=str(data_file))
-    data.read()
+    cov = coverage.Coverage(config_file=str(rc))
+    cov.combine()
+    data = cov.get_data()
     result = {}
     for file in files:
         measured = str(copy / file.relative_to(ROOT))
@@ -456,7 +464,7 @@ def run_module(name, args, workdir: pathlib.Path, log) -> list[Mutant]:
         measured = any((mutant.path, n) in covering for n in lines)
         if tests:
             todo.append((mutant, sorted(tests)))
-        elif measured:  # run in a subprocess (the CLI) or a process pool: the whole selection
+        elif measured:  # run outside any test (collection, a process pool): the whole selection
             todo.append((mutant, selection))
         else:
             mutant.status, mutant.by = "not covered", "no test of the selection runs this line"
