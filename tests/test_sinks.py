@@ -73,6 +73,37 @@ def test_stale_temporaries_of_every_kind_are_removed_and_nothing_else(tmp_path):
     assert (kept / "data").read_text() == "x"
 
 
+def test_resuming_keeps_only_the_resumable_temporary(tmp_path):
+    target = tmp_path / "bg.zarr"
+    stable = sinks.partial_path(target)
+    stable.mkdir()
+    stale = target.with_name(".bg.zarr.111-0123abcd.partial")
+    stale.mkdir()
+    assert sorted(temporaries(target)) == sorted([stable, stale])
+    sinks.remove_stale_temporaries(target, keep_resumable=True)
+    assert temporaries(target) == [stable]
+
+
+def test_a_zarr_store_of_another_tool_is_never_replaced(tmp_path):
+    foreign = tmp_path / "other.zarr"
+    foreign.mkdir()
+    (foreign / "zarr.json").write_text(
+        '{"zarr_format": 3, "node_type": "group", "attributes": {}}'
+    )
+    assert not sinks.is_our_zarr(foreign)
+    with pytest.raises(FileExistsError, match="never replaced"):
+        sinks.check_target(foreign, overwrite=True)
+
+
+def test_a_busy_target_names_its_holder_and_keeps_no_descriptor(tmp_path):
+    target = tmp_path / "bg.rtdc"
+    with TargetLock(target):
+        before = len(os.listdir("/proc/self/fd"))
+        with pytest.raises(TargetBusyError, match=rf"\(pid {os.getpid()} on "):
+            TargetLock(target).__enter__()
+        assert len(os.listdir("/proc/self/fd")) == before
+
+
 def test_a_waiter_on_the_released_lock_file_takes_the_new_one(tmp_path, monkeypatch):
     """The holder unlinks the lock file and closes it while a waiter has the old
     file open: the waiter's flock then succeeds on a file no one else sees, and
