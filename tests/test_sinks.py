@@ -111,6 +111,7 @@ def test_a_waiter_on_the_released_lock_file_takes_the_new_one(tmp_path, monkeypa
     import fcntl
 
     target = tmp_path / "bg.rtdc"
+    fds = len(os.listdir("/proc/self/fd"))
     holder = TargetLock(target).__enter__()
     real_flock = fcntl.flock
 
@@ -129,6 +130,7 @@ def test_a_waiter_on_the_released_lock_file_takes_the_new_one(tmp_path, monkeypa
             pass
     finally:
         waiter.__exit__(None, None, None)
+    assert len(os.listdir("/proc/self/fd")) == fds, "the old lock file's descriptor leaked"
 
 
 # --- publishing: fsync before the rename ---
