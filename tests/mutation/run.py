@@ -60,7 +60,8 @@ MODULES = {
     "sinks": (
         "rollmed_dask/sinks.py",
         ["tests/test_sinks.py", "tests/test_crash_safety.py", "tests/test_safety.py",
-         "-m", "not slurm and not cluster", "-k", "not sigint and not sigkill and not ctrl_c"],
+         "tests/test_rtdc.py", "-m", "not slurm and not cluster",
+         "-k", "not sigint and not sigkill and not ctrl_c"],
     ),
     "batch": (
         "rollmed_dask/batch.py",
