@@ -307,6 +307,7 @@ def test_corrupt_chunk_is_detected_and_located(tmp_path, filters):
         err = info.value
         assert isinstance(err, OSError)
         assert err.chunk_offset == (40, 0, 0) and err.events == (40, 80)
+        assert err.dataset == f"/events/image in {path}"  # for callers that report it
         assert "offset (40, 0, 0)" in str(err) and "events/image" in str(err)
         assert "fletcher32" in str(err)
         # the intact chunks still read

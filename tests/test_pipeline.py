@@ -334,3 +334,24 @@ def test_bad_stacks(shape, dtype, message):
 def test_unknown_engine():
     with pytest.raises(ValueError, match="engine='fast' is not known"):
         select_engine("fast", np.uint8)
+
+
+@pytest.mark.parametrize(
+    ("n", "k", "unit", "min_blocks", "expected", "rule"),
+    [
+        # blocks of 280 would end sooner if reading the overlap were free
+        (1569, 20, 40, 4, (360, 360, 360, 360, 129), "a block costs its events plus K"),
+        # counting a 1-event tail as its own block makes 22 look better than 21
+        (85, 5, 1, 4, (21, 21, 21, 22), "a tail shorter than K joins the last block"),
+        # (30, 11) would split 41 events into blocks shorter than 4K = 40
+        (41, 10, 1, 2, (41,), "never blocks shorter than 4K"),
+        # a tail shorter than K left out of the cost makes (23, 27) look as good
+        (50, 5, 1, 2, (25, 25), "the tail's events count"),
+        # the shortest length tried (3/4 of 40, in units of 10) is the best here
+        (173, 5, 10, 4, (30, 30, 30, 30, 30, 23), "3/4 of the length is tried too"),
+    ],
+)
+def test_whole_rounds_keeps_the_planners_rules(monkeypatch, n, k, unit, min_blocks, expected,
+                                               rule):  # fmt: skip
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    assert plan_event_chunks(n, k, 25600, unit=unit, min_blocks=min_blocks) == expected, rule

@@ -1,0 +1,254 @@
+"""The safety lines of the sinks, each with a test that fails without it (issue 23).
+
+Where timing hides a bug (a slow image copy, a writeback that only fires on
+large files, a lock released at the wrong moment), the test forces the path
+with a hook or a monkeypatch instead of waiting for luck.
+"""
+
+import errno
+import os
+import shutil
+import stat
+import threading
+
+import h5py
+import numpy as np
+import pytest
+from conftest import read_images
+from test_safety import fill_disk, small_disk  # noqa: F401 (fixture)
+
+from rollmed_dask import compute_background, rolling_median_reference, sinks
+from rollmed_dask.h5chunks import ChunkCopy
+from rollmed_dask.sinks import (
+    HDF5Sink,
+    TargetBusyError,
+    TargetLock,
+    WriteBehind,
+    run_partial_path,
+    temporaries,
+)
+
+
+def output_with_copied_images(source, target, **kwargs):
+    """A new ``.rtdc`` output that holds a copy of the input's images.
+
+    The one place that asks for the image copy: when the copy becomes an
+    option (a virtual dataset by default), pass it here.
+    """
+    return compute_background(source, target, progress=False, **kwargs)
+
+
+def _leftovers(folder):
+    return sorted(p.name for p in folder.iterdir() if p.name != "input.rtdc")
+
+
+# --- temporaries and the lock ---
+
+
+def test_two_runs_in_one_process_get_different_temporaries(tmp_path):
+    """The exit-time cleanup removes a run's temporary by name: never another's."""
+    target = tmp_path / "bg.rtdc"
+    first, second = run_partial_path(target), run_partial_path(target)
+    assert first != second
+    for path in (first, second):
+        path.touch()
+    assert sorted(temporaries(target)) == sorted([first, second])
+
+
+def test_stale_temporaries_of_every_kind_are_removed_and_nothing_else(tmp_path):
+    """A killed run leaves a file (HDF5), a folder (Zarr) or, from another tool,
+    a link: each goes, and a link's target stays."""
+    target = tmp_path / "bg.rtdc"
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    (kept / "data").write_text("x")
+    stale_file = target.with_name(".bg.rtdc.111-0123abcd.partial")
+    stale_file.write_text("x")
+    stale_dir = target.with_name(".bg.rtdc.222-0123abcd.partial")
+    stale_dir.mkdir()
+    (stale_dir / "chunk").write_text("x")
+    target.with_name(".bg.rtdc.333-0123abcd.partial").symlink_to(kept)
+    sinks.remove_stale_temporaries(target, keep_resumable=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept"]
+    assert (kept / "data").read_text() == "x"
+
+
+def test_resuming_keeps_only_the_resumable_temporary(tmp_path):
+    target = tmp_path / "bg.zarr"
+    stable = sinks.partial_path(target)
+    stable.mkdir()
+    stale = target.with_name(".bg.zarr.111-0123abcd.partial")
+    stale.mkdir()
+    assert sorted(temporaries(target)) == sorted([stable, stale])
+    sinks.remove_stale_temporaries(target, keep_resumable=True)
+    assert temporaries(target) == [stable]
+
+
+def test_a_zarr_store_of_another_tool_is_never_replaced(tmp_path):
+    foreign = tmp_path / "other.zarr"
+    foreign.mkdir()
+    (foreign / "zarr.json").write_text(
+        '{"zarr_format": 3, "node_type": "group", "attributes": {}}'
+    )
+    assert not sinks.is_our_zarr(foreign)
+    with pytest.raises(FileExistsError, match="never replaced"):
+        sinks.check_target(foreign, overwrite=True)
+
+
+def test_a_busy_target_names_its_holder_and_keeps_no_descriptor(tmp_path):
+    target = tmp_path / "bg.rtdc"
+    with TargetLock(target):
+        before = len(os.listdir("/proc/self/fd"))
+        with pytest.raises(TargetBusyError, match=rf"\(pid {os.getpid()} on "):
+            TargetLock(target).__enter__()
+        assert len(os.listdir("/proc/self/fd")) == before
+
+
+def test_a_waiter_on_the_released_lock_file_takes_the_new_one(tmp_path, monkeypatch):
+    """The holder unlinks the lock file and closes it while a waiter has the old
+    file open: the waiter's flock then succeeds on a file no one else sees, and
+    must open the lock file again, or a third run would get the lock too."""
+    import fcntl
+
+    target = tmp_path / "bg.rtdc"
+    fds = len(os.listdir("/proc/self/fd"))
+    holder = TargetLock(target).__enter__()
+    real_flock = fcntl.flock
+
+    def release_then_flock(fd, op):
+        if holder.fd is not None:  # the waiter opened the old file: now the holder lets go
+            holder.__exit__(None, None, None)
+            holder.fd = None
+        return real_flock(fd, op)
+
+    monkeypatch.setattr(fcntl, "flock", release_then_flock)
+    waiter = TargetLock(target).__enter__()
+    monkeypatch.setattr(fcntl, "flock", real_flock)
+    try:
+        assert os.fstat(waiter.fd).st_ino == os.stat(waiter.path).st_ino
+        with pytest.raises(TargetBusyError), TargetLock(target):
+            pass
+    finally:
+        waiter.__exit__(None, None, None)
+    assert len(os.listdir("/proc/self/fd")) == fds, "the old lock file's descriptor leaked"
+
+
+# --- publishing: fsync before the rename ---
+
+
+@pytest.mark.parametrize("in_place", [False, True], ids=["new-file", "in-place"])
+def test_the_output_is_on_disk_before_the_rename_that_publishes_it(
+    in_place, rtdc_copy, tmp_path, monkeypatch
+):
+    target = rtdc_copy if in_place else tmp_path / "bg.rtdc"
+    calls = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        calls.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        return real_fsync(fd)
+
+    def replace(src, dst, *args, **kwargs):
+        if str(dst) == str(target):  # not the replaces of numba's cache
+            calls.append(("replace", str(src)))
+        return real_replace(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    compute_background(rtdc_copy, target, 10, in_place=in_place, progress=False)
+    published = [path for kind, path in calls if kind == "replace"]
+    assert len(published) == 1
+    tmp = published[0]
+    assert ("fsync", tmp) in calls
+    assert calls.index(("fsync", tmp)) < calls.index(("replace", tmp))
+
+
+# --- in place ---
+
+
+def test_in_place_keeps_the_files_mode(rtdc_copy):
+    rtdc_copy.chmod(0o640)
+    compute_background(rtdc_copy, rtdc_copy, 10, in_place=True, progress=False)
+    assert stat.S_IMODE(rtdc_copy.stat().st_mode) == 0o640
+
+
+def test_in_place_refuses_before_copying_when_the_copy_cannot_fit(
+    small_rtdc,
+    small_disk,  # noqa: F811
+    monkeypatch,
+):
+    """The copy would fit only partly: refused before a byte is written, so the
+    disk never reaches 100 % (the copy failing midway says the same words)."""
+    raw = shutil.copy(small_rtdc, small_disk / "raw.rtdc")
+    before = open(raw, "rb").read()
+    fill_disk(small_disk, len(before) // 2)
+    copies = []
+    monkeypatch.setattr(shutil, "copyfile", lambda *a, **k: copies.append(a))
+    with pytest.raises(OSError, match="in_place copies") as err:
+        compute_background(raw, raw, 10, in_place=True, progress=False)
+    assert err.value.errno == errno.ENOSPC
+    assert copies == []
+    assert open(raw, "rb").read() == before
+    assert sorted(p.name for p in small_disk.iterdir()) == ["filler", "raw.rtdc"]
+
+
+# --- the image copy beside the computation ---
+
+
+def test_the_commit_waits_for_a_slow_image_copy(rtdc_copy, tmp_path, monkeypatch):
+    """The copy is held until the commit starts and then goes on slowly: an
+    output published before it ended would lack image chunks (zeros)."""
+    committing = threading.Event()
+    real_commit, real_step = HDF5Sink.commit, ChunkCopy.step
+
+    def commit(self, *args, **kwargs):
+        committing.set()
+        return real_commit(self, *args, **kwargs)
+
+    def slow_step(self):
+        assert committing.wait(60), "the job never committed"
+        threading.Event().wait(0.02)  # slow, not a synchronisation: the commit must wait
+        return real_step(self)
+
+    monkeypatch.setattr(HDF5Sink, "commit", commit)
+    monkeypatch.setattr(ChunkCopy, "step", slow_step)
+    out = tmp_path / "bg.rtdc"
+    output_with_copied_images(rtdc_copy, out, kernel_size=10)
+    with h5py.File(rtdc_copy) as hi, h5py.File(out) as ho:
+        src, dst = hi["events/image"], ho["events/image"]
+        assert dst.id.get_num_chunks() == src.id.get_num_chunks() > 1
+        np.testing.assert_array_equal(dst[()], src[()])
+
+
+# --- write-behind ---
+
+
+def test_write_behind_runs_on_small_files(rtdc_copy, tmp_path, monkeypatch):
+    calls = []
+    real = sinks._start_writeback
+    monkeypatch.setattr(WriteBehind, "STEP", 4096)
+    monkeypatch.setattr(sinks, "_start_writeback", lambda fd: (calls.append(fd), real(fd)))
+    out = tmp_path / "bg.rtdc"
+    compute_background(rtdc_copy, out, 10, progress=False)
+    assert calls, "the write-behind thread never started a writeback"
+    np.testing.assert_array_equal(
+        read_images(out, "events/image_bg"), rolling_median_reference(read_images(rtdc_copy), 10)
+    )
+
+
+@pytest.mark.parametrize("in_place", [False, True], ids=["new-file", "in-place"])
+def test_a_write_behind_error_fails_the_job_and_leaves_nothing(
+    in_place, rtdc_copy, tmp_path, monkeypatch
+):
+    def failing_writeback(fd):
+        raise OSError(errno.EIO, "Input/output error (injected)")
+
+    monkeypatch.setattr(WriteBehind, "STEP", 4096)
+    monkeypatch.setattr(sinks, "_start_writeback", failing_writeback)
+    before = rtdc_copy.read_bytes()
+    target = rtdc_copy if in_place else tmp_path / "bg.rtdc"
+    with pytest.raises(OSError, match="injected") as err:
+        compute_background(rtdc_copy, target, 10, in_place=in_place, progress=False)
+    assert err.value.errno == errno.EIO
+    assert rtdc_copy.read_bytes() == before
+    assert _leftovers(tmp_path) == []
