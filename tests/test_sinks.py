@@ -30,12 +30,9 @@ from rollmed_dask.sinks import (
 
 
 def output_with_copied_images(source, target, **kwargs):
-    """A new ``.rtdc`` output that holds a copy of the input's images.
-
-    The one place that asks for the image copy: when the copy becomes an
-    option (a virtual dataset by default), pass it here.
-    """
-    return compute_background(source, target, progress=False, **kwargs)
+    """A new ``.rtdc`` output that holds a copy of the input's images (an
+    option: by default ``events/image`` is a virtual dataset)."""
+    return compute_background(source, target, progress=False, copy_images=True, **kwargs)
 
 
 def _leftovers(folder):
