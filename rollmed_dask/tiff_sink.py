@@ -1,8 +1,8 @@
 """A compressed OME-TIFF output, for users whose tools read only TIFF.
 
-One page per event, axes ``TYX``, deflate-compressed (``compression`` "zstd"
-or "gzip": deflate, which every TIFF reader reads, Fiji's included; "none":
-uncompressed), BigTIFF when the stack passes 2 GiB. Written beside the target
+One page per event, axes ``TYX``, deflate-compressed (any ``compression``
+but "none": deflate level 6, which every TIFF reader reads, Fiji's included;
+"none": uncompressed), BigTIFF when the stack passes 2 GiB. Written beside the target
 and moved into place only when complete, as the other sinks are.
 
 A TIFF is written front to back, but blocks finish in any order: a block that
@@ -22,16 +22,18 @@ import threading
 
 import numpy as np
 
-from .sinks import Sink, _remove_temporary, move_into_place
+from .compression import DEFAULT_COMPRESSION, level
+from .sinks import Sink, _pass_block, _remove_temporary, move_into_place
 
-TIFF_COMPRESSION = {"zstd": "zlib", "gzip": "zlib", "none": None}  # zlib: deflate
 _END = object()
 
 
 class TiffSink(Sink):
     """``Sink`` writing an OME-TIFF (see the module docstring)."""
 
-    def __init__(self, target, dataset, shape, dtype, *, compression="zstd", **kwargs):
+    def __init__(
+        self, target, dataset, shape, dtype, *, compression=DEFAULT_COMPRESSION, **kwargs
+    ):
         super().__init__(target, dataset, shape, dtype, **kwargs)
         self.compression = compression
         self.spill = self.tmp.with_name(self.tmp.name + ".blocks")
@@ -41,7 +43,7 @@ class TiffSink(Sink):
         self.thread = None
         self.error = None
 
-    def open(self) -> None:
+    def open(self, input_data=None) -> None:
         import tifffile
 
         self.spill.mkdir()
@@ -58,13 +60,14 @@ class TiffSink(Sink):
             yield from block
 
     def _run(self) -> None:
+        deflate = level(self.compression)[0] != "none"
         try:
             self.tif.write(
                 self._frames(),
                 shape=self.shape,
                 dtype=self.dtype,
-                compression=TIFF_COMPRESSION[self.compression],
-                compressionargs={"level": 6} if TIFF_COMPRESSION[self.compression] else None,
+                compression="zlib" if deflate else None,  # zlib: deflate
+                compressionargs={"level": 6} if deflate else None,
                 photometric="minisblack",
                 metadata={"axes": "TYX"},
             )
@@ -136,7 +139,3 @@ class TiffSink(Sink):
             pass  # a file that cannot be finished is removed all the same
         shutil.rmtree(self.spill, ignore_errors=True)
         _remove_temporary(self.tmp)
-
-
-def _pass_block(block, start):
-    return start, np.ascontiguousarray(block)

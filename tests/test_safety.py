@@ -451,7 +451,7 @@ def test_resume_of_a_complete_output_has_nothing_to_do(small_rtdc, tmp_path):
     assert snapshot(out) == before
     # another job on the same output is not "nothing to do"
     line = one_error_line(run_cli(small_rtdc, out, "-k", "7", "--resume", "-q"))
-    assert "was made with kernel_size=5, this run has 7; pass --overwrite" in line
+    assert "was made with -k 5, this run has 7; pass --overwrite" in line
 
 
 @pytest.mark.timeout(300)
