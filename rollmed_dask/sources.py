@@ -49,6 +49,31 @@ def file_state(path: str) -> tuple:
 
 
 @contextlib.contextmanager
+def shared_handle(path: str, opener, close=lambda handle: handle.close()):
+    """``opener(path)``'s handle for the duration of a ``with`` block, shared by
+    the reads of ``path`` in progress in this process; the last one to end
+    closes it, and a file changed on disk gets a new handle."""
+    key = (path, opener, file_state(path))
+    with _open_files_lock:
+        entry = _open_files.get(key)
+        if entry is None:
+            entry = _open_files[key] = [opener(path), 0]
+        entry[1] += 1
+    try:
+        yield entry[0]
+    finally:
+        with _open_files_lock:
+            entry[1] -= 1
+            if entry[1] == 0:
+                del _open_files[key]
+                close(entry[0])
+
+
+def _open_h5(path: str):
+    return _h5py().File(path, "r")
+
+
+@contextlib.contextmanager
 def open_h5_readonly(path: str):
     """A read-only h5py.File of ``path`` for the duration of a ``with`` block.
 
@@ -69,20 +94,8 @@ def open_h5_readonly(path: str):
     >>> bool(h5.id.valid)  # closed: the user may now rewrite the file
     False
     """
-    key = (path, file_state(path))
-    with _open_files_lock:
-        entry = _open_files.get(key)
-        if entry is None:
-            entry = _open_files[key] = [_h5py().File(path, "r"), 0]
-        entry[1] += 1
-    try:
-        yield entry[0]
-    finally:
-        with _open_files_lock:
-            entry[1] -= 1
-            if entry[1] == 0:
-                del _open_files[key]
-                entry[0].close()
+    with shared_handle(path, _open_h5) as h5:
+        yield h5
 
 
 class HDF5Reader:

@@ -38,6 +38,8 @@ import threading
 
 import numpy as np
 
+from .sources import file_state, shared_handle
+
 TIFF_SUFFIXES = (".tif", ".tiff", ".btf", ".tf8")
 # the first four bytes of a classic TIFF and of a BigTIFF, in both byte orders
 TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
@@ -151,18 +153,6 @@ def parse_selection(dataset: str | None) -> dict:
 # one multi-page file
 # ---------------------------------------------------------------------------
 
-# Open files, shared by the reads in progress in this process and closed when
-# the last of them ends (as sources.open_h5_readonly does): an idle handle
-# would read a file replaced on disk as it was.
-_open_files: dict[tuple, list] = {}
-_open_files_lock = threading.Lock()
-
-
-def _file_state(path: str) -> tuple:
-    stat = os.stat(path)
-    return stat.st_ino, stat.st_size, stat.st_mtime_ns
-
-
 _quiet_lock = threading.Lock()
 _quiet_depth = [0, logging.NOTSET]  # callers inside, the level to restore
 
@@ -195,23 +185,15 @@ def _open_tiff(path: str):
     hold ``lock``; page reads take the same lock (the handle's) only for the
     seek and read, and decode outside it, so threads decompress in parallel.
     """
-    key = (path, _file_state(path))
-    with _open_files_lock:
-        entry = _open_files.get(key)
-        if entry is None:
-            with _quiet():
-                tif = _tifffile().TiffFile(path)
-            tif.filehandle.set_lock(True)
-            entry = _open_files[key] = [tif, 0]
-        entry[1] += 1
-    try:
-        yield entry[0], entry[0].filehandle.lock
-    finally:
-        with _open_files_lock:
-            entry[1] -= 1
-            if entry[1] == 0:
-                del _open_files[key]
-                entry[0].close()
+    with shared_handle(path, _open_tiff_file) as tif:
+        yield tif, tif.filehandle.lock
+
+
+def _open_tiff_file(path: str):
+    with _quiet():
+        tif = _tifffile().TiffFile(path)
+    tif.filehandle.set_lock(True)  # the lock the page lookups and reads share
+    return tif
 
 
 def _damaged(path, where: str, exc: BaseException) -> ValueError:
@@ -340,7 +322,7 @@ class TiffStackReader:
         return (type(self), (self.path, self.series, self.axis, self.planes))
 
     def __dask_tokenize__(self):
-        return ("TiffStackReader", self.path, _file_state(self.path), self.series, self.axis,
+        return ("TiffStackReader", self.path, file_state(self.path), self.series, self.axis,
                 sorted(self.planes.items()))  # fmt: skip
 
     def __repr__(self):
@@ -447,7 +429,7 @@ class TiffFrameReader:
 
     def __dask_tokenize__(self):
         # every frame's state: a frame rewritten in place must change the token
-        states = [_file_state(os.path.join(self.folder, n)) for n in self.names]
+        states = [file_state(os.path.join(self.folder, n)) for n in self.names]
         return ("TiffFrameReader", self.folder, self.names, states)
 
     def __repr__(self):
