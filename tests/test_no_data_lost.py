@@ -23,6 +23,7 @@ import h5py
 import numpy as np
 import pytest
 from conftest import read_images
+from test_crash_safety import run_killed_at
 from test_safety import one_error_line, run_cli, snapshot
 
 from rollmed_dask import compute_background, rolling_median_reference
@@ -186,15 +187,6 @@ def test_in_place_with_an_output_folder_is_refused(small_rtdc, tmp_path):
 
 
 # --- a Zarr --resume run killed just before its final rename ---
-
-
-def run_killed_at(point, *args):
-    env = {**os.environ, "ROLLMED_DASK_TEST_KILL_AT": point}
-    result = subprocess.run(
-        [sys.executable, "-m", "rollmed_dask", *map(str, args), "-q"],
-        env=env, capture_output=True, text=True, timeout=180, stdin=subprocess.DEVNULL,
-    )  # fmt: skip
-    assert result.returncode == -signal.SIGKILL, f"not killed at {point}: {result.stderr}"
 
 
 def test_a_resume_killed_before_the_final_move_is_completed_by_the_next(small_rtdc, tmp_path):
