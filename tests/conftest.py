@@ -20,6 +20,10 @@ import pytest
 
 from rollmed_dask.example import write_example
 
+# The mutation harness (tests/mutation/) is a tool run by hand, not tests: it
+# imports coverage, from the `mutation` extra, which the test extra leaves out.
+collect_ignore = ["mutation"]
+
 
 def default_signals() -> None:
     """``preexec_fn`` of a child that a test sends SIGINT or SIGTERM: their default
