@@ -182,9 +182,9 @@ def case_io_floor(a):
     would make the floor far too high. Reading the background costs a little
     (one decode of highly compressible chunks); the floor is a slight
     overestimate for it. Like ``compute_background``'s, the output is a new
-    ``.rtdc`` file with a copy of the input's images (``HDF5Sink`` with the
-    input path, :func:`rollmed_dask.rtdc.prepare_output_file`), made by the
-    same thread beside the blocks: both sides pay for it inside their time.
+    lean ``.rtdc`` file (``HDF5Sink`` with the input path,
+    :func:`rollmed_dask.rtdc.prepare_output_file`: ``events/image`` a virtual
+    dataset onto the input's images), so both sides write the same datasets.
     """
     import dask
     import dask.array as da

@@ -227,7 +227,7 @@ def table(rows) -> str:
         elif r["case"] in IO_FLOORS:
             note = (
                 f"no compute: reads the input, writes the known result ({r['background_from']}) "
-                f"and, like ours, a copy of the input's images"
+                f"into a lean .rtdc like ours (events/image a virtual dataset)"
             )
         lay = r.get("layout")
         if lay and (lay["chunks"] != EXPECTED_LAYOUT["chunks"]
