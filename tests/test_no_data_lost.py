@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 from conftest import read_images
 from test_crash_safety import run_killed_at
-from test_safety import one_error_line, run_cli, snapshot
+from test_safety import one_error_line, open_for_writing_elsewhere, run_cli, snapshot
 
 from rollmed_dask import compute_background, rolling_median_reference
 from rollmed_dask.sinks import backup_path, partial_path
@@ -114,21 +114,12 @@ def test_resume_with_an_hdf5_output_is_refused(form, small_rtdc, tmp_path):
 
 
 def test_an_input_open_for_writing_elsewhere_says_it_is_locked(rtdc_copy, tmp_path):
-    holder = subprocess.Popen(
-        [sys.executable, "-c",
-         "import sys, h5py; f = h5py.File(sys.argv[1], 'a'); print('open', flush=True); "
-         "sys.stdin.read()", rtdc_copy],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    try:
-        assert holder.stdout.readline().strip() == "open"
+    with open_for_writing_elsewhere(rtdc_copy):
         line = one_error_line(run_cli(rtdc_copy, tmp_path / "new_bg.rtdc", "-k", "5", "-q"))
-        assert line == (
-            f"rollmed-dask: error: input '{rtdc_copy}' is locked by another program that has "
-            f"it open for writing (HDF5 file locking); close it there and run again"
-        )
-    finally:
-        holder.communicate("", timeout=30)
+    assert line == (
+        f"rollmed-dask: error: input '{rtdc_copy}' is locked by another program that has "
+        f"it open for writing (HDF5 file locking); close it there and run again"
+    )
 
 
 @pytest.mark.parametrize("kind", ["numpy", "dask", "file"])

@@ -6,6 +6,7 @@ seconds (the scipy engine on small blocks), send SIGINT or SIGKILL while it
 runs, and check what is on disk afterwards.
 """
 
+import contextlib
 import os
 import shutil
 import signal
@@ -360,20 +361,27 @@ def test_in_place_into_a_file_with_other_events_is_refused(small_rtdc, tmp_path)
     assert other.read_bytes() == before
 
 
-def test_in_place_on_a_file_open_for_writing_elsewhere_says_it_is_locked(rtdc_copy):
+@contextlib.contextmanager
+def open_for_writing_elsewhere(path):
+    """Another process holds ``path`` open for writing (HDF5 locks it) while the block runs."""
     holder = subprocess.Popen(
         [sys.executable, "-c",
          "import sys, h5py; f = h5py.File(sys.argv[1], 'a'); print('open', flush=True); "
-         "sys.stdin.read()", rtdc_copy],
+         "sys.stdin.read()", path],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
         assert holder.stdout.readline().strip() == "open"
-        line = one_error_line(run_cli(rtdc_copy, rtdc_copy, "--in-place", "-k", "5", "-q"))
-        assert "is locked by another program" in line
-        assert "damaged" not in line
+        yield
     finally:
         holder.communicate("", timeout=30)
+
+
+def test_in_place_on_a_file_open_for_writing_elsewhere_says_it_is_locked(rtdc_copy):
+    with open_for_writing_elsewhere(rtdc_copy):
+        line = one_error_line(run_cli(rtdc_copy, rtdc_copy, "--in-place", "-k", "5", "-q"))
+    assert "is locked by another program" in line
+    assert "damaged" not in line
 
 
 def test_in_place_overwrite_does_not_grow_the_file(rtdc_copy):
