@@ -30,6 +30,7 @@ from .sinks import (
     disk_full_error,
     option_error,
     partial_path,
+    pause_point,
     recover_backup,
     remove_stale_temporaries,
     zarr_job_params,
@@ -548,6 +549,7 @@ def _run_job(
         )
         sink.commit(rtdc.bg_ppid_attrs(k, batch_size), log)
     except BaseException as exc:
+        pause_point("job-aborting")  # test hook: a signal while a job stops
         sink.abort()
         if resume and sink.tmp.exists():
             exc.partial_kept = str(sink.tmp)  # resumable: the CLI says how to continue

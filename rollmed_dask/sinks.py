@@ -1001,6 +1001,7 @@ def _zarr_write_block(store_path: str, dataset: str, block, start: int, digests=
     import zarr
 
     array = zarr.open_array(store=store_path, path=dataset, mode="r+")
+    pause_point("zarr-opened")  # test hook: a block still to write when the run stops
     try:
         array[start : start + len(block)] = block
     except BaseException:

@@ -20,13 +20,17 @@ How it stays within about an hour on 2 cores (measured in tests/MUTATION.md):
   ``contexts.py``) tells which tests run each line; a mutant runs only those, with ``-x``.
   Lines only run in subprocesses (the CLI tests) run the whole selection;
   lines no test runs are survivors without running anything;
+- a mutant's tests run fastest first (their times come from the traced run),
+  so most mutants are killed within seconds;
 - ``--jobs`` workers, each in its own copy of the project under
-  ``--workdir`` (kept between runs: numba's kernel cache is keyed on the
-  package's path, so a kept copy compiles once).
+  ``--workdir``;
+- ``--resume`` keeps the killed mutants of the last run's log (the same
+  file, line and edit) and runs the rest: a stopped run goes on, and
+  survivors face the tests written since.
 
 Why not mutmut or cosmic-ray: mutmut 3 (the version in the mirror) copies
 only the mutated files into ``mutants/`` and runs each mutant by forking the
-process that already ran the tests; here dask's thread pools and numba do
+process that already ran the tests; here dask's thread pools do
 not survive a fork, and the CLI subprocess tests import the package from a
 path it does not mutate. A mutant here is a plain edit of a file in a copy,
 run by a fresh pytest, so every kind of test (threads, processes, the CLI,
@@ -60,36 +64,39 @@ MODULES = {
     "sinks": (
         "rollmed_dask/sinks.py",
         ["tests/test_sinks.py", "tests/test_crash_safety.py", "tests/test_safety.py",
-         "tests/test_rtdc.py", "-m", "not slurm and not cluster",
-         "-k", "not sigint and not sigkill and not ctrl_c"],
+         "tests/test_rtdc.py", "tests/test_no_data_lost.py", "tests/test_identity.py",
+         "-m", "not slurm and not cluster", "-k", "not sigint and not sigkill and not ctrl_c"],
     ),
     "batch": (
         "rollmed_dask/batch.py",
-        ["tests/test_batch_inputs.py", "tests/test_batch.py", "-m", "not slurm and not cluster",
-         "-k", "not interrupted"],
+        ["tests/test_batch_inputs.py", "tests/test_batch.py", "tests/test_no_data_lost.py",
+         "tests/test_identity.py", "-m", "not slurm and not cluster", "-k", "not interrupted"],
     ),
     "job": (
         "rollmed_dask/job.py",
         ["tests/test_job.py", "tests/test_sinks.py", "tests/test_crash_safety.py",
+         "tests/test_no_data_lost.py", "tests/test_identity.py", "tests/test_safety.py",
          "-m", "not slurm and not cluster"],
     ),
     "h5chunks": (
         "rollmed_dask/h5chunks.py",
         ["tests/test_h5chunks_checks.py", "tests/test_h5chunks.py", "tests/test_sinks.py",
-         "-k", "not hypothesis"],
+         "tests/test_identity.py", "-k", "not hypothesis"],
     ),
     "sources": (
         "rollmed_dask/sources.py",
-        ["tests/test_sources.py", "tests/test_graph_keys.py"],
+        ["tests/test_sources.py", "tests/test_graph_keys.py", "tests/test_identity.py",
+         "tests/test_no_data_lost.py", "-m", "not slurm and not cluster"],
     ),
     "scheduling": (
         "rollmed_dask/scheduling.py",
         ["tests/test_pipeline.py", "tests/test_block_tasks.py", "tests/test_job.py",
-         "-m", "not slurm and not cluster", "-k", "planner or whole_rounds or block or job"],
+         "tests/test_distributed.py", "tests/test_stalled_runs.py", "-m", "not slurm"],
     ),
     "rtdc": (
         "rollmed_dask/rtdc",
-        ["tests/test_rtdc.py", "tests/test_sinks.py", "-m", "not slurm and not cluster"],
+        ["tests/test_rtdc.py", "tests/test_sinks.py", "tests/test_lean_output.py",
+         "tests/test_dcnum_pipeline.py", "-m", "not slurm and not cluster"],
     ),
 }  # fmt: skip
 
@@ -275,7 +282,7 @@ def _environment(copy: pathlib.Path) -> dict:
 
 
 def make_copy(workdir: pathlib.Path, name: str) -> pathlib.Path:
-    """A copy of the project to mutate; kept, so numba's cache stays warm."""
+    """A copy of the project to mutate (the compiled kernels' library included)."""
     copy = workdir / name
     for part in (PACKAGE, "tests", "scripts", "notebooks", "benchmarks"):
         if (copy / part).exists():
@@ -301,19 +308,25 @@ def cached_tests_by_line(copy: pathlib.Path, selection, files, timeout) -> dict:
         digest.update(path.read_bytes())
     cache = copy / f".trace-{digest.hexdigest()[:16]}.json"
     if cache.exists():
-        return {tuple(json.loads(k)): set(v) for k, v in json.loads(cache.read_text()).items()}
-    result = tests_by_line(copy, selection, files, timeout)
-    cache.write_text(json.dumps({json.dumps(k): sorted(v) for k, v in result.items()}))
-    return result
+        saved = json.loads(cache.read_text())
+        lines = {tuple(json.loads(k)): set(v) for k, v in saved["lines"].items()}
+        return lines, saved["seconds"]
+    lines, seconds = tests_by_line(copy, selection, files, timeout)
+    cache.write_text(json.dumps({"lines": {json.dumps(k): sorted(v) for k, v in lines.items()},
+                                 "seconds": seconds}))  # fmt: skip
+    return lines, seconds
 
 
-def tests_by_line(copy: pathlib.Path, selection, files, timeout) -> dict:
-    """``{(file, line): {test node id}}`` from one traced run of the selection."""
+def tests_by_line(copy: pathlib.Path, selection, files, timeout) -> tuple[dict, dict]:
+    """``{(file, line): {test node id}}`` from one traced run of the selection, and
+    ``{test node id: seconds}``."""
     import coverage
 
     data_file = copy / ".coverage-mutation"
     for old in copy.glob(".coverage-mutation*"):
         old.unlink()
+    durations = copy / ".durations-mutation"
+    durations.unlink(missing_ok=True)
     rc = copy / ".coveragerc-mutation"
     rc.write_text(
         f"[run]\nconcurrency = thread\nparallel = true\ndata_file = {data_file}\n"
@@ -326,6 +339,7 @@ def tests_by_line(copy: pathlib.Path, selection, files, timeout) -> dict:
     # the processes the tests start (the CLI) trace too: startup/sitecustomize.py
     env["PYTHONPATH"] += os.pathsep + str(copy / "tests" / "mutation" / "startup")
     env["COVERAGE_PROCESS_START"] = str(rc)
+    env["ROLLMED_MUTATION_DURATIONS"] = str(durations)
     proc = subprocess.run(cmd, cwd=copy, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"the tests fail without a mutant:\n{proc.stdout[-3000:]}")
@@ -338,13 +352,14 @@ def tests_by_line(copy: pathlib.Path, selection, files, timeout) -> dict:
         for line, contexts in data.contexts_by_lineno(measured).items():
             tests = {c for c in contexts if c}
             result[(str(file.relative_to(ROOT)), line)] = tests
-    return result
+    seconds = dict(json.loads(line) for line in durations.read_text().splitlines())
+    return result, seconds
 
 
 class Worker:
     """A process that runs one mutant's tests at a time in its copy of the project.
 
-    It imports the heavy libraries (numpy, h5py, dask, numba, pytest)
+    It imports the heavy libraries (numpy, h5py, dask, hypothesis, pytest)
     once, before any thread exists, and forks a child for each mutant that
     runs pytest: the child imports the package, mutated, from the copy. This
     saves the 3 to 5 s that a fresh interpreter spends importing them per
@@ -395,9 +410,11 @@ def serve(copy: pathlib.Path) -> None:
     import dask.array  # noqa: F401
     import h5py  # noqa: F401
     import hdf5plugin  # noqa: F401
-    import numba  # noqa: F401
+    import hypothesis  # noqa: F401
+    import numcodecs  # noqa: F401
     import numpy  # noqa: F401
     import pytest  # noqa: F401
+    import xxhash  # noqa: F401
 
     os.chdir(copy)
     for line in sys.stdin:
@@ -452,7 +469,7 @@ def run_module(name, args, workdir: pathlib.Path, log) -> list[Mutant]:
         return mutants
     copies = [make_copy(workdir, f"w{i}") for i in range(args.jobs)]
     t0 = time.perf_counter()
-    covering = cached_tests_by_line(copies[0], selection, files, args.timeout)
+    covering, seconds = cached_tests_by_line(copies[0], selection, files, args.timeout)
     print(f"  traced the selection in {time.perf_counter() - t0:.0f} s", flush=True)
     markers = []  # -m and -k with their values, kept for the narrowed runs
     for i, arg in enumerate(selection[:-1]):
@@ -463,8 +480,10 @@ def run_module(name, args, workdir: pathlib.Path, log) -> list[Mutant]:
         lines = range(mutant.start[0], mutant.end[0] + 1)
         tests = set().union(*(covering.get((mutant.path, n), set()) for n in lines))
         measured = any((mutant.path, n) in covering for n in lines)
-        if tests:
-            todo.append((mutant, sorted(tests)))
+        if mutant.name in args.done:
+            mutant.status, mutant.by, mutant.seconds = args.done[mutant.name]
+        elif tests:  # fastest first: a mutant is most often killed by the first test
+            todo.append((mutant, sorted(tests, key=lambda t: (seconds.get(t, 1e9), t))))
         elif measured:  # run outside any test (collection, a process pool): the whole selection
             todo.append((mutant, selection))
         else:
@@ -520,6 +539,10 @@ def main(argv=None) -> int:
         "--workdir", default=os.path.join(tempfile.gettempdir(), "rollmed-mutation")
     )
     parser.add_argument("--out", default=str(ROOT / "tests" / "mutation" / "last-run.json"))
+    parser.add_argument(
+        "--resume", action="store_true",
+        help="keep the results of --out's .jsonl whose mutant is unchanged; run the rest",
+    )  # fmt: skip
     parser.add_argument("--serve", help=argparse.SUPPRESS)  # a Worker's process
     args = parser.parse_args(argv)
     if args.serve:
@@ -534,6 +557,14 @@ def main(argv=None) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     results = {}
     t0 = time.perf_counter()
+    args.done = {}
+    if args.resume and os.path.exists(f"{args.out}l"):
+        for line in open(f"{args.out}l"):  # noqa: SIM115
+            m = json.loads(line)
+            if m["status"] in ("killed", "timeout"):  # survivors run again: new tests
+                args.done[Mutant(**m).name] = (m["status"], m["by"], m["seconds"])
+    elif not args.list and os.path.exists(f"{args.out}l"):
+        os.unlink(f"{args.out}l")  # a new run starts a new log
     log = None if args.list else open(f"{args.out}l", "a")  # noqa: SIM115 (the whole run)
     for name in args.modules or list(MODULES):
         results[name] = run_module(name, args, workdir, log)

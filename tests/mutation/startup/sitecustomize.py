@@ -6,8 +6,21 @@ Each process records its lines under the test that started it
 """
 
 import os
+import sys
 
-if os.environ.get("COVERAGE_PROCESS_START"):
+# a process that becomes another user (tests/cli_as_nobody.py) cannot write the
+# data file: it is not traced, rather than print coverage's warning to stderr
+_as_nobody = sys.argv[0].endswith("cli_as_nobody.py")
+if os.environ.get("COVERAGE_PROCESS_START") and _as_nobody:
+    import atexit
+
+    import coverage
+
+    _cov = coverage.Coverage.current()  # started by coverage's own .pth
+    if _cov is not None:
+        _cov.stop()
+        atexit.unregister(_cov._atexit)
+elif os.environ.get("COVERAGE_PROCESS_START"):
     import coverage
 
     # coverage's own .pth may have started it already
