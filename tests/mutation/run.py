@@ -359,7 +359,8 @@ def tests_by_line(copy: pathlib.Path, selection, files, timeout) -> tuple[dict, 
 class Worker:
     """A process that runs one mutant's tests at a time in its copy of the project.
 
-    It imports the heavy libraries (numpy, h5py, dask, hypothesis, pytest)
+    It imports the heavy libraries (numpy, h5py, dask, pytest; not hypothesis,
+    whose pytest plugin must be imported by pytest)
     once, before any thread exists, and forks a child for each mutant that
     runs pytest: the child imports the package, mutated, from the copy. This
     saves the 3 to 5 s that a fresh interpreter spends importing them per
@@ -410,7 +411,6 @@ def serve(copy: pathlib.Path) -> None:
     import dask.array  # noqa: F401
     import h5py  # noqa: F401
     import hdf5plugin  # noqa: F401
-    import hypothesis  # noqa: F401
     import numcodecs  # noqa: F401
     import numpy  # noqa: F401
     import pytest  # noqa: F401
