@@ -8,6 +8,8 @@ left, and the last line says what was kept, as the disk shows it.
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -77,3 +79,63 @@ def test_a_stopped_folder_run_says_what_was_kept(
     assert last.startswith(kept), last
     assert "no output was written" not in last
     assert "run the same command again to do them" in last
+
+
+@pytest.fixture(scope="module")
+def longer_inputs(tmp_path_factory):
+    """One short file, done first, and longer ones in many blocks: a press right
+    after the first file's line finds the others computing, never committing."""
+    root = tmp_path_factory.mktemp("longer")
+    write_example(root / "a-short.rtdc", n_events=100, seed=40)
+    write_example(root / "b0.rtdc", n_events=1500, seed=41)
+    for i in (1, 2):
+        shutil.copy(root / "b0.rtdc", root / f"b{i}.rtdc")
+    return root
+
+
+@pytest.mark.timeout(240)
+def test_ctrl_c_pressed_again_while_files_stop_waits_for_them(longer_inputs, tmp_path):
+    """The second and third press land while a file is stopping (held at the test
+    hook ``job-aborting``, before its temporary is removed): the run waits for it,
+    says so, and then ends as one press would, with nothing left behind."""
+    inputs = longer_inputs
+    out, report, hook = tmp_path / "out", tmp_path / "report.json", tmp_path / "hook"
+    hook.mkdir()
+    env = {**os.environ, "ROLLMED_DASK_TEST_PAUSE_AT": f"job-aborting:{hook}"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rollmed_dask", "-r", inputs, out, "-k", str(K),
+         "--event-chunk", "50", "--scheduler", "threads", "--report", report],
+        stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True, env=env,
+    )  # fmt: skip
+    lines = []
+    for line in proc.stderr:
+        lines.append(line)
+        if "done " in line:
+            break
+    proc.send_signal(signal.SIGINT)
+    deadline = time.monotonic() + 60
+    while not (hook / "job-aborting.here").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, "".join(lines)
+        time.sleep(0.02)
+    temporaries = [p.name for p in out.iterdir() if p.name.startswith(".")]
+    for _ in range(2):  # the file is stopping: its temporary and lock are still there
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.3)
+    (hook / "job-aborting.go").touch()
+    lines += proc.stderr.readlines()
+    stderr = "".join(lines)
+    assert proc.wait(timeout=120) == 130, stderr
+    assert temporaries, "no file was stopping when the presses came"
+    assert "Traceback" not in stderr
+    assert "rollmed-dask: stopping: waiting for" in stderr
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")], "temporary or lock"
+    finished = sorted(p.name for p in out.glob("*.rtdc"))
+    for name in finished:  # complete and exact
+        expected = rolling_median_reference(read_images(inputs / name.replace("_bg", "")), K)
+        np.testing.assert_array_equal(read_images(out / name, "events/image_bg"), expected)
+    results = json.loads(report.read_text())["files"]
+    assert sorted(r["status"] for r in results).count("interrupted") >= 1, results
+    done = sorted(r["output"].rsplit("/", 1)[-1] for r in results if r["status"] == "done")
+    assert done == finished, results
+    last = [line for line in stderr.replace("\r", "\n").splitlines() if line.strip()][-1]
+    assert last.startswith(f"rollmed-dask: interrupted; {len(finished)} finished file(s) kept")
