@@ -12,6 +12,8 @@ Usage (from the repository root, with the ``mutation`` extra installed)::
     python tests/mutation/run.py                 # every module of MODULES
     python tests/mutation/run.py sinks h5chunks  # some of them
     python tests/mutation/run.py --list sinks    # the mutants only, no tests
+    python tests/mutation/run.py sources --only sources.py:69 \
+        --tests "tests/test_sources.py -k handle" --out /tmp/try.json   # one survivor
 
 How it stays within about an hour on 2 cores (measured in tests/MUTATION.md):
 
@@ -48,6 +50,7 @@ import dataclasses
 import json
 import os
 import pathlib
+import shlex
 import shutil
 import subprocess
 import sys
@@ -460,8 +463,12 @@ def serve(copy: pathlib.Path) -> None:
 
 def run_module(name, args, workdir: pathlib.Path, log) -> list[Mutant]:
     target, selection = MODULES[name]
+    if args.tests:  # a survivor checked against other tests (a new one, or another file)
+        selection = shlex.split(args.tests)
     files = module_files(target)
     mutants = [m for f in files for m in find_mutants(f)]
+    if args.only:
+        mutants = [m for m in mutants if any(text in m.name for text in args.only)]
     print(f"{name}: {len(mutants)} mutants in {', '.join(f.name for f in files)}", flush=True)
     if args.list:
         for mutant in mutants:
@@ -488,6 +495,7 @@ def run_module(name, args, workdir: pathlib.Path, log) -> list[Mutant]:
             todo.append((mutant, selection))
         else:
             mutant.status, mutant.by = "not covered", "no test of the selection runs this line"
+            _report(mutant, log)
     free = [Worker(copy) for copy in copies]
     workers = list(free)
     with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
@@ -542,6 +550,16 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--resume", action="store_true",
         help="keep the results of --out's .jsonl whose mutant is unchanged; run the rest",
+    )  # fmt: skip
+    parser.add_argument(
+        "--only", action="append", metavar="TEXT",
+        help="only the mutants whose name (as printed: 'rollmed_dask/x.py:LINE kind: ...') "
+        "contains TEXT; repeatable",
+    )  # fmt: skip
+    parser.add_argument(
+        "--tests", metavar="ARGS",
+        help="pytest arguments instead of the module's selection, e.g. "
+        "\"tests/test_x.py -k name\" (with --only: does a new test kill a survivor?)",
     )  # fmt: skip
     parser.add_argument("--serve", help=argparse.SUPPRESS)  # a Worker's process
     args = parser.parse_args(argv)
