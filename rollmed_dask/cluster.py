@@ -496,7 +496,10 @@ def close_client(client, timeout=30, keep_logs=False) -> None:
 def _close(client, cluster, timeout=30, keep_logs=False) -> None:
     # Ctrl-C or SIGTERM pressed again while closing must not leave a job
     # running or the temporary log folder behind: they wait until the end
+    from .sinks import pause_point
+
     with _signals_deferred():
+        pause_point("cluster-closing")  # test hook: a signal while the cluster closes
         run = getattr(cluster, "rollmed_slurm", None)
         if run is not None:
             # first, and bounded: dask-jobqueue's own scancel has no timeout and
@@ -547,8 +550,10 @@ def _cancel_jobs(cluster, run) -> None:
 
 class _signals_deferred:
     """Hold SIGINT and SIGTERM while the body runs (main thread only); a signal
-    that came meanwhile is delivered once the body is done (if ``deliver`` and
-    the body raised nothing)."""
+    that came meanwhile is delivered once the body is done (if ``deliver``, the
+    body raised nothing and the program is not already ending for an exception:
+    a Ctrl-C pressed while a SIGTERM's cleanup closes the cluster must not turn
+    exit 143 into 130)."""
 
     def __init__(self, deliver: bool = True):
         self.deliver = deliver
@@ -566,7 +571,9 @@ class _signals_deferred:
     def __exit__(self, exc_type, *exc):
         for signum, handler in self.previous.items():
             signal.signal(signum, signal.SIG_DFL if handler is None else handler)
-        if self.pending and exc_type is None and self.deliver:
+        # sys.exc_info(): the exception this body runs in the cleanup of, if any
+        ending = exc_type is not None or sys.exc_info()[1] is not None
+        if self.pending and self.deliver and not ending:
             # already ending for a reason: the held signal need not be raised again
             signal.raise_signal(self.pending[0])
         return False

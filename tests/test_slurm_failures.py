@@ -104,6 +104,31 @@ def test_signal_on_a_local_scheduler(scheduler, sig, status, word, long_rtdc, tm
     assert [p.name for p in tmp_path.iterdir()] == [out.name], "no temporary is left"
 
 
+@pytest.mark.cluster
+@pytest.mark.timeout(300)
+def test_ctrl_c_while_a_sigterm_closes_the_cluster_stays_a_sigterm(long_rtdc, tmp_path):
+    """SIGTERM, then Ctrl-C while the cluster it started closes (held there by the
+    test hook ``cluster-closing``): the run ends as terminated (143), once, and
+    the cluster is closed; the press waited and was not raised over the SIGTERM."""
+    out, hook = tmp_path / "bg.rtdc", tmp_path / "hook"
+    out.write_bytes(OLD)
+    hook.mkdir()
+    env = {**os.environ, "ROLLMED_DASK_TEST_PAUSE_AT": f"cluster-closing:{hook}"}
+    proc = start_cli(long_rtdc, out, *SLOW, "--overwrite", "--workers", "1", env=env)
+    wait_for(lambda: bool(temporaries(out)), 120, proc, "temporary output")
+    proc.send_signal(signal.SIGTERM)
+    wait_for((hook / "cluster-closing.here").exists, 180, proc, "the cluster's close")
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.5)
+    (hook / "cluster-closing.go").touch()
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 143, stderr
+    assert "Traceback" not in stderr
+    assert last_line(stderr) == f"rollmed-dask: terminated; {out} was left as it was"
+    assert out.read_bytes() == OLD
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bg.rtdc", "hook"], "no temporary"
+
+
 @pytest.mark.timeout(300)
 def test_sigterm_keeps_a_resumable_zarr_partial(long_rtdc, tmp_path):
     out = tmp_path / "bg.zarr"
