@@ -330,7 +330,8 @@ def _check_plan(src, target, fmt, k, scheduler, memory_budget, event_chunk,
     if declared is not None:
         limit, threads = declared
         spelled = getattr(scheduler, "worker_memory_spelled", None)
-        budget = min(budget, _check_worker_memory(limit, threads, k, row_bytes, spelled))
+        budget = min(budget, _check_worker_memory(limit, threads, k, row_bytes, spelled,
+                                                  n_events=src.shape[0]))  # fmt: skip
     chunk_events = rtdc.default_chunk_events(src.shape[1:], src.dtype)
     chunks = plan_block_tasks(
         src, k, memory_budget=budget, event_chunk=event_chunk, align_events=chunk_events
@@ -342,14 +343,17 @@ def _check_plan(src, target, fmt, k, scheduler, memory_budget, event_chunk,
         sink._check_resumable()
 
 
-def _check_worker_memory(limit, threads, k, row_bytes, spelled=None) -> int:
+def _check_worker_memory(limit, threads, k, row_bytes, spelled=None, n_events=None) -> int:
     """The budget a worker of ``limit`` bytes and ``threads`` threads allows a block,
-    or a ValueError saying how much memory the workers need."""
+    or a ValueError saying how much memory the workers need. A block holds at
+    least 1 + 2K events, or the whole stack when it has fewer (as the budget's
+    own check counts them: ``pipeline.check_budget_holds_a_row``)."""
     from dask.utils import format_bytes
 
     from .pipeline import _ROW_COPIES, MiB
 
-    minimum = _ROW_COPIES * row_bytes * (1 + 2 * k)
+    rows = 1 + 2 * k if n_events is None else min(1 + 2 * k, n_events)
+    minimum = _ROW_COPIES * row_bytes * rows
     threads = max(int(threads), 1)
     need = (WORKER_BASE_MEMORY + threads * minimum / _WORKER_MEMORY_SHARE) / _WORKER_PAUSE
     if limit and limit < need:

@@ -375,3 +375,22 @@ def test_resume_refuses_a_partial_output_of_another_job(tmp_path):
         compute_background(failing, out, 5, progress=False, resume=True, event_chunk=40)
     with pytest.raises(ValueError, match="made with kernel_size=5, this run has 7"):
         compute_background(img, out, 7, progress=False, resume=True, event_chunk=40)
+
+
+def test_worker_memory_check_counts_the_frames_a_block_can_hold():
+    """A stack shorter than 1 + 2K is one block of N events: the workers' memory is
+    checked against that, as the budget's own check counts it (K = 50, N = 60:
+    60 events, not 101)."""
+    from rollmed_dask.job import WORKER_BASE_MEMORY, _check_worker_memory
+
+    row_bytes = 80 * 320
+    k, n_events = 50, 60
+    # what 60 events need (4 copies, a quarter of the limit, paused at 80 %), with
+    # a margin; 101 events would need more than this limit
+    need_60 = (WORKER_BASE_MEMORY + 4 * row_bytes * 60 / 0.25) / 0.8
+    need_101 = (WORKER_BASE_MEMORY + 4 * row_bytes * 101 / 0.25) / 0.8
+    limit = int(need_60 * 1.01)
+    assert limit < need_101
+    assert _check_worker_memory(limit, 1, k, row_bytes, n_events=n_events) > 0
+    with pytest.raises(ValueError, match="give each worker process at least"):
+        _check_worker_memory(limit, 1, k, row_bytes, n_events=1000)
