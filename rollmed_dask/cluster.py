@@ -224,6 +224,8 @@ def slurm_worker_memory(options: dict):
     dask-jobqueue configuration; ``(None, None)`` if that cannot be told yet
     (the start then says what is missing)."""
     import dask
+    from dask.utils import format_bytes
+    from dask.utils import parse_bytes as dask_parse_bytes
 
     from .pipeline import parse_bytes
 
@@ -242,7 +244,12 @@ def slurm_worker_memory(options: dict):
         _undo_jobqueue_sigint()
         processes = nprocesses_nthreads(int(cores))[0]
     try:
-        limit = parse_bytes(memory) // max(int(processes), 1)
+        parse_bytes(memory)  # ours: the start then says what is wrong with it
+        # each worker's limit as dask-jobqueue gives it (``--memory-limit``):
+        # divided, then rounded by format_bytes to 2 decimals (1000MB / 3 is
+        # 317.89MiB, 690 bytes below the quotient)
+        share = format_bytes(dask_parse_bytes(memory) / max(int(processes), 1))
+        limit = dask_parse_bytes(share.replace(" ", ""))
     except ValueError:
         return None, None
     threads = max(int(cores) // max(int(processes), 1), 1)

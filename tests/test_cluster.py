@@ -75,6 +75,25 @@ def test_import_does_not_import_distributed_or_jobqueue():
     assert out.stdout.strip() == "[]"
 
 
+@pytest.mark.parametrize("memory, processes", [("1000MB", 3), ("300MB", 1), ("7GiB", 4)])
+def test_slurm_worker_memory_is_the_limit_jobqueue_gives_each_worker(memory, processes):
+    """The check before any job uses each worker's ``--memory-limit`` as the job
+    script has it (dask-jobqueue rounds it to 2 decimals), not the quotient."""
+    from dask.utils import parse_bytes
+    from dask_jobqueue.slurm import SLURMJob
+
+    from rollmed_dask.cluster import slurm_worker_memory
+
+    job = SLURMJob(scheduler="tcp://127.0.0.1:1", name="w", cores=processes,
+                   processes=processes, memory=memory)  # fmt: skip
+    assert f"--memory-limit {job.worker_process_memory}" in job.job_script()
+    (limit, threads), spelled = slurm_worker_memory(
+        {"memory": memory, "cores": processes, "processes": processes}
+    )
+    assert (limit, threads) == (parse_bytes(job.worker_process_memory), 1)
+    assert spelled == f"--memory {memory} with {processes} worker process(es) of 1 thread(s)"
+
+
 def test_missing_jobqueue_is_a_friendly_import_error():
     # a None entry in sys.modules makes `import dask_jobqueue` fail as if not installed
     code = (
