@@ -53,9 +53,19 @@ def test_client_passed_in(client, suffix, small_rtdc, expected, tmp_path):
 def test_scheduler_address(client, small_rtdc, expected, tmp_path):
     out = tmp_path / "bg.rtdc"
     address = client.scheduler.address
+
+    def connected():  # the clients the scheduler knows
+        return client.run_on_scheduler(lambda dask_scheduler: sorted(dask_scheduler.clients))
+
+    before = connected()
     summary = compute_background(small_rtdc, out, 25, scheduler=address, progress=False)
     assert address in summary.scheduler
     np.testing.assert_array_equal(read_images(out, "events/image_bg"), expected)
+    # the job's own Client is closed when it returns (a notebook would keep it)
+    deadline = time.monotonic() + 10
+    while connected() != before and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert connected() == before
 
 
 def test_active_client_is_the_default(client, small_rtdc, expected, tmp_path):
