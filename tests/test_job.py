@@ -394,3 +394,22 @@ def test_worker_memory_check_counts_the_frames_a_block_can_hold():
     assert _check_worker_memory(limit, 1, k, row_bytes, n_events=n_events) > 0
     with pytest.raises(ValueError, match="give each worker process at least"):
         _check_worker_memory(limit, 1, k, row_bytes, n_events=1000)
+
+
+@pytest.mark.parametrize(
+    "scheduler, words",
+    [
+        ("thread", "scheduler='thread' is not known; pass 'threads', 'processes'"),
+        (42, "scheduler=42 is not a scheduler; pass 'threads', 'processes'"),
+        # a dask collection has .compute, yet is no Client (its type is named otherwise)
+        (da.zeros(3), "is not a scheduler; pass 'threads'"),
+        (lambda: "not a client", "returned 'not a client'; a function passed as the scheduler"),
+    ],
+    ids=["misspelled", "number", "dask-array", "function"],
+)
+def test_a_wrong_scheduler_is_one_clear_error(scheduler, words, small_rtdc, tmp_path):
+    out = tmp_path / "bg.rtdc"
+    with pytest.raises(ValueError) as info:
+        compute_background(small_rtdc, out, 5, scheduler=scheduler, progress=False)
+    assert words in str(info.value) and "\n" not in str(info.value)
+    assert not out.exists() and list(tmp_path.iterdir()) == []
