@@ -5,6 +5,10 @@ the block's start, to ``finish``; the blocks tile the stack in order, whatever
 the chunking (non-uniform dask chunks included), and graph keys are tokenized.
 """
 
+import gc
+import threading
+import weakref
+
 import dask
 import dask.array as da
 import h5py
@@ -112,3 +116,41 @@ def test_stored_blocks_must_be_whole_frames(tmp_path):
     tiled = plan_source_chunks(src, K, event_chunk=40)[:1] + ((3, 3), (5, 5))
     with pytest.raises(ValueError, match="whole frames.*plan_block_tasks"):
         block_tasks(src, K, "numpy", tiled, keep)
+
+
+def _blocks(count, nbytes=2**20, seconds=0.0):
+    import time
+
+    def block(i):
+        time.sleep(seconds)
+        return {"i": i, "thread": threading.get_ident(), "rows": np.full(nbytes, i, np.uint8)}
+
+    return [dask.delayed(block)(i, dask_key_name=f"block-{i}") for i in range(count)]
+
+
+@pytest.mark.parametrize("scheduler", ["threads", "synchronous"])
+def test_a_written_block_is_not_kept_until_the_end(scheduler):
+    """Out of core: once ``on_result`` has a block, the local scheduler holds it no
+    more (dask keeps a compute's results until it returns, all N of them)."""
+    from rollmed_dask.scheduling import resolve_scheduler, stream_blocks
+
+    alive = []
+
+    def on_result(result):
+        gc.collect()
+        alive.append(sum(ref() is not None for ref in refs))
+        refs.append(weakref.ref(result["rows"]))
+
+    refs = []
+    stream_blocks(_blocks(8), on_result, resolve_scheduler(scheduler), num_workers=1)
+    assert len(alive) == 8 and max(alive) == 0, alive
+
+
+def test_threads_use_the_workers_asked_for():
+    from rollmed_dask.scheduling import resolve_scheduler, stream_blocks
+
+    threads = set()
+    stream_blocks(_blocks(4, nbytes=1, seconds=0.3),
+                  lambda result: threads.add(result["thread"]),
+                  resolve_scheduler("threads"), num_workers=2)  # fmt: skip
+    assert len(threads) == 2
