@@ -119,11 +119,13 @@ def test_stored_blocks_must_be_whole_frames(tmp_path):
 
 
 def _blocks(count, nbytes=2**20, seconds=0.0):
-    import time
-
     def block(i):
+        import os
+        import time
+
         time.sleep(seconds)
-        return {"i": i, "thread": threading.get_ident(), "rows": np.full(nbytes, i, np.uint8)}
+        where = (os.getpid(), threading.get_ident())
+        return {"i": i, "where": where, "rows": np.full(nbytes, i, np.uint8)}
 
     return [dask.delayed(block)(i, dask_key_name=f"block-{i}") for i in range(count)]
 
@@ -146,11 +148,14 @@ def test_a_written_block_is_not_kept_until_the_end(scheduler):
     assert len(alive) == 8 and max(alive) == 0, alive
 
 
-def test_threads_use_the_workers_asked_for():
+@pytest.mark.parametrize(
+    "scheduler, workers", [("threads", 2), ("processes", 1), ("processes", 2)]
+)
+def test_local_schedulers_use_the_workers_asked_for(scheduler, workers):
     from rollmed_dask.scheduling import resolve_scheduler, stream_blocks
 
-    threads = set()
-    stream_blocks(_blocks(4, nbytes=1, seconds=0.3),
-                  lambda result: threads.add(result["thread"]),
-                  resolve_scheduler("threads"), num_workers=2)  # fmt: skip
-    assert len(threads) == 2
+    where = set()
+    stream_blocks(_blocks(4, nbytes=1, seconds=0.5),
+                  lambda result: where.add(result["where"]),
+                  resolve_scheduler(scheduler), num_workers=workers)  # fmt: skip
+    assert len(where) == workers, where
