@@ -140,3 +140,35 @@ def test_slurm_jobs_give_identical_bits(slurm, small_rtdc, expected, tmp_path):
             np.testing.assert_array_equal(read_images(out, "events/image_bg"), expected)
     finally:
         close_client(client)
+
+
+def test_a_written_block_leaves_the_cluster_memory(client):
+    """Out of core on a cluster too: once a block is written, its result is released
+    on the workers, not kept there until the run ends."""
+    import dask
+
+    from rollmed_dask.scheduling import resolve_scheduler, stream_blocks
+
+    def block(i):
+        time.sleep(0.2)
+        return f"released-block-{i}", np.full(2**20, i, np.uint8)
+
+    tasks = [dask.delayed(block)(i, dask_key_name=f"released-block-{i}") for i in range(6)]
+
+    def held():  # block results the scheduler still keeps in memory
+        return client.run_on_scheduler(lambda dask_scheduler: {
+            k for k, ts in dask_scheduler.tasks.items()
+            if str(k).startswith("released-block") and ts.state == "memory"
+        })  # fmt: skip
+
+    written, still_held = [], []
+
+    def on_result(result):
+        deadline = time.monotonic() + 10
+        while held() & set(written) and time.monotonic() < deadline:
+            time.sleep(0.05)  # a release is a message to the scheduler: it takes a moment
+        still_held.append(sorted(held() & set(written)))
+        written.append(result[0])
+
+    stream_blocks(tasks, on_result, resolve_scheduler(client))
+    assert len(written) == 6 and still_held == [[]] * 6, still_held
