@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -24,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import default_signals, read_images
+from conftest import default_signals, flip_bytes_in_chunk, read_images
 
 from rollmed_dask import rolling_median_reference
 from rollmed_dask.example import write_example
@@ -645,6 +646,24 @@ def test_lost_worker_while_squeue_fails_stops_after_the_timeout(
     ), line
     assert line.endswith(f"; no output was written to {out}"), line
     assert list(out.parent.iterdir()) == []
+    assert wait_queue_empty(job_name) == []
+
+
+@pytest.mark.slurm
+@pytest.mark.timeout(240)
+def test_a_run_that_fails_in_a_block_keeps_the_jobs_logs(slurm, small_rtdc, job_name, tmp_path):
+    """A block fails on the worker (a corrupt stored chunk): the temporary folder of
+    the jobs' logs is kept, as --help says ("removed unless the run fails")."""
+    source = Path(shutil.copy(small_rtdc, tmp_path / "input.rtdc"))
+    flip_bytes_in_chunk(source, "events/image", 3)
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    proc = run_cli(source, tmp_path / "bg.rtdc", "-k", "5", "-q", *slurm_args(job_name),
+                   env={**os.environ, "TMPDIR": str(temp)})  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert "fletcher32 checksum mismatch" in last_line(proc.stderr)
+    kept = list(temp.glob("rollmed-dask-slurm-*"))
+    assert len(kept) == 1 and list(kept[0].glob("*.err")), proc.stderr
     assert wait_queue_empty(job_name) == []
 
 
