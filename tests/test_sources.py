@@ -181,6 +181,8 @@ def test_open_inputs_of_every_kind_are_read_whole_and_exact(tmp_path):
         np.testing.assert_array_equal(
             rolling_median(h5["events"], 10, dataset="image").compute(), expected
         )
+    # frames collected in a list, as a script gathers them: read as one array
+    np.testing.assert_array_equal(rolling_median(list(images), 10).compute(), expected)
 
 
 def bad_inputs_of_every_kind(tmp_path):
@@ -202,6 +204,7 @@ def bad_inputs_of_every_kind(tmp_path):
         (group["events/image"], ValueError, f"^the Zarr array {ndim2}"),
         (sources.HDF5Reader(h5_path, "events/image"), ValueError, rf"^HDF5Reader\(.*\) {ndim2}"),
         (LazyStack(flat), ValueError, f"^the LazyStack {ndim2}"),
+        (flat, ValueError, f"^the input array {ndim2}"),
         (h5["events/image"], ValueError, f"^dataset '/events/image' {ndim2}"),
         (h5, ValueError, f"^dataset '/events/image' {ndim2}"),
         (
@@ -231,3 +234,21 @@ def test_a_file_open_for_writing_is_refused(tmp_path):
         for images in (h5, h5["events/image"]):
             with pytest.raises(ValueError, match="is open for writing; open it read-only"):
                 rolling_median(images, 5)
+
+
+def test_zarr_on_disk_is_read_by_each_task_and_zarr_in_memory_through_map_overlap(tmp_path):
+    """A store on disk pickles as its path: each task reads its own overlap and
+    no overlap layer copies neighbours' rows. A store in memory would pickle
+    its data into the tasks: it goes through map_overlap, as numpy does."""
+    import zarr
+
+    images = stack(13, (60, 6, 8))
+    expected = rolling_median_reference(images, 10)
+    group = zarr_stack(tmp_path / "in.zarr", images)
+    in_memory = zarr.create_array(store=zarr.storage.MemoryStore(), data=images, chunks=(10, 6, 8))
+    for images, stored in [(tmp_path / "in.zarr", True), (group["events/image"], True),
+                           (in_memory, False)]:  # fmt: skip
+        result = rolling_median(images, 10)
+        layers = list(result.__dask_graph__().layers)
+        assert any("overlap" in name for name in layers) != stored, layers
+        np.testing.assert_array_equal(result.compute(), expected)
