@@ -252,3 +252,29 @@ def test_zarr_on_disk_is_read_by_each_task_and_zarr_in_memory_through_map_overla
         layers = list(result.__dask_graph__().layers)
         assert any("overlap" in name for name in layers) != stored, layers
         np.testing.assert_array_equal(result.compute(), expected)
+
+
+def test_blocks_are_whole_chunks_of_the_input(tmp_path):
+    """Blocks join whole stored chunks of a file and whole chunks of a regular dask
+    input (their last chunk no longer than the first), and keep its pixel tiles
+    (whole frames for irregular ones): each chunk is then decompressed once, and
+    dask rechunks by concatenation, never splitting a chunk. Speed and memory:
+    the result is exact either way."""
+    import dask.array as da
+
+    images = stack(14, (300, 6, 8))
+    expected = rolling_median_reference(images, 10)
+    path = tmp_path / "in.h5"
+    with h5py.File(path, "w") as h5:
+        h5.create_dataset("events/image", data=images, chunks=(7, 6, 8))
+    bg = rolling_median(path, 10, memory_budget="16KiB")
+    assert len(bg.chunks[0]) > 2 and all(c % 7 == 0 for c in bg.chunks[0][:-1]), bg.chunks
+    np.testing.assert_array_equal(bg.compute(), expected)
+    for chunks, events, tiles in [
+        ((50, 6, 8), (200, 100), ((6,), (8,))),  # blocks of lcm(50, 8)
+        ((30, 3, 4), (120, 120, 60), ((3, 3), (4, 4))),  # lcm(30, 8), and the tiles
+        ((50, 6, (3, 5)), None, ((6,), (8,))),  # tiles of 3 would split the 5: whole frames
+    ]:
+        bg = rolling_median(da.from_array(images, chunks=chunks), 10, align_events=8)
+        assert bg.chunks[1:] == tiles and events in (None, bg.chunks[0]), bg.chunks
+        np.testing.assert_array_equal(bg.compute(), expected)
