@@ -130,8 +130,9 @@ def test_a_failed_read_leaves_the_input_closed(tmp_path):
 
 
 def test_hdf5_reader_indexes_as_numpy_does(tmp_path):
-    """The reader is an array-like (dask, xarray, a user's own slicing): any key
-    gives what numpy gives on the same data, a mapped basin's too."""
+    """The reader is an array-like (dask, xarray, a user's own slicing): a key
+    gives what numpy gives on the same events, a mapped basin's too (whose
+    integer keys went to h5py, which gave the stored event, not the mapped one)."""
     images = stack(9, (40, 6, 8))
     reader = sources.HDF5Reader(write_h5(tmp_path / "in.h5", images), "events/image")
     assert (reader.shape, reader.ndim, reader.dtype, len(reader)) == ((40, 6, 8), 3, "u1", 40)
@@ -141,10 +142,14 @@ def test_hdf5_reader_indexes_as_numpy_does(tmp_path):
     mapping = [3, 3, 0, 39, 12]
     mapped = sources.HDF5Reader(reader.path, "events/image", mapping=mapping)
     assert (mapped.shape, mapped.ndim, len(mapped)) == ((5, 6, 8), 3, 5)
-    for key in [np.s_[1:4], np.s_[::-1, 2:5], np.s_[2:2], np.s_[4:1, 1:3, :2]]:
+    keys = [np.s_[1], np.s_[-1, 2:5], np.s_[[4, 0, 0]], np.s_[[0, 3], :, 2], np.s_[[]]]
+    keys += [np.s_[np.array([True, False, True, False, True])], np.s_[2, 1, 2]]
+    for key in keys + [np.s_[1:4], np.s_[::-1, 2:5], np.s_[2:2], np.s_[4:1, 1:3, :2]]:
         expected = images[mapping][key]
         assert mapped[key].shape == expected.shape
         np.testing.assert_array_equal(mapped[key], expected)
+    with pytest.raises(IndexError, match="is a mapped basin: index its events first"):
+        mapped[..., 1]
 
 
 def test_an_input_deleted_while_it_is_opened_is_said_to_be_missing(tmp_path, monkeypatch):
