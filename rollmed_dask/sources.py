@@ -140,6 +140,8 @@ class HDF5Reader:
         key = key if isinstance(key, tuple) else (key,)
         events, tile = key[0], key[1:]
         if not (isinstance(events, slice) and all(isinstance(t, slice) for t in tile)):
+            if self.mapping is not None:  # h5py's own would index the stored events
+                return self._mapped_items(events, tile)
             with open_h5_readonly(self.path) as h5:  # anything but plain slices: h5py's own
                 return h5[self.dataset][key]
         if self.mapping is None:
@@ -152,6 +154,16 @@ class HDF5Reader:
             return np.empty((0,) + self.shape[1:], dtype=self.dtype)[(slice(None),) + tile]
         low = int(index.min())
         return self._read(low, int(index.max()) + 1, tile)[index - low]
+
+    def _mapped_items(self, events, tile) -> np.ndarray:
+        """A mapped basin's events picked by an integer, a list or a mask (numpy's
+        rules on the basin's events): the covering range read once."""
+        if any(k is Ellipsis or k is None for k in (events, *tile)):
+            raise IndexError(f"{self!r} is a mapped basin: index its events first, no ... or None")
+        index = self.mapping[events]
+        low = int(index.min()) if index.size else 0
+        high = int(index.max()) + 1 if index.size else 0
+        return self._read(low, high, ())[(index - low,) + tile]
 
     def __len__(self):
         return self.shape[0]
