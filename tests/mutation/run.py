@@ -89,7 +89,8 @@ MODULES = {
     "sources": (
         "rollmed_dask/sources.py",
         ["tests/test_sources.py", "tests/test_graph_keys.py", "tests/test_identity.py",
-         "tests/test_no_data_lost.py", "-m", "not slurm and not cluster"],
+         "tests/test_no_data_lost.py", "tests/test_safety.py::test_api_bad_input_matrix",
+         "tests/test_safety.py::test_truncated_file", "-m", "not slurm and not cluster"],
     ),
     "scheduling": (
         "rollmed_dask/scheduling.py",
