@@ -48,8 +48,11 @@ def main(route: str, source: str, output: str, hook: str) -> None:
     try:
         compute_background(source, output, 5, scheduler=scheduler, progress=False,
                            event_chunk=20)  # fmt: skip
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         outcome = "interrupted"
+        # kept, as IPython keeps the last traceback (sys.last_traceback): its frames
+        # hold the run's futures, which must not keep its blocks running
+        sys.last_traceback = exc.__traceback__
     time.sleep(3.0)  # the session goes on
     left = sorted(os.listdir(pathlib.Path(output).parent))
     print(json.dumps({"outcome": outcome, "left": left}), flush=True)
