@@ -400,12 +400,14 @@ def test_worker_memory_check_counts_the_frames_a_block_can_hold():
     "scheduler, words",
     [
         ("thread", "scheduler='thread' is not known; pass 'threads', 'processes'"),
+        ("distributed", "scheduler='distributed' but no distributed Client is active"),
         (42, "scheduler=42 is not a scheduler; pass 'threads', 'processes'"),
         # a dask collection has .compute, yet is no Client (its type is named otherwise)
         (da.zeros(3), "is not a scheduler; pass 'threads'"),
         (lambda: "not a client", "returned 'not a client'; a function passed as the scheduler"),
+        (lambda: da.zeros(3), "; a function passed as the scheduler must start a cluster"),
     ],
-    ids=["misspelled", "number", "dask-array", "function"],
+    ids=["misspelled", "no-client", "number", "dask-array", "function", "function-array"],
 )
 def test_a_wrong_scheduler_is_one_clear_error(scheduler, words, small_rtdc, tmp_path):
     out = tmp_path / "bg.rtdc"
