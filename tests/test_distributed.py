@@ -172,3 +172,20 @@ def test_a_written_block_leaves_the_cluster_memory(client):
 
     stream_blocks(tasks, on_result, resolve_scheduler(client))
     assert len(written) == 6 and still_held == [[]] * 6, still_held
+
+
+def test_a_cluster_started_by_a_function_is_closed_with_the_job(small_rtdc, expected, tmp_path):
+    """``scheduler=`` a function that starts a cluster (what --workers N passes): the
+    job owns that cluster and closes it when it returns."""
+    started = []
+
+    def start():
+        started.append(start_local_cluster(1, threads_per_worker=1))
+        return started[0]
+
+    out = tmp_path / "bg.rtdc"
+    summary = compute_background(small_rtdc, out, 25, scheduler=start, progress=False)
+    assert "distributed" in summary.scheduler
+    np.testing.assert_array_equal(read_images(out, "events/image_bg"), expected)
+    (client,) = started
+    assert client.status == "closed" and client.cluster.status.name == "closed"
