@@ -139,3 +139,32 @@ def test_ctrl_c_pressed_again_while_files_stop_waits_for_them(longer_inputs, tmp
     assert done == finished, results
     last = [line for line in stderr.replace("\r", "\n").splitlines() if line.strip()][-1]
     assert last.startswith(f"rollmed-dask: interrupted; {len(finished)} finished file(s) kept")
+
+
+@pytest.mark.cluster
+@pytest.mark.timeout(240)
+def test_ctrl_c_stops_the_running_files_on_a_cluster_too(longer_inputs, tmp_path):
+    """With --workers (a distributed scheduler, which runs no dask callbacks) the
+    files running at Ctrl-C stop at their next block too, rather than run on."""
+    out, report = tmp_path / "out", tmp_path / "report.json"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rollmed_dask", "-r", longer_inputs, out, "-k", str(K),
+         "--event-chunk", "50", "--workers", "1", "--report", report],
+        stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
+    )  # fmt: skip
+    lines = []
+    for line in proc.stderr:
+        lines.append(line)
+        if "done " in line:
+            break
+    deadline = time.monotonic() + 60  # a longer file is being written
+    while not list(out.glob(".b*.partial")):
+        assert proc.poll() is None and time.monotonic() < deadline, "".join(lines)
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    lines += proc.stderr.readlines()
+    stderr = "".join(lines)
+    assert proc.wait(timeout=120) == 130, stderr
+    results = json.loads(report.read_text())["files"]
+    assert "interrupted" in [r["status"] for r in results], results
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")], "temporary or lock"

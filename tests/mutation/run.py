@@ -95,7 +95,9 @@ MODULES = {
     "scheduling": (
         "rollmed_dask/scheduling.py",
         ["tests/test_pipeline.py", "tests/test_block_tasks.py", "tests/test_job.py",
-         "tests/test_distributed.py", "tests/test_stalled_runs.py", "-m", "not slurm"],
+         "tests/test_distributed.py", "tests/test_stalled_runs.py",
+         "tests/test_interrupt_in_session.py", "tests/test_folder_signals.py",
+         "-m", "not slurm"],
     ),
     "rtdc": (
         "rollmed_dask/rtdc",
