@@ -283,3 +283,21 @@ def test_blocks_are_whole_chunks_of_the_input(tmp_path):
         bg = rolling_median(da.from_array(images, chunks=chunks), 10, align_events=8)
         assert bg.chunks[1:] == tiles and events in (None, bg.chunks[0]), bg.chunks
         np.testing.assert_array_equal(bg.compute(), expected)
+
+
+def test_a_file_replaced_while_a_read_holds_it_open_is_read_anew(tmp_path):
+    """Never stale in one process: a job that starts while another read still
+    holds the old file open (a notebook, a batch) reads the file now on disk,
+    not the shared handle of the file it replaced."""
+    from rollmed_dask.example import write_example
+
+    path = write_example(tmp_path / "input.rtdc", n_events=60, seed=1)
+    new = write_example(tmp_path / "new.rtdc", n_events=60, seed=2)
+    with sources.open_h5_readonly(str(path)) as held:  # the old file, still being read
+        os.replace(new, path)
+        compute_background(path, tmp_path / "bg.rtdc", 5, progress=False)
+        assert held["events/image"].shape[0] == 60
+    with h5py.File(path) as h5:
+        expected = rolling_median_reference(h5["events/image"][:], 5)
+    with h5py.File(tmp_path / "bg.rtdc") as h5:
+        np.testing.assert_array_equal(h5["events/image_bg"][:], expected)
