@@ -156,3 +156,21 @@ def test_fletcher32_with_one_sum_a_multiple_of_65535(words):
 
     data = struct.pack(">2H", *words)
     assert hc.fletcher32(data) == h5_fletcher32_reference(data)
+
+
+def test_chunk_addresses_of_a_rewritten_file_are_found_again(tmp_path):
+    """Without a scope the address table is reused for the same file state only: a
+    file rewritten with another layout (other chunk sizes, so other addresses)
+    reads its new pixels, not the old addresses' bytes."""
+    path = tmp_path / "x.h5"
+    rng = np.random.default_rng(0)
+    first = rng.integers(0, 255, (40, 8, 16), dtype=np.uint8)
+    second = rng.integers(0, 255, (40, 8, 16), dtype=np.uint8)
+    for frames, level in ((first, 1), (second, 9)):
+        with h5py.File(path, "w") as h5:
+            # a user block and other data first: the second layout moves every chunk
+            h5.create_dataset("pad", data=np.arange(level * 1000))
+            h5.create_dataset("events/image", data=frames, chunks=(10, 8, 16),
+                              **hdf5plugin.Zstd(clevel=level))  # fmt: skip
+        with h5py.File(path, "r") as h5:
+            np.testing.assert_array_equal(hc.read_block(h5["events/image"], 0, 40), frames)
