@@ -106,7 +106,10 @@ MODULES = {
     ),
 }  # fmt: skip
 
-SKIP_FUNCTIONS = {"__repr__", "__str__"}
+# not mutated: text only, or the test hooks, which act only when a test sets
+# ROLLMED_DASK_TEST_KILL_AT / _PAUSE_AT / _SIGNAL_AT (a mutant there fires every
+# point, each a 5-minute pause: timeouts that cost an hour and test nothing)
+SKIP_FUNCTIONS = {"__repr__", "__str__", "crash_point", "pause_point", "_signal_point"}
 NO_MUTATE = "# no mutate"  # on a line: its mutants are not made (say why beside it)
 BOUNDARY = {ast.Lt: ast.LtE, ast.LtE: ast.Lt, ast.Gt: ast.GtE, ast.GtE: ast.Gt}
 FLIP = {ast.Eq: ast.NotEq, ast.NotEq: ast.Eq, ast.In: ast.NotIn, ast.NotIn: ast.In,
