@@ -6,7 +6,9 @@ with a hook or a monkeypatch instead of waiting for luck.
 """
 
 import errno
+import json
 import os
+import re
 import shutil
 import stat
 import threading
@@ -37,6 +39,16 @@ def output_with_copied_images(source, target, **kwargs):
 
 def _leftovers(folder):
     return sorted(p.name for p in folder.iterdir() if p.name != "input.rtdc")
+
+
+def _open_files():
+    found = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            found.append(os.readlink(f"/proc/self/fd/{fd}"))
+        except FileNotFoundError:  # the listing's own descriptor
+            pass
+    return found
 
 
 # --- temporaries and the lock ---
@@ -249,3 +261,140 @@ def test_a_write_behind_error_fails_the_job_and_leaves_nothing(
     assert err.value.errno == errno.EIO
     assert rtdc_copy.read_bytes() == before
     assert _leftovers(tmp_path) == []
+
+
+# --- the lock file, the folder swap and its checks (second mutation run) ---
+
+
+def test_a_stale_lock_file_names_only_its_new_holder(tmp_path):
+    """A killed run leaves its lock file (with its pid): the next holder's pid
+    replaces it entirely, or a waiter's message would name the dead run."""
+    import socket
+
+    target = tmp_path / "bg.rtdc"
+    lock = target.with_name(".bg.rtdc.lock")
+    lock.write_text("4194304 on a-much-longer-host-name-of-a-killed-run\n")
+    with TargetLock(target):
+        assert lock.read_text() == f"{os.getpid()} on {socket.gethostname()}\n"
+
+
+def _our_zarr(path, value):
+    path.mkdir()
+    meta = {"zarr_format": 3, "node_type": "group", "attributes": {sinks.ZARR_LOG_ATTR: {}}}
+    (path / "zarr.json").write_text(json.dumps(meta))
+    (path / "data").mkdir()
+    (path / "data" / "chunk").write_text(value)
+
+
+def test_a_folder_that_changed_hands_before_the_move_is_not_replaced(tmp_path, monkeypatch):
+    """``move_into_place`` checks the old folder again: it may have become
+    someone else's since ``check_target``. Unchecked, the new output would be
+    installed and the old one left half removed as ``.NAME.old``."""
+    target, tmp = tmp_path / "bg.zarr", tmp_path / ".bg.zarr.1-0123abcd.partial"
+    _our_zarr(target, "old")
+    _our_zarr(tmp, "new")
+    sinks.check_target(target, overwrite=True)
+    # now the old output's data folder becomes one this user may not change
+    blocked = str(target / "data")
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, m, **k: str(p) != blocked and real_access(p, m))
+    monkeypatch.setattr(shutil, "rmtree", lambda *a, **k: pytest.fail("removed something"))
+    with pytest.raises(PermissionError, match="may not remove '.*/bg.zarr/data'"):
+        sinks.move_into_place(tmp, target)
+    assert (target / "data" / "chunk").read_text() == "old"
+    assert (tmp / "data" / "chunk").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [tmp.name, "bg.zarr"]
+
+
+@pytest.mark.parametrize("new_is_folder", [True, False], ids=["file-to-folder", "folder-to-file"])
+def test_a_file_and_a_folder_replace_each_other(new_is_folder, tmp_path):
+    """An output's format changed between two runs (``--format``): one rename
+    cannot swap a file and a folder, the old one is parked first."""
+    target, tmp = tmp_path / "bg", tmp_path / ".bg.1-0123abcd.partial"
+    folder, file = (tmp, target) if new_is_folder else (target, tmp)
+    _our_zarr(folder, "folder")
+    file.write_text("file")
+    sinks.move_into_place(tmp, target)
+    assert target.is_dir() == new_is_folder
+    if new_is_folder:
+        assert (target / "data" / "chunk").read_text() == "folder"
+    else:
+        assert target.read_text() == "file"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bg"]
+
+
+def test_a_failed_folder_swap_puts_the_old_output_back(tmp_path, monkeypatch):
+    """The new folder cannot be renamed in after the old one was parked: the
+    old one goes back under its name, the error is raised, and Ctrl-C works
+    again (the interrupts were held back only for the swap)."""
+    import signal
+
+    target, tmp = tmp_path / "bg.zarr", tmp_path / ".bg.zarr.1-0123abcd.partial"
+    _our_zarr(target, "old")
+    _our_zarr(tmp, "new")
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    real_replace = os.replace
+
+    def replace(src, dst):
+        if str(src) == str(tmp):
+            raise OSError(errno.EIO, "Input/output error (injected)")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(OSError, match="injected"):
+        sinks.move_into_place(tmp, target)
+    assert (target / "data" / "chunk").read_text() == "old"
+    assert (tmp / "data" / "chunk").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [tmp.name, "bg.zarr"]
+    assert {sig: signal.getsignal(sig) for sig in handlers} == handlers
+
+
+def test_someone_elses_folder_in_a_sticky_folder_is_never_replaced(tmp_path, monkeypatch):
+    """In a sticky folder (``/tmp``, shared folders) only an entry's owner (or
+    the folder's) may rename it: refused before anything changes, unless this
+    user owns it."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o1777)
+    target = shared / "bg.zarr"
+    _our_zarr(target, "old")
+    uid = 4242  # a user who owns neither the folder nor the output
+    monkeypatch.setattr(os, "geteuid", lambda: uid)
+    with pytest.raises(
+        PermissionError,
+        match=rf"may not remove '{re.escape(str(target))}' .*owner uid {os.getuid()}",
+    ):
+        sinks.check_removable(target)
+    os.chown(target, uid, -1)
+    sinks.check_removable(target)  # its own output: fine
+    os.chown(target, 0, -1)
+    shared.chmod(0o777)
+    sinks.check_removable(target)  # not sticky: whoever may write the folder may rename in it
+
+
+def test_a_folder_that_cannot_be_listed_is_named(tmp_path, monkeypatch):
+    target = tmp_path / "bg.zarr"
+    _our_zarr(target, "old")
+    hidden = str(target / "data")
+    real_scandir = os.scandir
+
+    def scandir(path="."):
+        if str(path) == hidden:
+            raise PermissionError(errno.EACCES, "Permission denied (injected)", hidden)
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    with pytest.raises(PermissionError, match=f"may not remove '{re.escape(hidden)}'"):
+        sinks.check_removable(target)
+
+
+def test_an_output_folder_without_write_permission_is_refused_early(tmp_path, monkeypatch):
+    folder = tmp_path / "out"
+    folder.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(
+        os, "access", lambda p, m, **k: str(p) != str(folder) and real_access(p, m, **k)
+    )
+    with pytest.raises(PermissionError, match="cannot write into the output folder"):
+        sinks.check_output_folder(folder / "bg.rtdc")
+    sinks.check_output_folder(tmp_path / "bg.rtdc")
