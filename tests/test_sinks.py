@@ -398,3 +398,125 @@ def test_an_output_folder_without_write_permission_is_refused_early(tmp_path, mo
     with pytest.raises(PermissionError, match="cannot write into the output folder"):
         sinks.check_output_folder(folder / "bg.rtdc")
     sinks.check_output_folder(tmp_path / "bg.rtdc")
+
+
+# --- the image copy fails, or the job fails while it runs ---
+
+
+def test_a_failed_image_copy_fails_the_job_and_leaves_nothing(rtdc_copy, tmp_path, monkeypatch):
+    def failing_step(self):
+        raise OSError(errno.EIO, "Input/output error (injected)")
+
+    monkeypatch.setattr(ChunkCopy, "step", failing_step)
+    with pytest.raises(OSError, match="injected"):
+        output_with_copied_images(rtdc_copy, tmp_path / "bg.rtdc", kernel_size=10)
+    assert _leftovers(tmp_path) == []
+
+
+def test_a_failed_job_stops_the_image_copy_and_closes_its_files(rtdc_copy, tmp_path, monkeypatch):
+    """The job fails at its first block while the copy runs: the copy stops at
+    the next chunk (not after all of them), its thread is gone and the input
+    it held open is closed when the job returns."""
+    from rollmed_dask import h5chunks
+
+    aborting = threading.Event()
+    steps = []
+    real_abort, real_step = HDF5Sink.abort, ChunkCopy.step
+
+    def abort(self):
+        aborting.set()
+        return real_abort(self)
+
+    def slow_step(self):
+        assert aborting.wait(60), "the job never aborted"
+        steps.append(len(self.chunks))
+        threading.Event().wait(0.3)  # still copying when the rest of the abort is done
+        return real_step(self)
+
+    def failing_write_chunks(*args):
+        raise OSError(errno.EIO, "Input/output error (injected)")
+
+    monkeypatch.setattr(HDF5Sink, "abort", abort)
+    monkeypatch.setattr(ChunkCopy, "step", slow_step)
+    monkeypatch.setattr(h5chunks, "write_chunks", failing_write_chunks)
+    with pytest.raises(OSError, match="injected"):
+        output_with_copied_images(rtdc_copy, tmp_path / "bg.rtdc", kernel_size=10)
+    assert "rollmed-image-copy" not in [t.name for t in threading.enumerate()]
+    assert len(steps) == 1 < steps[0], "the copy went on after the job failed"
+    assert str(rtdc_copy) not in _open_files()
+    assert _leftovers(tmp_path) == []
+
+
+# --- blocks that cannot be compressed by the workers ---
+
+
+def test_blocks_written_through_h5py_when_the_workers_cannot_compress(
+    rtdc_copy, tmp_path, monkeypatch
+):
+    """A filter pipeline the workers cannot reproduce: the writer stores the
+    plain blocks through h5py, and they count towards the write-behind."""
+    from rollmed_dask import h5chunks
+
+    calls = []
+    real = sinks._start_writeback
+    monkeypatch.setattr(h5chunks, "_SUPPORTED_KINDS", "")
+    monkeypatch.setattr(WriteBehind, "STEP", 4096)
+    monkeypatch.setattr(sinks, "_start_writeback", lambda fd: (calls.append(fd), real(fd)))
+    out = tmp_path / "bg.rtdc"
+    compute_background(rtdc_copy, out, 10, progress=False)
+    assert calls, "the blocks were not counted towards the write-behind"
+    np.testing.assert_array_equal(
+        read_images(out, "events/image_bg"), rolling_median_reference(read_images(rtdc_copy), 10)
+    )
+
+
+# --- the write-behind's writeback ---
+
+
+@pytest.mark.parametrize("linux", [True, False], ids=["sync_file_range", "fdatasync"])
+def test_a_writeback_error_is_raised(linux, tmp_path, monkeypatch):
+    """``sync_file_range`` (Linux) and ``fdatasync`` (elsewhere) both report an
+    error; a pipe cannot be synced."""
+    if not linux:
+        monkeypatch.setattr(sinks, "_SYNC_FILE_RANGE", [None])
+    path = tmp_path / "data"
+    path.write_bytes(b"x" * 10000)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        sinks._start_writeback(fd)
+    finally:
+        os.close(fd)
+    read, write = os.pipe()
+    try:
+        with pytest.raises(OSError) as err:
+            sinks._start_writeback(read)
+        assert err.value.errno in (errno.ESPIPE, errno.EINVAL)
+    finally:
+        os.close(read)
+        os.close(write)
+
+
+# --- logs and the Zarr partial ---
+
+
+def test_runs_in_the_same_second_get_numbered_logs(tmp_path):
+    with h5py.File(tmp_path / "f.h5", "w") as h5:
+        assert sinks._free_log_name(h5, "run") == "run"
+        h5.create_group("logs/run")
+        assert sinks._free_log_name(h5, "run") == "run-2"
+        h5.create_group("logs/run-2")
+        assert sinks._free_log_name(h5, "run") == "run-3"
+
+
+def test_a_partial_without_a_readable_job_record_is_not_continued(small_rtdc, tmp_path):
+    """The partial's record of its parameters is damaged: refused, and kept."""
+    out = tmp_path / "bg.zarr"
+    partial = sinks.ZarrSink(
+        out, "events/image_bg", (40, 8, 8), "uint8", chunk_events=10, job_params={}, resume=True
+    )
+    partial.open({})
+    (partial.tmp / sinks.PROGRESS_DIR / "job.json").write_text("{damaged")
+    with pytest.raises(ValueError, match="no readable record of its parameters"):
+        compute_background(small_rtdc, out, 10, progress=False, resume=True)
+    assert partial.tmp.is_dir()
+    assert not out.exists()
