@@ -520,3 +520,36 @@ def test_a_partial_without_a_readable_job_record_is_not_continued(small_rtdc, tm
         compute_background(small_rtdc, out, 10, progress=False, resume=True)
     assert partial.tmp.is_dir()
     assert not out.exists()
+
+
+def test_a_settle_that_times_out_leaves_no_waiting_task(tmp_path):
+    """zarr's loop still runs a task when the wait for it times out: the
+    waiting task is cancelled, not left on the loop for the rest of the run."""
+    import asyncio
+    import sys
+
+    import zarr
+
+    zarr.open_group(store=str(tmp_path / "s.zarr"), mode="w")  # zarr's loop runs
+    loop = sys.modules["zarr.core.sync"].loop[0]
+    release = threading.Event()
+
+    async def busy():
+        while not release.is_set():
+            await asyncio.sleep(0.01)
+
+    async def settling():
+        return [t for t in asyncio.all_tasks() if t.get_name() == "rollmed-dask settle"]
+
+    busy_task = asyncio.run_coroutine_threadsafe(busy(), loop)
+    try:
+        sinks.settle_zarr_io(timeout=0.1)
+        for _ in range(100):  # the cancel takes a turn of the loop
+            left = asyncio.run_coroutine_threadsafe(settling(), loop).result(5)
+            if not left:
+                break
+            threading.Event().wait(0.01)
+        assert left == []
+    finally:
+        release.set()
+        busy_task.result(5)
