@@ -201,6 +201,14 @@ def test_in_place_refuses_before_copying_when_the_copy_cannot_fit(
     assert sorted(p.name for p in small_disk.iterdir()) == ["filler", "raw.rtdc"]
 
 
+def test_in_place_goes_on_when_the_copy_just_fits(rtdc_copy, monkeypatch):
+    real = shutil.disk_usage
+    size = rtdc_copy.stat().st_size
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: real(path)._replace(free=size))
+    compute_background(rtdc_copy, rtdc_copy, 10, in_place=True, progress=False)
+    assert read_images(rtdc_copy, "events/image_bg").shape == read_images(rtdc_copy).shape
+
+
 # --- the image copy beside the computation ---
 
 
@@ -403,13 +411,50 @@ def test_an_output_folder_without_write_permission_is_refused_early(tmp_path, mo
 # --- the image copy fails, or the job fails while it runs ---
 
 
-def test_a_failed_image_copy_fails_the_job_and_leaves_nothing(rtdc_copy, tmp_path, monkeypatch):
+def _wait_for_no_thread(name):
+    for _ in range(6000):
+        if name not in [t.name for t in threading.enumerate()]:
+            return
+        threading.Event().wait(0.01)
+    pytest.fail(f"the thread {name} never ended")
+
+
+@pytest.mark.parametrize("when", ["before-a-block", "at-the-commit"])
+def test_a_failed_image_copy_fails_the_job_and_leaves_nothing(
+    when, rtdc_copy, tmp_path, monkeypatch
+):
+    """The copy fails (a full disk): the next block ends the job, without
+    writing it; a copy that fails once all blocks are written fails the commit."""
+    from rollmed_dask import h5chunks
+
+    committing = threading.Event()
+    written = []
+    real_commit, real_write = HDF5Sink.commit, HDF5Sink.write
+    real_write_chunks = h5chunks.write_chunks
+
+    def commit(self, *args, **kwargs):
+        committing.set()
+        return real_commit(self, *args, **kwargs)
+
+    def write(self, payload):
+        _wait_for_no_thread("rollmed-image-copy")  # the copy has failed
+        return real_write(self, payload)
+
     def failing_step(self):
+        if when == "at-the-commit":
+            assert committing.wait(60), "the job never committed"
         raise OSError(errno.EIO, "Input/output error (injected)")
 
+    monkeypatch.setattr(HDF5Sink, "commit", commit)
+    if when == "before-a-block":
+        monkeypatch.setattr(HDF5Sink, "write", write)
+    monkeypatch.setattr(
+        h5chunks, "write_chunks", lambda *a: (written.append(a[1]), real_write_chunks(*a))
+    )
     monkeypatch.setattr(ChunkCopy, "step", failing_step)
     with pytest.raises(OSError, match="injected"):
         output_with_copied_images(rtdc_copy, tmp_path / "bg.rtdc", kernel_size=10)
+    assert (written == []) == (when == "before-a-block")
     assert _leftovers(tmp_path) == []
 
 
