@@ -373,6 +373,8 @@ def test_someone_elses_folder_in_a_sticky_folder_is_never_replaced(tmp_path, mon
         match=rf"may not remove '{re.escape(str(target))}' .*owner uid {os.getuid()}",
     ):
         sinks.check_removable(target)
+    with pytest.raises(PermissionError, match="may not remove"):  # before any work
+        sinks.check_target(target, overwrite=True)
     os.chown(target, uid, -1)
     sinks.check_removable(target)  # its own output: fine
     os.chown(target, 0, -1)
@@ -406,6 +408,56 @@ def test_an_output_folder_without_write_permission_is_refused_early(tmp_path, mo
     with pytest.raises(PermissionError, match="cannot write into the output folder"):
         sinks.check_output_folder(folder / "bg.rtdc")
     sinks.check_output_folder(tmp_path / "bg.rtdc")
+
+
+def test_check_target_refuses_a_link_and_a_missing_folder_by_itself(tmp_path):
+    """``check_target`` makes the checks of the output's name and folder itself,
+    not only its caller (the job makes them before taking the lock)."""
+    (tmp_path / "real.rtdc").write_text("x")
+    (tmp_path / "link.rtdc").symlink_to(tmp_path / "real.rtdc")
+    with pytest.raises(ValueError, match="is a symbolic link"):
+        sinks.check_target(tmp_path / "link.rtdc", overwrite=True)
+    with pytest.raises(FileNotFoundError, match="does not exist; create it first"):
+        sinks.check_target(tmp_path / "missing" / "bg.rtdc", overwrite=False)
+
+
+def test_a_temporary_that_cannot_be_removed_at_once_raises_nothing(tmp_path, monkeypatch):
+    """A worker may still write a chunk into the temporary Zarr store while it
+    is removed after an error: the removal must not replace the job's error
+    (what is left goes when the interpreter exits)."""
+    tmp = tmp_path / ".bg.zarr.1-0123abcd.partial"
+    _our_zarr(tmp, "chunk")
+    real_rmdir = os.rmdir
+
+    def rmdir(path, *args, **kwargs):
+        if str(path) == str(tmp):
+            raise OSError(errno.ENOTEMPTY, "Directory not empty (a chunk written meanwhile)")
+        return real_rmdir(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "rmdir", rmdir)
+    sinks._remove_temporary(tmp)
+    assert list(tmp.iterdir()) == []
+
+
+def test_a_chunk_written_after_the_removal_goes_when_the_process_exits(tmp_path):
+    """After an interrupt a worker may finish its block and write a chunk into
+    the temporary just removed: it goes when the interpreter exits."""
+    import subprocess
+    import sys
+
+    tmp = tmp_path / ".bg.zarr.1-0123abcd.partial"
+    code = (
+        "import pathlib, sys\n"
+        "from rollmed_dask import sinks\n"
+        "tmp = pathlib.Path(sys.argv[1])\n"
+        "(tmp / 'events').mkdir(parents=True)\n"
+        "sinks._remove_temporary(tmp)\n"
+        "assert not tmp.exists()\n"
+        "(tmp / 'events').mkdir(parents=True)  # the late chunk\n"
+        "(tmp / 'events' / 'c.0').write_text('x')\n"
+    )
+    subprocess.run([sys.executable, "-c", code, str(tmp)], check=True, timeout=60)
+    assert not tmp.exists()
 
 
 # --- the image copy fails, or the job fails while it runs ---
