@@ -231,6 +231,8 @@ def test_the_commit_waits_for_a_slow_image_copy(rtdc_copy, tmp_path, monkeypatch
     monkeypatch.setattr(ChunkCopy, "step", slow_step)
     out = tmp_path / "bg.rtdc"
     output_with_copied_images(rtdc_copy, out, kernel_size=10)
+    # the copy's handle on the input is closed (a batch would run out of them)
+    assert str(rtdc_copy) not in _open_files()
     with h5py.File(rtdc_copy) as hi, h5py.File(out) as ho:
         src, dst = hi["events/image"], ho["events/image"]
         assert dst.id.get_num_chunks() == src.id.get_num_chunks() > 1
@@ -538,9 +540,11 @@ def test_a_failed_job_stops_the_image_copy_and_closes_its_files(rtdc_copy, tmp_p
     monkeypatch.setattr(h5chunks, "write_chunks", failing_write_chunks)
     with pytest.raises(OSError, match="injected"):
         output_with_copied_images(rtdc_copy, tmp_path / "bg.rtdc", kernel_size=10)
-    assert "rollmed-image-copy" not in [t.name for t in threading.enumerate()]
+    threads = [t.name for t in threading.enumerate()]
+    assert "rollmed-image-copy" not in threads
+    assert "rollmed-write-behind" not in threads
     assert len(steps) == 1 < steps[0], "the copy went on after the job failed"
-    assert str(rtdc_copy) not in _open_files()
+    assert [f for f in _open_files() if f.startswith(str(tmp_path))] == []
     assert _leftovers(tmp_path) == []
 
 
