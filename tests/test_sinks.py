@@ -243,13 +243,19 @@ def test_the_commit_waits_for_a_slow_image_copy(rtdc_copy, tmp_path, monkeypatch
 
 
 def test_write_behind_runs_on_small_files(rtdc_copy, tmp_path, monkeypatch):
-    calls = []
-    real = sinks._start_writeback
+    """A writeback every STEP bytes written, and no more (the thread sleeps
+    in between: it does not spin beside the workers)."""
+    calls, written = [], []
+    real, real_wrote = sinks._start_writeback, WriteBehind.wrote
     monkeypatch.setattr(WriteBehind, "STEP", 4096)
     monkeypatch.setattr(sinks, "_start_writeback", lambda fd: (calls.append(fd), real(fd)))
+    monkeypatch.setattr(
+        WriteBehind, "wrote", lambda self, n: (written.append(n), real_wrote(self, n))[1]
+    )
     out = tmp_path / "bg.rtdc"
     compute_background(rtdc_copy, out, 10, progress=False)
     assert calls, "the write-behind thread never started a writeback"
+    assert len(calls) <= sum(written) // 4096, "more writebacks than STEPs written"
     np.testing.assert_array_equal(
         read_images(out, "events/image_bg"), rolling_median_reference(read_images(rtdc_copy), 10)
     )
