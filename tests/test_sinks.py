@@ -661,3 +661,30 @@ def test_a_settle_that_times_out_leaves_no_waiting_task(tmp_path):
     finally:
         release.set()
         busy_task.result(5)
+
+
+def test_a_settle_reads_the_errors_of_failed_tasks_and_skips_cancelled_ones(tmp_path, caplog):
+    """A full disk fails several chunk writes at once: the first error is the
+    job's, the others are read and dropped (no "exception was never
+    retrieved" at exit); a cancelled task has no error to read."""
+    import asyncio
+    import gc
+    import sys
+
+    import zarr
+
+    zarr.open_group(store=str(tmp_path / "s.zarr"), mode="w")  # zarr's loop runs
+    loop = sys.modules["zarr.core.sync"].loop[0]
+
+    async def failing():
+        await asyncio.sleep(0.05)
+        raise OSError(errno.ENOSPC, "No space left on device (injected)")
+
+    async def start():
+        loop.create_task(failing(), name="chunk write")
+        asyncio.create_task(asyncio.sleep(10), name="cancelled chunk write").cancel()
+
+    asyncio.run_coroutine_threadsafe(start(), loop).result(5)
+    sinks.settle_zarr_io()
+    gc.collect()
+    assert "never retrieved" not in caplog.text
