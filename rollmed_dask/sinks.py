@@ -324,7 +324,9 @@ def check_removable(target: pathlib.Path) -> None:
         blocked = None
         effective = os.access in os.supports_effective_ids
         walk_errors = []
-        for folder, dirs, files in os.walk(target, onerror=walk_errors.append):
+        # an old output that is a file (the format changed) has nothing inside
+        tree = os.walk(target, onerror=walk_errors.append) if target.is_dir() else ()
+        for folder, dirs, files in tree:
             if (dirs or files) and not os.access(
                 folder, os.R_OK | os.W_OK | os.X_OK, effective_ids=effective
             ):
