@@ -68,6 +68,8 @@ MODULES = {
         "rollmed_dask/sinks.py",
         ["tests/test_sinks.py", "tests/test_crash_safety.py", "tests/test_safety.py",
          "tests/test_rtdc.py", "tests/test_no_data_lost.py", "tests/test_identity.py",
+         "tests/test_lean_output.py::test_plain_hdf5_stack_api_cli_and_folder",
+         "tests/test_tiff.py::test_zarr_output_is_ome_zarr",
          "-m", "not slurm and not cluster", "-k", "not sigint and not sigkill and not ctrl_c"],
     ),
     "batch": (
