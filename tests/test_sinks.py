@@ -688,3 +688,19 @@ def test_a_settle_reads_the_errors_of_failed_tasks_and_skips_cancelled_ones(tmp_
     sinks.settle_zarr_io()
     gc.collect()
     assert "never retrieved" not in caplog.text
+
+
+def test_a_zarr_output_carries_dcnums_image_and_pipeline_attributes(small_rtdc, tmp_path):
+    """The Zarr array of the background has the attributes an `.rtdc` output's
+    ``image_bg`` has: HDF5's image class and dcnum's pipeline id (a rerun reads
+    it to tell an up-to-date output)."""
+    import zarr
+
+    from rollmed_dask import rtdc
+
+    out = tmp_path / "bg.zarr"
+    compute_background(small_rtdc, out, 5, batch_size=500, progress=False)
+    attrs = dict(zarr.open_group(str(out), mode="r")["events/image_bg"].attrs)
+    for key, value in rtdc.IMAGE_ATTRS.items():
+        assert attrs[key] == value.decode()
+    assert attrs["dcnum ppid background"] == rtdc.bg_ppid(5, 500)
