@@ -398,3 +398,31 @@ def test_a_basin_input_is_current_until_its_basin_changes(mapping, tmp_path, mon
     replace_keeping_times(images, seed=5)  # the input file itself is untouched
     again = run(raw, tmp_path / "bg")["m"]
     assert again["status"] == "failed" and "other data" in again["error"]
+
+
+def test_an_input_changed_during_the_run_fails_the_job(rtdc_copy, tmp_path, monkeypatch):
+    """The input's stat changes while a block waits (the test hook holds it where
+    it would write to the Zarr temporary): the job fails with one line and
+    writes nothing, for a background of two versions of the input is wrong."""
+    import threading
+    import time
+
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    monkeypatch.setenv("ROLLMED_DASK_TEST_PAUSE_AT", f"zarr-opened:{hook}")
+
+    def another_program_touches_the_input():
+        deadline = time.monotonic() + 60
+        while not (hook / "zarr-opened.here").exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        stat = os.stat(rtdc_copy)
+        os.utime(rtdc_copy, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+        (hook / "zarr-opened.go").touch()
+
+    out = tmp_path / "out" / "bg.zarr"
+    out.parent.mkdir()
+    threading.Thread(target=another_program_touches_the_input, daemon=True).start()
+    with pytest.raises(ValueError, match="changed while it was read .another program wrote it.; "
+                       "nothing was written: run again once it is complete"):  # fmt: skip
+        compute_background(rtdc_copy, out, 5, progress=False, event_chunk=20)
+    assert list(out.parent.iterdir()) == []

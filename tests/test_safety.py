@@ -253,6 +253,27 @@ API_ERRORS = [
     ("cases.h5", "missing/out.rtdc", {"kernel_size": 3}, FileNotFoundError, "output folder"),
     ("cases.h5", "exists.rtdc", {"kernel_size": 3}, FileExistsError, "overwrite=True"),
     ("cases.h5", "cases.h5", {"kernel_size": 3}, ValueError, "in_place=True"),
+    (
+        "cases.h5",
+        "out.rtdc",
+        {"kernel_size": 3, "format": "tif"},
+        ValueError,
+        "format='tif' is not known; pass one of hdf5, zarr, tiff",
+    ),
+    (
+        "cases.h5",
+        "out.zarr",
+        {"kernel_size": 3, "in_place": True},
+        ValueError,
+        "in_place works with HDF5 files only",
+    ),
+    (
+        "cases.h5",
+        "new.rtdc",
+        {"kernel_size": 3, "in_place": True},
+        FileNotFoundError,
+        "in_place needs an existing HDF5 file",
+    ),
 ]
 
 
