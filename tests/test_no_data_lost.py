@@ -192,6 +192,25 @@ def test_a_resume_killed_before_the_final_move_is_completed_by_the_next(small_rt
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bg.zarr"]
 
 
+def test_a_complete_partial_of_other_data_is_not_moved_into_place(small_rtdc, tmp_path):
+    """Killed before its move, then the input was replaced by other frames of the
+    same shape: the next --resume refuses the complete partial instead of moving
+    a background of the old data into place."""
+    from rollmed_dask.example import write_example
+
+    source = Path(shutil.copy(small_rtdc, tmp_path / "input.rtdc"))
+    out = tmp_path / "bg.zarr"
+    args = [source, out, "-k", "5", "--event-chunk", "40", "--resume"]
+    run_killed_at("move-file", *args)
+    write_example(tmp_path / "other.rtdc", n_events=300, seed=2)
+    os.replace(tmp_path / "other.rtdc", source)
+    line = one_error_line(run_cli(*args, "-q"))
+    assert (
+        "was made from other data (the input has other frames now); rerun without --resume" in line
+    )
+    assert not out.exists() and partial_path(out).is_dir()
+
+
 # --- the folder swap: never split by a signal, never half done ---
 
 
