@@ -704,3 +704,12 @@ def test_a_zarr_output_carries_dcnums_image_and_pipeline_attributes(small_rtdc, 
     for key, value in rtdc.IMAGE_ATTRS.items():
         assert attrs[key] == value.decode()
     assert attrs["dcnum ppid background"] == rtdc.bg_ppid(5, 500)
+
+
+def test_a_finished_zarr_output_keeps_no_progress_markers(small_rtdc, tmp_path):
+    """The per-block markers (and their digests) serve a resumed run only: the
+    finished store holds the background and its metadata, nothing else of ours."""
+    out = tmp_path / "bg.zarr"
+    compute_background(small_rtdc, out, 5, resume=True, event_chunk=40, progress=False)
+    assert not (out / sinks.PROGRESS_DIR).exists()
+    assert sorted(p.name for p in out.iterdir()) == ["events", "zarr.json"]
