@@ -33,23 +33,48 @@ def inputs(tmp_path_factory):
     return root
 
 
-def _stop(inputs, out, report, sig, presses):
-    """A folder run, sent ``sig`` ``presses`` times once its first file is done."""
+def _start_until_first_done(inputs, out, report, *options, env=None):
+    """A folder run of the CLI, returned with its stderr lines once the line of its
+    first finished file came."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "rollmed_dask", "-r", inputs, out, "-k", str(K),
-         "--scheduler", "threads", "--report", report],
-        stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
+         *options, "--report", report],
+        stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True, env=env,
     )  # fmt: skip
     lines = []
     for line in proc.stderr:
         lines.append(line)
         if "done " in line:
-            for _ in range(presses):
-                proc.send_signal(sig)
-                time.sleep(0.05)
             break
+    return proc, lines
+
+
+def _stop(inputs, out, report, sig, presses):
+    """A folder run, sent ``sig`` ``presses`` times once its first file is done."""
+    proc, lines = _start_until_first_done(inputs, out, report, "--scheduler", "threads")
+    for _ in range(presses):
+        proc.send_signal(sig)
+        time.sleep(0.05)
     lines += proc.stderr.readlines()
     return proc.wait(timeout=120), "".join(lines)
+
+
+def _check_what_was_kept(inputs, out, report, stderr, word) -> list[str]:
+    """No temporary or lock; each finished file exact and listed as done in the
+    report; the last line counts them. Returns the finished files' names."""
+    assert "Traceback" not in stderr
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")], "temporary or lock"
+    finished = sorted(p.name for p in out.glob("*.rtdc"))
+    for name in finished:  # complete and exact
+        expected = rolling_median_reference(read_images(inputs / name.replace("_bg", "")), K)
+        np.testing.assert_array_equal(read_images(out / name, "events/image_bg"), expected)
+    results = json.loads(report.read_text())["files"]
+    done = sorted(r["output"].rsplit("/", 1)[-1] for r in results if r["status"] == "done")
+    assert done == finished, results
+    last = [line for line in stderr.replace("\r", "\n").splitlines() if line.strip()][-1]
+    kept = f"rollmed-dask: {word}; {len(finished)} finished file(s) kept in {out}"
+    assert last.startswith(kept), last
+    return finished
 
 
 @pytest.mark.timeout(240)
@@ -64,19 +89,9 @@ def test_a_stopped_folder_run_says_what_was_kept(
     out, report = tmp_path / "out", tmp_path / "report.json"
     code, stderr = _stop(inputs, out, report, sig, presses)
     assert code == status, stderr
-    assert "Traceback" not in stderr
-    finished = sorted(p.name for p in out.glob("*.rtdc"))
+    finished = _check_what_was_kept(inputs, out, report, stderr, word)
     assert 0 < len(finished) < 4, stderr
-    assert not [p.name for p in out.iterdir() if p.name.startswith(".")], "temporary or lock"
-    for name in finished:  # complete and exact
-        expected = rolling_median_reference(read_images(inputs / name.replace("_bg", "")), K)
-        np.testing.assert_array_equal(read_images(out / name, "events/image_bg"), expected)
-    results = json.loads(report.read_text())["files"]
-    done = sorted(r["output"].rsplit("/", 1)[-1] for r in results if r["status"] == "done")
-    assert done == finished, results
     last = [line for line in stderr.replace("\r", "\n").splitlines() if line.strip()][-1]
-    kept = f"rollmed-dask: {word}; {len(finished)} finished file(s) kept in {out}"
-    assert last.startswith(kept), last
     assert "no output was written" not in last
     assert "run the same command again to do them" in last
 
@@ -102,16 +117,9 @@ def test_ctrl_c_pressed_again_while_files_stop_waits_for_them(longer_inputs, tmp
     out, report, hook = tmp_path / "out", tmp_path / "report.json", tmp_path / "hook"
     hook.mkdir()
     env = {**os.environ, "ROLLMED_DASK_TEST_PAUSE_AT": f"job-aborting:{hook}"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "rollmed_dask", "-r", inputs, out, "-k", str(K),
-         "--event-chunk", "50", "--scheduler", "threads", "--report", report],
-        stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True, env=env,
-    )  # fmt: skip
-    lines = []
-    for line in proc.stderr:
-        lines.append(line)
-        if "done " in line:
-            break
+    proc, lines = _start_until_first_done(
+        inputs, out, report, "--event-chunk", "50", "--scheduler", "threads", env=env
+    )
     proc.send_signal(signal.SIGINT)
     deadline = time.monotonic() + 60
     while not (hook / "job-aborting.here").exists():
@@ -126,19 +134,10 @@ def test_ctrl_c_pressed_again_while_files_stop_waits_for_them(longer_inputs, tmp
     stderr = "".join(lines)
     assert proc.wait(timeout=120) == 130, stderr
     assert temporaries, "no file was stopping when the presses came"
-    assert "Traceback" not in stderr
     assert "rollmed-dask: stopping: waiting for" in stderr
-    assert not [p.name for p in out.iterdir() if p.name.startswith(".")], "temporary or lock"
-    finished = sorted(p.name for p in out.glob("*.rtdc"))
-    for name in finished:  # complete and exact
-        expected = rolling_median_reference(read_images(inputs / name.replace("_bg", "")), K)
-        np.testing.assert_array_equal(read_images(out / name, "events/image_bg"), expected)
+    _check_what_was_kept(inputs, out, report, stderr, "interrupted")
     results = json.loads(report.read_text())["files"]
     assert sorted(r["status"] for r in results).count("interrupted") >= 1, results
-    done = sorted(r["output"].rsplit("/", 1)[-1] for r in results if r["status"] == "done")
-    assert done == finished, results
-    last = [line for line in stderr.replace("\r", "\n").splitlines() if line.strip()][-1]
-    assert last.startswith(f"rollmed-dask: interrupted; {len(finished)} finished file(s) kept")
 
 
 @pytest.mark.cluster
@@ -147,16 +146,9 @@ def test_ctrl_c_stops_the_running_files_on_a_cluster_too(longer_inputs, tmp_path
     """With --workers (a distributed scheduler, which runs no dask callbacks) the
     files running at Ctrl-C stop at their next block too, rather than run on."""
     out, report = tmp_path / "out", tmp_path / "report.json"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "rollmed_dask", "-r", longer_inputs, out, "-k", str(K),
-         "--event-chunk", "50", "--workers", "1", "--report", report],
-        stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
-    )  # fmt: skip
-    lines = []
-    for line in proc.stderr:
-        lines.append(line)
-        if "done " in line:
-            break
+    proc, lines = _start_until_first_done(
+        longer_inputs, out, report, "--event-chunk", "50", "--workers", "1"
+    )
     deadline = time.monotonic() + 60  # a longer file is being written
     while not list(out.glob(".b*.partial")):
         assert proc.poll() is None and time.monotonic() < deadline, "".join(lines)
