@@ -24,7 +24,13 @@ import numpy as np
 import pytest
 from conftest import read_images
 from test_crash_safety import run_killed_at
-from test_safety import one_error_line, open_for_writing_elsewhere, run_cli, snapshot
+from test_safety import (
+    mounted_tmpfs,
+    one_error_line,
+    open_for_writing_elsewhere,
+    run_cli,
+    snapshot,
+)
 
 from rollmed_dask import compute_background, rolling_median_reference
 from rollmed_dask.sinks import backup_path, partial_path
@@ -334,22 +340,8 @@ def medium_rtdc(example_dir):
 
 @pytest.fixture
 def tmpfs(request, tmp_path):
-    from conftest import _in_ci
-
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    mount = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={request.param}", "tmpfs", disk],
-        capture_output=True, text=True,
-    )  # fmt: skip
-    if mount.returncode != 0:
-        if _in_ci():
-            pytest.fail(f"CI must be able to mount a small tmpfs (as root): {mount.stderr}")
-        pytest.skip(f"cannot mount a tmpfs here: {mount.stderr.strip()}")
-    try:
+    with mounted_tmpfs(tmp_path / "disk", request.param) as disk:
         yield disk
-    finally:
-        subprocess.run(["umount", disk], check=True)
 
 
 @pytest.mark.parametrize(

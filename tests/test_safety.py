@@ -424,13 +424,15 @@ def test_in_place_overwrite_does_not_grow_the_file(rtdc_copy):
 # --- A full disk (item 4), on a real 16 MiB tmpfs ---
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    disk = tmp_path / "disk"
+@contextlib.contextmanager
+def mounted_tmpfs(disk: Path, size: str):
+    """A real tmpfs of ``size`` (``16m``) mounted on the new folder ``disk`` for
+    the ``with`` block; CI must be able to mount one (it runs as root)."""
     disk.mkdir()
     mount = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", disk], capture_output=True, text=True
-    )
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", disk],
+        capture_output=True, text=True,
+    )  # fmt: skip
     if mount.returncode != 0:
         if _in_ci():
             pytest.fail(f"CI must be able to mount a small tmpfs (as root): {mount.stderr}")
@@ -439,6 +441,12 @@ def small_disk(tmp_path):
         yield disk
     finally:
         subprocess.run(["umount", disk], check=True)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    with mounted_tmpfs(tmp_path / "disk", "16m") as disk:
+        yield disk
 
 
 def fill_disk(disk: Path, leave: int) -> None:
