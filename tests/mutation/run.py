@@ -127,13 +127,26 @@ class Mutant:
     after: str
     start: tuple  # (line, col) of the replaced source segment
     end: tuple
-    status: str = "not run"  # killed, survived, timeout, not covered
+    function: str = ""  # the enclosing function, Class.method: accepted.toml's key
+    code: str = ""  # the text of the mutated line, stripped
+    occurrence: int = 1  # the same edit of the same line text in the function: 1, 2, ...
+    status: str = "not run"  # killed, survived, timeout, not covered, accepted
     by: str = ""  # the test that failed, or why it was not run
     seconds: float = 0.0
 
     @property
+    def edit(self) -> str:
+        return f"{self.kind}: {self.before!r} -> {self.after!r}"
+
+    @property
     def name(self) -> str:
-        return f"{self.path}:{self.line} {self.kind}: {self.before!r} -> {self.after!r}"
+        return f"{self.path}:{self.line} {self.edit}"
+
+    @property
+    def key(self) -> tuple:
+        """What an accepted mutant is known by: no line number, so edits elsewhere in the
+        file keep it accepted; a change of its line or edit makes it run again."""
+        return (self.path, self.function, self.code, self.edit, self.occurrence)
 
     def apply(self, source: str) -> str:
         lines = source.splitlines(keepends=True)
@@ -157,6 +170,7 @@ class _Finder(ast.NodeVisitor):
         self.path, self.source, self.found = path, source, []
         self.lines = source.splitlines()
         self.docstrings = set()
+        self.scope = []  # the names of the enclosing classes and functions
 
     def add(self, node, kind: str, after: str) -> None:
         before = _segment(node, self.source)
@@ -164,7 +178,8 @@ class _Finder(ast.NodeVisitor):
             return
         self.found.append(
             Mutant(self.path, node.lineno, kind, before, after,
-                   (node.lineno, node.col_offset), (node.end_lineno, node.end_col_offset))
+                   (node.lineno, node.col_offset), (node.end_lineno, node.end_col_offset),
+                   ".".join(self.scope), self.lines[node.lineno - 1].strip())
         )  # fmt: skip
 
     def _body(self, body):
@@ -179,14 +194,18 @@ class _Finder(ast.NodeVisitor):
             if isinstance(stmt, ast.FunctionDef | ast.AsyncFunctionDef):
                 self.visit(stmt)
             elif isinstance(stmt, ast.ClassDef):
+                self.scope.append(stmt.name)
                 self._functions(stmt.body)
+                self.scope.pop()
 
     def visit_FunctionDef(self, node):
         if node.name in SKIP_FUNCTIONS:
             return
         self._body(node.body)
+        self.scope.append(node.name)
         for stmt in node.body:  # default arguments and decorators are not mutated
             self.visit(stmt)
+        self.scope.pop()
 
     visit_AsyncFunctionDef = visit_FunctionDef
 
@@ -273,6 +292,10 @@ def find_mutants(path: pathlib.Path) -> list[Mutant]:
         if dump != original and dump not in seen:
             seen.add(dump)
             mutants.append(mutant)
+    count = {}
+    for mutant in mutants:  # e.g. the two `True` of `shutdown(wait=True, cancel_futures=True)`
+        same = (mutant.function, mutant.code, mutant.edit)
+        mutant.occurrence = count[same] = count.get(same, 0) + 1
     return mutants
 
 
@@ -385,11 +408,11 @@ class Worker:
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
         )  # fmt: skip
 
-    def run(self, mutant: Mutant, tests: list[str], timeout: int) -> Mutant:
+    def run(self, mutant: Mutant, tests: list[str], timeout: int, deadline: float) -> Mutant:
+        """Run ``tests`` on the mutant: ``timeout`` seconds a test, ``deadline`` in all."""
         original = (ROOT / mutant.path).read_text()
         request = {"path": mutant.path, "source": mutant.apply(original), "original": original,
-                   "args": pytest_command(tests, timeout)[3:],
-                   "timeout": timeout * 2 + 60}  # fmt: skip
+                   "args": pytest_command(tests, timeout)[3:], "timeout": deadline}  # fmt: skip
         t0 = time.perf_counter()
         self.proc.stdin.write(json.dumps(request) + "\n")
         self.proc.stdin.flush()
@@ -486,6 +509,7 @@ def run_module(name, args, workdir: pathlib.Path, log) -> list[Mutant]:
     t0 = time.perf_counter()
     covering, seconds = cached_tests_by_line(copies[0], selection, files, args.timeout)
     print(f"  traced the selection in {time.perf_counter() - t0:.0f} s", flush=True)
+    accepted = read_accepted()
     markers = []  # -m and -k with their values, kept for the narrowed runs
     for i, arg in enumerate(selection[:-1]):
         if arg in ("-m", "-k"):
@@ -497,6 +521,9 @@ def run_module(name, args, workdir: pathlib.Path, log) -> list[Mutant]:
         measured = any((mutant.path, n) in covering for n in lines)
         if mutant.name in args.done:
             mutant.status, mutant.by, mutant.seconds = args.done[mutant.name]
+        elif mutant.key in accepted and not args.all:
+            mutant.status, mutant.by = "accepted", accepted[mutant.key]
+            _report(mutant, log)
         elif tests:  # fastest first: a mutant is most often killed by the first test
             todo.append((mutant, sorted(tests, key=lambda t: (seconds.get(t, 1e9), t))))
         elif measured:  # run outside any test (collection, a process pool): the whole selection
@@ -515,9 +542,10 @@ def run_module(name, args, workdir: pathlib.Path, log) -> list[Mutant]:
                     free.append(running.pop(future))
                     _report(future.result(), log)
             worker = free.pop()
+            timeout, deadline = _time_limits(tests, seconds, args.timeout)
             if tests is not selection:
                 tests = [*tests, *markers]
-            running[pool.submit(worker.run, mutant, tests, args.timeout)] = worker
+            running[pool.submit(worker.run, mutant, tests, timeout, deadline)] = worker
         for future in concurrent.futures.as_completed(running):
             _report(future.result(), log)
     for worker in workers:
@@ -525,19 +553,46 @@ def run_module(name, args, workdir: pathlib.Path, log) -> list[Mutant]:
     return mutants
 
 
+def _time_limits(tests, seconds: dict, most: int) -> tuple[int, float]:
+    """A test's timeout and the whole run's, from the traced run's times.
+
+    A mutant that hangs costs its timeout: ``most`` (300 s) for each of them
+    made up a third of a module's time. Five times the slowest test (at least
+    30 s) still lets a test run slower beside the other job; the whole run may
+    take twice the traced sum, so a survivor is not cut short and called caught.
+    """
+    known = [seconds[t] for t in tests if t in seconds]
+    if len(known) < len(tests) or not known:  # the whole selection: its tests are not named
+        known = list(seconds.values()) or [most]
+        return most, 2 * sum(known) + most + 60
+    timeout = min(most, max(30, round(5 * max(known))))
+    return timeout, 2 * sum(known) + timeout + 60
+
+
+def read_accepted(path: pathlib.Path = ROOT / "tests" / "mutation" / "accepted.toml") -> dict:
+    """``{mutant key: reason}``: the survivors accepted, not run again (``--all`` runs them)."""
+    import tomllib
+
+    if not path.exists():
+        return {}
+    entries = tomllib.loads(path.read_text()).get("accepted", [])
+    return {(e["file"], e["function"], e["line"], e["mutant"], e.get("occurrence", 1)): e["reason"]
+            for e in entries}  # fmt: skip
+
+
 def _report(mutant: Mutant, log=None) -> None:
     if log is not None:  # each result as it comes: a run stopped early keeps its results
         log.write(json.dumps(dataclasses.asdict(mutant)) + "\n")
         log.flush()
-    if mutant.status != "killed":
+    if mutant.status not in ("killed", "accepted"):
         print(f"  {mutant.status.upper()} ({mutant.seconds} s) {mutant.name}", flush=True)
 
 
 def summary(results: dict) -> str:
     lines = []
     for name, mutants in results.items():
-        count = {s: sum(m.status == s for m in mutants) for s in
-                 ("killed", "timeout", "survived", "not covered", "error")}  # fmt: skip
+        statuses = ("killed", "timeout", "survived", "accepted", "not covered", "error")
+        count = {s: sum(m.status == s for m in mutants) for s in statuses}
         caught = count["killed"] + count["timeout"]
         score = 100 * caught / max(len(mutants), 1)
         details = ", ".join(f"{v} {k}" for k, v in count.items() if v)
@@ -568,6 +623,11 @@ def main(argv=None) -> int:
         "--tests", metavar="ARGS",
         help="pytest arguments instead of the module's selection, e.g. "
         "\"tests/test_x.py -k name\" (with --only: does a new test kill a survivor?)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--all", action="store_true",
+        help="run the accepted mutants of tests/mutation/accepted.toml too (after a change "
+        "to the lines they are on)",
     )  # fmt: skip
     parser.add_argument("--serve", help=argparse.SUPPRESS)  # a Worker's process
     args = parser.parse_args(argv)
