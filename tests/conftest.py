@@ -25,13 +25,16 @@ from rollmed_dask.example import write_example
 collect_ignore = ["mutation"]
 
 
-def default_signals() -> None:
-    """``preexec_fn`` of a child that a test sends SIGINT or SIGTERM: their default
-    handlers. A child inherits ignored signals, and pytest run under ``nohup`` or
-    with ``&`` from a script has SIGINT ignored: Python then never raises
-    KeyboardInterrupt and the child would sleep through the test's Ctrl-C."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+def pytest_configure(config):
+    """The tests' Ctrl-C and SIGTERM reach the processes they start, however pytest
+    was started. A child inherits ignored signals, and pytest run under ``nohup``
+    or with ``&`` from a script has SIGINT ignored: Python then never raises
+    KeyboardInterrupt, and a CLI the test interrupts would finish and exit 0
+    (seen under the mutation harness). Handled signals are reset by ``exec``."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_IGN:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 @pytest.fixture(scope="session")

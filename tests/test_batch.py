@@ -19,7 +19,7 @@ import time
 import h5py
 import numpy as np
 import pytest
-from conftest import default_signals, flip_bytes_in_chunk, read_images
+from conftest import flip_bytes_in_chunk, read_images
 from test_cli import assert_one_line_error, run_cli
 
 from rollmed_dask import compute_background, compute_backgrounds, rolling_median_reference
@@ -300,7 +300,6 @@ def _interrupt(many, out, sig):
         [sys.executable, "-m", "rollmed_dask", "-r", many, out, "-k", str(K), "--scheduler",
          "threads"],
         stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
-        preexec_fn=default_signals,  # it gets SIGINT, whatever pytest ignores
     )  # fmt: skip
     lines = []
     for line in proc.stderr:

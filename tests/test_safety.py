@@ -19,7 +19,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from conftest import _in_ci, default_signals, flip_bytes_in_chunk, read_images, write_bad_stacks
+from conftest import _in_ci, flip_bytes_in_chunk, read_images, write_bad_stacks
 
 from rollmed_dask import compute_background, rolling_median_reference
 from rollmed_dask.example import write_example
@@ -37,7 +37,6 @@ def long_rtdc(example_dir):
 def start_cli(*args):
     return subprocess.Popen(
         [sys.executable, "-m", "rollmed_dask", *map(str, args)],
-        preexec_fn=default_signals,  # it gets SIGINT, whatever pytest ignores
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

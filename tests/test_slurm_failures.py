@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import default_signals, flip_bytes_in_chunk, read_images
+from conftest import flip_bytes_in_chunk, read_images
 
 from rollmed_dask import rolling_median_reference
 from rollmed_dask.example import write_example
@@ -45,7 +45,6 @@ def long_rtdc(example_dir):
 def start_cli(*args, env=None):
     return subprocess.Popen(
         [sys.executable, "-m", "rollmed_dask", *map(str, args)],
-        preexec_fn=default_signals,  # it gets SIGINT/SIGTERM, whatever pytest ignores
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
