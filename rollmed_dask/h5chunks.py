@@ -287,7 +287,7 @@ class ChunkCodec:
     def _unsupported_reason(self):
         if self.chunks is None:
             return "the dataset is not chunked (contiguous, compact or virtual layout)"
-        if self.dtype.kind not in _SUPPORTED_KINDS or self.dtype.fields is not None:
+        if self.dtype.kind not in _SUPPORTED_KINDS:  # structured dtypes are kind "V"
             return f"dtype {self.dtype} is not a plain integer or float type"
         for fid, cd in self.filters:
             if fid not in _FILTER_NAMES:

@@ -405,6 +405,25 @@ def test_unsupported_filter_falls_back_to_h5py(tmp_path):
                 hc.encode_block(codec, data[:10])
 
 
+def test_codecs_the_reader_cannot_apply_are_refused_with_the_reason(tmp_path):
+    assert hc.ChunkCodec([(hc.FILTER_DEFLATE, (9,))], (10, 4), "u1").supported
+    for filters, dtype, words in [
+        ([(hc.FILTER_DEFLATE, (10,))], "u1", "invalid deflate"),
+        ([(hc.FILTER_DEFLATE, (4, 5))], "u1", "invalid deflate"),
+        ([(hc.FILTER_SHUFFLE, (0,))], "u2", "invalid shuffle"),
+        ([], "?", "not a plain integer or float"),
+        ([], [("a", "<u2")], "not a plain integer or float"),
+        ([], "V4", "not a plain integer or float"),
+    ]:
+        codec = hc.ChunkCodec(filters, (10, 4), dtype)
+        assert not codec.supported and words in codec.reason, (filters, dtype)
+    data = np.arange(200).reshape(50, 4) % 3 == 0
+    with h5py.File(tmp_path / "f.h5", "w") as f:  # and read through h5py
+        dset = f.create_dataset("flags", data=data, chunks=(10, 4), compression="gzip")
+        assert not hc.ChunkCodec.from_dataset(dset).supported
+        np.testing.assert_array_equal(hc.read_block(dset, 3, 47), data[3:47])
+
+
 def test_codec_pickles():
     codec = hc.ChunkCodec(
         [(hc.FILTER_SHUFFLE, (2,)), (hc.FILTER_ZSTD, (5,)), (hc.FILTER_FLETCHER32, ())],

@@ -174,3 +174,45 @@ def test_chunk_addresses_of_a_rewritten_file_are_found_again(tmp_path):
                               **hdf5plugin.Zstd(clevel=level))  # fmt: skip
         with h5py.File(path, "r") as h5:
             np.testing.assert_array_equal(hc.read_block(h5["events/image"], 0, 40), frames)
+
+
+@pytest.mark.parametrize("n", [0, 10, 255, 256, 300, 65791, 65792, 70000, 2**24])
+def test_the_zstd_frame_header_gives_the_decompressed_size(n):
+    """Real frames: one to eight bytes of content size, with and without the
+    single-segment flag (2**24 bytes get a window descriptor first)."""
+    import numcodecs
+
+    assert hc._zstd_content_size(numcodecs.Zstd(level=1).encode(bytes(n))) == n
+
+
+MAGIC = struct.pack("<I", 0xFD2FB528)
+
+
+@pytest.mark.parametrize(
+    ("header", "expected"),
+    [  # descriptor: content-size flag (2 bits), single segment, 3 unused, dictionary flag (2)
+        (bytes([0b00_1_000_01, 7, 99]), 99),  # a 1-byte dictionary id, then the size
+        (bytes([0b01_1_000_10, 7, 7, 44, 0]), 300),  # 2-byte id; a 2-byte size is 256 more
+        (bytes([0b10_0_000_11, 0x48, 1, 2, 3, 4]) + struct.pack("<I", 70000), 70000),
+        (bytes([0b11_1_000_00]) + struct.pack("<Q", 2**33), 2**33),
+        (bytes([0b00_0_000_00, 0x48, 0, 0]), None),  # no content size written
+        (bytes([0b10_1_000_00, 1, 2]), None),  # cut before the size's end
+        (b"", None),
+    ],
+)  # fmt: skip
+def test_the_zstd_frame_header_is_read_by_the_format(header, expected):
+    """Frame headers built by RFC 8878 section 3.1.1.1, the ones numcodecs never
+    writes among them; what is no zstd frame has no size."""
+    assert hc._zstd_content_size(MAGIC + header) == expected
+    assert hc._zstd_content_size(b"\x00" * 4 + header) is None
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_a_shuffle_keeps_the_bytes_that_fill_no_whole_item_at_the_end(reverse):
+    """HDF5's shuffle moves whole items only and leaves the rest where it was."""
+    data = np.arange(11, dtype=np.uint8)
+    out = np.full(11, 255, dtype=np.uint8)
+    shuffled = [0, 2, 4, 6, 8, 1, 3, 5, 7, 9]  # the first bytes of the items, then the second
+    unshuffled = [0, 5, 1, 6, 2, 7, 3, 8, 4, 9]
+    got = hc._shuffle(data, 2, reverse=reverse, out=out)
+    assert got.tolist() == (unshuffled if reverse else shuffled) + [10]
