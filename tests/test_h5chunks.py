@@ -407,6 +407,9 @@ def test_unsupported_filter_falls_back_to_h5py(tmp_path):
 
 def test_codecs_the_reader_cannot_apply_are_refused_with_the_reason(tmp_path):
     assert hc.ChunkCodec([(hc.FILTER_DEFLATE, (9,))], (10, 4), "u1").supported
+    shuffle = hc.ChunkCodec([(hc.FILTER_SHUFFLE, ())], (10, 4), "u2")  # the item size: dtype's
+    block = np.arange(40, dtype="u2").reshape(10, 4)
+    np.testing.assert_array_equal(shuffle.decode(shuffle.encode(block)), block)
     for filters, dtype, words in [
         ([(hc.FILTER_DEFLATE, (10,))], "u1", "invalid deflate"),
         ([(hc.FILTER_DEFLATE, (4, 5))], "u1", "invalid deflate"),
