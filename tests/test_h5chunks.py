@@ -403,6 +403,8 @@ def test_unsupported_filter_falls_back_to_h5py(tmp_path):
                 codec.encode(data[:10])
             with pytest.raises(ValueError, match=word):
                 hc.encode_block(codec, data[:10])
+            with pytest.raises(ValueError, match=word):
+                codec.decode(b"\0" * 64)
 
 
 def test_codecs_the_reader_cannot_apply_are_refused_with_the_reason(tmp_path):
