@@ -186,6 +186,21 @@ def test_decode_into_out_and_writable(tmp_path):
         codec.decode(raw, mask, out=np.zeros((10, 8, 8), np.int32))
 
 
+@pytest.mark.parametrize(
+    "filters", [[], [hc.FILTER_DEFLATE], [hc.FILTER_SHUFFLE, hc.FILTER_DEFLATE]]
+)
+def test_a_decoded_chunk_is_writable_and_its_own(filters):
+    """Whatever the last filter hands back (the raw bytes themselves, zlib's
+    read-only bytes, or a 1-byte shuffle, which leaves them as they are)."""
+    cds = {hc.FILTER_DEFLATE: (4,), hc.FILTER_SHUFFLE: (1,)}
+    codec = hc.ChunkCodec([(f, cds[f]) for f in filters], (10, 4), "u1")
+    block = np.arange(40, dtype="u1").reshape(10, 4)
+    raw = np.frombuffer(codec.encode(block), dtype=np.uint8)
+    decoded = codec.decode(raw)
+    assert decoded.flags.writeable and not np.shares_memory(decoded, raw)
+    np.testing.assert_array_equal(decoded, block)
+
+
 def test_edge_chunk_is_padded_with_the_fill_value(tmp_path):
     data = image_like(25, 3, 5, "int16")
     with h5py.File(tmp_path / "f.h5", "w") as f:
