@@ -653,9 +653,11 @@ def main(argv=None) -> int:
         os.unlink(f"{args.out}l")  # a new run starts a new log
     log = None if args.list else open(f"{args.out}l", "a")  # noqa: SIM115 (the whole run)
     for name in args.modules or list(MODULES):
+        started = time.perf_counter()
         results[name] = run_module(name, args, workdir, log)
         if not args.list:
-            print(summary({name: results[name]}), flush=True)
+            minutes = (time.perf_counter() - started) / 60
+            print(f"{summary({name: results[name]})} in {minutes:.0f} min", flush=True)
     if args.list:
         return 0
     print(f"\n{summary(results)}\ntotal {time.perf_counter() - t0:.0f} s", flush=True)
