@@ -75,7 +75,7 @@ MODULES = {
     "batch": (
         "rollmed_dask/batch.py",
         ["tests/test_batch_inputs.py", "tests/test_batch.py", "tests/test_no_data_lost.py",
-         "tests/test_identity.py", "-m", "not slurm and not cluster", "-k", "not interrupted"],
+         "tests/test_identity.py", "tests/test_folder_signals.py", "-m", "not slurm"],
     ),
     "job": (
         "rollmed_dask/job.py",
