@@ -327,9 +327,9 @@ class ChunkCodec:
             dtype = dset.dtype
             codec = cls(filters, chunks, dtype, fillvalue, name=_describe(dset))
         except (TypeError, ValueError) as exc:
+            # no chunks: unsupported already; the reason says why
             codec = cls(filters, None, np.uint8, 0, name=_describe(dset))
             codec.reason = f"cannot describe dtype: {exc}"
-            codec.supported = False
         return codec
 
     def __repr__(self):

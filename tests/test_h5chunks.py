@@ -233,10 +233,10 @@ def test_big_endian_dataset(tmp_path):
             codec.encode(data[:10].astype(np.int32))
 
 
-@pytest.mark.parametrize("level", [0, 2**32 - 5, 1, 5, 9, 30])
+@pytest.mark.parametrize("level", [0, 2**32 - 5, 2**31, 1, 5, 9, 30])
 def test_zstd_levels_give_hdf5plugin_bytes(tmp_path, level):
     # the plugin reads cd_values[0] as a C int and clamps it to 1..22
-    # (0 and -5 become 1, 30 becomes 22)
+    # (0, -5 and 2**31, which is INT_MIN, become 1; 30 becomes 22)
     data = image_like(8, 40, 64)
     with h5py.File(tmp_path / "f.h5", "w") as f:
         ref = f.create_dataset(
@@ -302,6 +302,35 @@ def test_pixel_tiled_chunks_read_as_frames_and_tiles(tmp_path):
             hc.read_block(dset, 90, 101)
 
 
+def test_read_block_refuses_a_tile_or_out_that_does_not_fit(tmp_path):
+    data = image_like(20, 4, 6)
+    with h5py.File(tmp_path / "f.h5", "w") as f:
+        dset = f.create_dataset("x", data=data, chunks=(10, 4, 6), **FILTERS["zstd5"])
+        with pytest.raises(ValueError, match=r"tile .* has more axes than the frames"):
+            hc.read_block(dset, 0, 10, (slice(0, 2), slice(0, 3), slice(0, 1)))
+        with pytest.raises(TypeError, match="tile entries must be slices, got 2"):
+            hc.read_block(dset, 0, 10, (2,))
+        with pytest.raises(ValueError, match=r"out has shape \(10, 4, 5\)"):
+            hc.read_block(dset, 0, 10, out=np.empty((10, 4, 5), "u1"))
+
+
+def test_no_chunk_intersects_an_empty_region():
+    """Even when the empty range starts inside a chunk."""
+    assert list(hc._chunk_offsets([(5, 5), (0, 4)], (10, 4))) == []
+    assert list(hc._chunk_offsets([(5, 6), (0, 4)], (10, 4))) == [(0, 0)]
+
+
+def test_a_big_endian_dataset_reads_into_a_native_out(tmp_path):
+    """``out`` of another byte order than the file's: each chunk is decoded on
+    its own, then converted into ``out``."""
+    data = image_like(30, 4, 6, "int16").astype(">i2")
+    with h5py.File(tmp_path / "f.h5", "w") as f:
+        dset = f.create_dataset("x", data=data, chunks=(10, 4, 6), **FILTERS["zstd5+fletcher32"])
+        out = np.zeros(data.shape, "<i2")
+        assert hc.read_block(dset, 0, 30, out=out) is out
+        np.testing.assert_array_equal(out, data)
+
+
 # ---------------------------------------------------------------- corruption
 
 
@@ -340,6 +369,34 @@ def test_corrupt_zstd_stream_without_checksum_raises_chunk_error(tmp_path):
         codec.decode(b"\x00" * 8 + raw[8:])
     with pytest.raises(hc.ChunkError, match="decodes to"):
         codec.decode(hc.ChunkCodec([(hc.FILTER_ZSTD, (5,))], (10, 16, 24), "u1").encode(data[:10]))
+
+
+def test_a_corrupt_deflate_stream_is_a_chunk_error():
+    codec = hc.ChunkCodec([(hc.FILTER_DEFLATE, (4,))], (10, 4), "u1")
+    raw = codec.encode(np.arange(40, dtype="u1").reshape(10, 4))
+    with pytest.raises(hc.ChunkError, match=r"deflate \(zlib\) decompression failed"):
+        codec.decode(raw[:2] + b"\xff" * (len(raw) - 2))
+
+
+def test_a_chunk_too_short_for_its_fletcher32():
+    codec = hc.ChunkCodec([(hc.FILTER_FLETCHER32, ())], (10, 4), "u1")
+    with pytest.raises(hc.ChunkChecksumError, match="3 bytes is too short to hold a fletcher32"):
+        codec.decode(b"\0\0\0")
+    # 4 bytes hold the checksum of nothing (0): valid, but no chunk
+    with pytest.raises(hc.ChunkError, match="chunk decodes to 0 bytes, expected 40"):
+        codec.decode(struct.pack("<I", 0))
+
+
+@pytest.mark.parametrize("events", [5, 20])
+def test_a_zstd_frame_of_another_size_is_refused_when_decoded_into_out(events):
+    """The frame's header says how many bytes it holds: a frame smaller than
+    the chunk must not fill the start of ``out`` and leave the rest as it was."""
+    codec = hc.ChunkCodec([(hc.FILTER_ZSTD, (5,))], (10, 16, 24), "u1")
+    other = hc.ChunkCodec([(hc.FILTER_ZSTD, (5,))], (events, 16, 24), "u1")
+    raw = other.encode(image_like(events, 16, 24))
+    out = np.zeros((10, 16, 24), "u1")
+    with pytest.raises(hc.ChunkError, match=f"decodes to {events * 16 * 24} bytes"):
+        codec.decode(raw, out=out)
 
 
 def test_old_hdf5_byte_swapped_fletcher32_is_accepted(tmp_path):
@@ -422,6 +479,27 @@ def test_unsupported_filter_falls_back_to_h5py(tmp_path):
                 codec.decode(b"\0" * 64)
 
 
+def test_the_fallback_reads_into_an_out_that_is_not_contiguous(tmp_path):
+    data = image_like(50, 8, 8, "int16")
+    with h5py.File(tmp_path / "f.h5", "w") as f:
+        dset = f.create_dataset("lzf", data=data, chunks=(10, 8, 8), compression="lzf")
+        for out in (np.zeros((44, 8, 8), "i2"), np.zeros((44, 8, 16), "i2")[:, :, ::2]):
+            assert hc.read_block(dset, 3, 47, out=out) is out
+            np.testing.assert_array_equal(out, data[3:47])
+
+
+def test_a_dataset_of_a_type_numpy_has_not_is_unsupported(tmp_path):
+    """An HDF5 time type: h5py cannot give its dtype, so neither can the codec."""
+    with h5py.File(tmp_path / "f.h5", "w") as f:
+        dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+        dcpl.set_chunk((2,))
+        space = h5py.h5s.create_simple((4,))
+        h5py.h5d.create(f.id, b"time", h5py.h5t.UNIX_D32LE.copy(), space, dcpl=dcpl)
+        codec = hc.ChunkCodec.from_dataset(f["time"])
+        assert not codec.supported
+        assert codec.reason == "cannot describe dtype: No NumPy equivalent for TypeTimeID exists"
+
+
 def test_codecs_the_reader_cannot_apply_are_refused_with_the_reason(tmp_path):
     assert hc.ChunkCodec([(hc.FILTER_DEFLATE, (9,))], (10, 4), "u1").supported
     shuffle = hc.ChunkCodec([(hc.FILTER_SHUFFLE, ())], (10, 4), "u2")  # the item size: dtype's
@@ -475,6 +553,17 @@ def test_write_chunks_validates_placement(tmp_path):
             hc.write_chunks(dset, 0, hc.encode_block(other, data[:10]))
         with pytest.raises(ValueError, match="does not fit the chunk shape"):
             codec.encode(data[:11])
+        with pytest.raises(ValueError, match=r"block has 2 axes, the dataset's chunks"):
+            hc.encode_block(codec, data[0])
+        with pytest.raises(ValueError, match=r"start \(0, 0\) must give one offset per axis"):
+            hc.write_chunks(dset, (0, 0), hc.encode_block(codec, data[:10]))
+        block = hc.encode_block(codec, data[:20])
+        del block.chunks[1]
+        with pytest.raises(ValueError, match=r"the block holds 1 chunks, its shape .* needs 2"):
+            hc.write_chunks(dset, 0, block)
+        f["contiguous"] = data
+        with pytest.raises(ValueError, match="is not chunked; write it with"):
+            hc.write_chunks(f["contiguous"], 0, hc.encode_block(codec, data[:10]))
         hc.write_chunks(dset, 40, hc.encode_block(codec, data[40:]))  # edge block: fine
         np.testing.assert_array_equal(dset[40:], data[40:])
 
@@ -593,6 +682,19 @@ def test_chunk_copy_equals_h5py_copy(tmp_path, kwargs):
             np.testing.assert_array_equal(ours[()], src[()])
 
 
+def test_attributes_are_copied_with_their_values(tmp_path):
+    """Raw bytes of fixed-size types, whatever memory the copy's buffer had before."""
+    numbers = np.random.default_rng(4).integers(-(2**31), 2**31, 3000).astype(">i4")
+    with h5py.File(tmp_path / "f.h5", "w") as h5:
+        src = h5.create_dataset("x", data=np.arange(10), chunks=(5,))
+        src.attrs["numbers"] = numbers
+        src.attrs["unit"] = np.bytes_("pixel")
+        dst = hc.create_empty_like(h5, "y", src)
+        assert dst.attrs["unit"] == b"pixel"
+        assert dst.attrs.get_id("numbers").dtype == ">i4"
+        np.testing.assert_array_equal(dst.attrs["numbers"], numbers)
+
+
 def test_chunk_copy_stops_between_chunks(tmp_path):
     with h5py.File(tmp_path / "src.h5", "w") as h5:
         h5.create_dataset("x", data=np.arange(100), chunks=(10,))
@@ -602,6 +704,7 @@ def test_chunk_copy_stops_between_chunks(tmp_path):
         copy.run(stop, on_chunk=lambda n: copy.done == 3 and stop.set())
         assert copy.done == 3
         copy.run()
+        assert copy.step() == 0  # all copied: nothing more to do
         copy.close()
         np.testing.assert_array_equal(ho["x"][()], np.arange(100))
 

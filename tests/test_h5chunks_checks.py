@@ -216,3 +216,36 @@ def test_a_shuffle_keeps_the_bytes_that_fill_no_whole_item_at_the_end(reverse):
     unshuffled = [0, 5, 1, 6, 2, 7, 3, 8, 4, 9]
     got = hc._shuffle(data, 2, reverse=reverse, out=out)
     assert got.tolist() == (unshuffled if reverse else shuffled) + [10]
+
+
+def test_a_contiguous_dataset_has_no_raw_chunk_reader(tmp_path):
+    with h5py.File(tmp_path / "f.h5", "w") as h5:
+        h5["x"] = frames()
+        with hc.RawChunks.of(h5["x"]) as raw:
+            assert raw is None
+
+
+def test_the_address_tables_of_the_last_eight_scopes_are_kept(tmp_path):
+    path = tmp_path / "f.h5"
+    write_frames(path, frames()).close()
+    with h5py.File(path, "r") as h5:
+        for scope in range(9):
+            hc.read_block(h5["x"], 0, 8, scope=f"job {scope}")
+    assert [key[0] for key in hc.RawChunks._tables] == [f"job {s}" for s in range(1, 9)]
+
+
+def test_the_copy_closes_the_file_it_could_not_read_chunks_from(tmp_path, monkeypatch):
+    opened = []
+
+    def mismatch(fd, dset, info):
+        opened.append(fd)
+        return False
+
+    monkeypatch.setattr(hc, "_address_holds_chunk", mismatch)
+    write_frames(tmp_path / "f.h5", frames()).close()
+    with h5py.File(tmp_path / "f.h5", "r") as h5, h5py.File(tmp_path / "out.h5", "w") as out:
+        copy = hc.ChunkCopy(h5["x"], hc.create_empty_like(out, "x", h5["x"]))
+        assert copy.fd is None and len(opened) == 1
+        with pytest.raises(OSError, match="Bad file descriptor"):
+            os.fstat(opened[0])
+        copy.close()
