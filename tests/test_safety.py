@@ -23,7 +23,7 @@ from conftest import _in_ci, flip_bytes_in_chunk, read_images, write_bad_stacks
 
 from rollmed_dask import compute_background, rolling_median_reference
 from rollmed_dask.example import write_example
-from rollmed_dask.sinks import partial_path, temporaries
+from rollmed_dask.sinks import PROGRESS_DIR, partial_path, temporaries
 
 SLOW = ["-k", "20", "--engine", "scipy", "--event-chunk", "40"]
 
@@ -141,6 +141,13 @@ def test_sigkill_then_resume_computes_only_what_is_missing(long_rtdc, tmp_path):
     out = tmp_path / "bg.zarr"
     proc = start_cli(long_rtdc, out, *SLOW, "--resume")
     wait_until_running(proc, out)
+    # a block's marker, not a time: on a loaded machine 4 s may not finish one
+    progress = partial_path(out) / PROGRESS_DIR
+    deadline = time.monotonic() + 120
+    while not any(marker.name.isdigit() for marker in progress.glob("*")):
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "no block was written"
+        time.sleep(0.1)
     proc.kill()
     proc.communicate(timeout=30)
     assert not out.exists()
