@@ -216,19 +216,25 @@ def test_no_write_permission(small_rtdc):
 @pytest.mark.cluster
 @pytest.mark.timeout(300)
 @pytest.mark.filterwarnings("ignore::UserWarning:distributed")
-def test_worker_with_little_memory_is_not_killed(example_dir, tmp_path):
+def test_blocks_are_planned_to_a_quarter_of_the_smallest_worker(small_rtdc, tmp_path):
+    """A worker whose memory limit is exceeded is killed by its nanny: the budget
+    (256 MiB a task by default) is lowered to a quarter of a worker's share per
+    thread. (A run cannot show it on a test-sized input: its blocks are far below
+    either budget, and the worker lived with the lowering removed.)"""
     from rollmed_dask.cluster import close_client, start_local_cluster
+    from rollmed_dask.job import fit_budget_to_workers
+    from rollmed_dask.scheduling import resolve_scheduler
 
-    source = write_example(example_dir / "for-memory.rtdc", n_events=2000, seed=4)
-    client = start_local_cluster(1, memory_limit="400MiB")
+    client = start_local_cluster(1, threads_per_worker=2, memory_limit="400MiB")
     try:
-        pid = client.run(os.getpid)
-        # the default budget (256 MiB a task) would not fit; it is lowered to fit
-        compute_background(source, tmp_path / "bg.zarr", 100, scheduler=client, progress=False)
-        assert client.run(os.getpid) == pid, "the worker was never restarted"
+        resolved = resolve_scheduler(client)
+        assert fit_budget_to_workers("256MiB", resolved) == 400 * 2**20 // 2 // 4
+        assert fit_budget_to_workers("20MiB", resolved) == 20 * 2**20  # a smaller one is kept
+        compute_background(small_rtdc, tmp_path / "bg.zarr", 9, scheduler=client, progress=False)
     finally:
         close_client(client)
-    expected = rolling_median_reference(read_images(source), 100)
+    assert fit_budget_to_workers("256MiB", resolve_scheduler("threads")) == 256 * 2**20
+    expected = rolling_median_reference(read_images(small_rtdc), 9)
     np.testing.assert_array_equal(read_images(tmp_path / "bg.zarr", "events/image_bg"), expected)
 
 
