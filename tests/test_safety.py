@@ -286,6 +286,9 @@ API_ERRORS = [
         FileNotFoundError,
         "in_place needs an existing HDF5 file",
     ),
+    # a wrong option is said before the input is opened, whatever the input
+    ("nope.rtdc", "out.rtdc", {"compression": "zstd-99"}, ValueError, "is not known"),
+    ("nope.rtdc", "out.rtdc", {"memory_budget": "lots"}, ValueError, "is not a size"),
 ]
 
 
