@@ -252,3 +252,31 @@ def test_a_bug_while_files_run_or_stop_is_raised_not_taken_for_ctrl_c(
             progress=False,
         )  # fmt: skip
     assert not [p.name for p in out.iterdir() if p.name.startswith(".")], "temporary or lock"
+
+
+@pytest.mark.timeout(120)
+def test_the_report_of_a_stopped_and_of_a_finished_folder_run_holds_its_time(
+    longer_inputs, tmp_path, monkeypatch, capsys
+):
+    """The command line in process: a Ctrl-C after the first file writes the report
+    (its time that of the run) and ends with 130 and the kept line; the rerun
+    finishes the rest, and its report holds its own time."""
+    from rollmed_dask import cli
+
+    out, report = tmp_path / "out", tmp_path / "report.json"
+    argv = [str(longer_inputs / "a-short.rtdc"), str(longer_inputs / "b0.rtdc"), str(out)]
+    argv += ["-k", str(K), "--event-chunk", "50", "--scheduler", "threads", "-q"]
+    argv += ["--report", str(report)]
+    _interrupt_after_first_file(monkeypatch, out)
+    for code, statuses in [(130, ["done", "interrupted"]), (0, ["skipped", "done"])]:
+        t0 = time.perf_counter()
+        assert cli.main(argv) == code
+        elapsed = time.perf_counter() - t0
+        written = json.loads(report.read_text())
+        assert [r["status"] for r in written["files"]] == statuses
+        assert 0 < written["totals"]["seconds"] <= elapsed
+        monkeypatch.undo()
+    assert capsys.readouterr().err.splitlines()[0] == (
+        f"rollmed-dask: interrupted; 1 finished file(s) kept in {out}; 1 interrupted or not "
+        "started (nothing of them left): run the same command again to do them"
+    )
