@@ -8,6 +8,7 @@ others go on; nothing but the outputs is ever written.
 
 import hashlib
 import json
+import multiprocessing
 import os
 import re
 import shutil
@@ -161,10 +162,12 @@ def test_files_side_by_side_on_threads_are_exact(tree, expected, tmp_path):
 
 def test_processes_scheduler_shares_one_pool(tree, expected, tmp_path):
     names = GOOD[:4]
+    before = set(multiprocessing.active_children())
     results = compute_backgrounds(
         [tree / n for n in names], tmp_path, K, progress=False, scheduler="processes"
     )
     assert [r["status"] for r in results] == ["done"] * 4
+    assert set(multiprocessing.active_children()) <= before, "the pool's workers are gone"
     assert_outputs_exact(tmp_path, expected, names=names)
 
 

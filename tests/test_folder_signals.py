@@ -7,6 +7,7 @@ left, and the last line says what was kept, as the disk shows it.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -160,3 +161,131 @@ def test_ctrl_c_stops_the_running_files_on_a_cluster_too(longer_inputs, tmp_path
     results = json.loads(report.read_text())["files"]
     assert "interrupted" in [r["status"] for r in results], results
     assert not [p.name for p in out.iterdir() if p.name.startswith(".")], "temporary or lock"
+
+
+def _interrupt_after_first_file(monkeypatch, out, error=KeyboardInterrupt):
+    """Ctrl-C in the batch's own thread (where Python raises it) right after the
+    first finished file's line, once a longer file is being written: its
+    temporary is there."""
+    from rollmed_dask import batch
+
+    finished = batch._BatchProgress.finished
+
+    def and_then_ctrl_c(self, result):
+        finished(self, result)
+        # a file counted twice: a wait that never ends (and fills the memory)
+        assert self.files_done <= self.n_files, "a finished file is collected again"
+        if self.files_done == 1:
+            deadline = time.monotonic() + 60
+            while not list(out.glob(".b0*.partial")):
+                assert time.monotonic() < deadline, "the longer file never started"
+                time.sleep(0.01)
+            raise error()
+
+    monkeypatch.setattr(batch._BatchProgress, "finished", and_then_ctrl_c)
+
+
+@pytest.mark.timeout(120)
+def test_ctrl_c_in_a_session_stops_the_running_files_and_lists_every_one(
+    longer_inputs, tmp_path, monkeypatch, capsys
+):
+    """In process (a notebook's Ctrl-C): the running file stops at its next task and
+    removes its temporary, the queued ones are "not started", the finished one is
+    kept; ``BatchInterrupted`` lists them all, and the batch's hooks are gone."""
+    from dask.callbacks import Callback
+
+    from rollmed_dask import batch, compute_backgrounds
+    from rollmed_dask.scheduling import STOP_CHECKS
+
+    out = tmp_path / "out"
+    _interrupt_after_first_file(monkeypatch, out)
+    names = ["a-short", "b0", "b1", "b2"]
+    callbacks = set(Callback.active)
+    with pytest.raises(KeyboardInterrupt) as stopped:
+        compute_backgrounds(
+            [longer_inputs / f"{n}.rtdc" for n in names], out, K, scheduler="threads",
+            num_workers=2, files_at_once=2, event_chunk=50, progress=True,
+        )  # fmt: skip
+    assert type(stopped.value) is batch.BatchInterrupted
+    assert stopped.value.args == ("batch interrupted",)
+    assert type(stopped.value.cause) is KeyboardInterrupt
+    statuses = [r["status"] for r in stopped.value.results]
+    assert statuses == ["done", "interrupted", "not started", "not started"]
+    assert [p.name for p in out.iterdir()] == ["a-short_bg.rtdc"]
+    expected = rolling_median_reference(read_images(longer_inputs / "a-short.rtdc"), K)
+    np.testing.assert_array_equal(
+        read_images(out / "a-short_bg.rtdc", "events/image_bg"), expected
+    )
+    assert not STOP_CHECKS and set(Callback.active) == callbacks
+    # the bar is closed (its line ended) while the exception is still held
+    err = capsys.readouterr().err
+    assert f"interrupted {longer_inputs / 'b0.rtdc'} -> " in err
+    last = err.splitlines()[-1].rsplit("\r", 1)[-1]
+    assert err.endswith("\n") and last.startswith("files 2/4:") and "/4.60k [" in last, last
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("where", ["batch", "stopping file"])
+def test_a_bug_while_files_run_or_stop_is_raised_not_taken_for_ctrl_c(
+    where, longer_inputs, tmp_path, monkeypatch
+):
+    """An error that is no signal, in the batch's loop or from a file's thread
+    while the batch waits for it to stop, is raised as it is: no
+    ``BatchInterrupted`` that would hide it, and no endless wait for that file."""
+    from rollmed_dask import batch, compute_backgrounds
+
+    class NoWaitingLine(io.StringIO):
+        def write(self, text):  # a wait for a file that failed would never end
+            assert "stopping: waiting for" not in text, "waits on for a failed file"
+            return super().write(text)
+
+    monkeypatch.setattr(sys, "stderr", NoWaitingLine())
+    out = tmp_path / "out"
+    if where == "batch":
+        _interrupt_after_first_file(monkeypatch, out, error=lambda: RuntimeError("a bug"))
+    else:
+        _interrupt_after_first_file(monkeypatch, out)
+        run_one = batch._run_one
+
+        def failing(job, *args):
+            result = run_one(job, *args)
+            if job.input.name == "b0.rtdc":
+                raise RuntimeError("a bug")
+            return result
+
+        monkeypatch.setattr(batch, "_run_one", failing)
+    with pytest.raises(RuntimeError, match="a bug"):
+        compute_backgrounds(
+            [longer_inputs / "a-short.rtdc", longer_inputs / "b0.rtdc"], out, K,
+            scheduler="threads", num_workers=2, files_at_once=2, event_chunk=50,
+            progress=False,
+        )  # fmt: skip
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")], "temporary or lock"
+
+
+@pytest.mark.timeout(120)
+def test_the_report_of_a_stopped_and_of_a_finished_folder_run_holds_its_time(
+    longer_inputs, tmp_path, monkeypatch, capsys
+):
+    """The command line in process: a Ctrl-C after the first file writes the report
+    (its time that of the run) and ends with 130 and the kept line; the rerun
+    finishes the rest, and its report holds its own time."""
+    from rollmed_dask import cli
+
+    out, report = tmp_path / "out", tmp_path / "report.json"
+    argv = [str(longer_inputs / "a-short.rtdc"), str(longer_inputs / "b0.rtdc"), str(out)]
+    argv += ["-k", str(K), "--event-chunk", "50", "--scheduler", "threads", "-q"]
+    argv += ["--report", str(report)]
+    _interrupt_after_first_file(monkeypatch, out)
+    for code, statuses in [(130, ["done", "interrupted"]), (0, ["skipped", "done"])]:
+        t0 = time.perf_counter()
+        assert cli.main(argv) == code
+        elapsed = time.perf_counter() - t0
+        written = json.loads(report.read_text())
+        assert [r["status"] for r in written["files"]] == statuses
+        assert 0 < written["totals"]["seconds"] <= elapsed
+        monkeypatch.undo()
+    assert capsys.readouterr().err.splitlines()[0] == (
+        f"rollmed-dask: interrupted; 1 finished file(s) kept in {out}; 1 interrupted or not "
+        "started (nothing of them left): run the same command again to do them"
+    )
