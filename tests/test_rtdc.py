@@ -675,6 +675,19 @@ def test_find_image_dataset_internal_basin(small_input, tmp_path):
     assert np.array_equal(loc.mapping, mapping)
 
 
+def test_a_basin_without_a_name_is_named_by_its_key(tmp_path):
+    """What was tried is listed in the error; a basin with no ``name`` (dcnum
+    always writes one, other tools may not) goes by its key in ``basins/``."""
+    p = tmp_path / "nameless.rtdc"
+    line = json.dumps({"format": "hdf5", "type": "file", "mapping": "basinmap0",
+                       "paths": ["elsewhere.rtdc"], "features": ["image"]})  # fmt: skip
+    with h5py.File(p, "w") as h5:
+        h5["events/deform"] = np.zeros(5)
+        h5["basins/b7c1e2"] = np.array([line.encode()])
+    with pytest.raises(KeyError, match="basin 'b7c1e2' lacks its mapping 'basinmap0'"):
+        rtdc.find_image_dataset(p)
+
+
 def test_copy_file_basins_drops_remote_basins_with_warning(small_input, tmp_path):
     src = tmp_path / "src.rtdc"
     shutil.copy(small_input, src)
