@@ -795,3 +795,83 @@ def test_basin_identifier_omitted_where_dcnum_and_dclab_disagree(small_input, tm
         np.testing.assert_array_equal(deform, h5["events/deform"][:])
     with dclab.new_dataset(out) as ds:
         assert {"image", "image_bg", "deform"} <= set(ds.features)
+
+
+# --- the rtdc helpers' refusals and rarer inputs (mutation survivors, issue 23) ---
+
+
+def test_a_file_with_ten_basin_maps_takes_no_other_mapping(tmp_path):
+    from rollmed_dask.rtdc.basins import _require_basinmap
+
+    with h5py.File(tmp_path / "full.rtdc", "w") as h5:
+        for i in range(10):
+            h5[f"events/basinmap{i}"] = np.arange(5) + i
+        assert _require_basinmap(h5, np.arange(5) + 3) == "basinmap3"  # the same one is reused
+        with pytest.raises(ValueError, match="already uses basinmap0 ... basinmap9"):
+            _require_basinmap(h5, np.zeros(5, dtype=int))
+
+
+def test_prepare_output_file_refuses_a_read_only_output(small_input, tmp_path):
+    out = tmp_path / "out.rtdc"
+    h5py.File(out, "w").close()
+    with h5py.File(out, "r") as h5, pytest.raises(ValueError, match="is open read-only"):
+        rtdc.prepare_output_file(h5, small_input)
+
+
+def test_the_input_basin_lists_the_inputs_internal_basin_features(small_input, tmp_path):
+    with h5py.File(small_input) as h5:
+        images = h5["events/image"][:3]
+    source = tmp_path / "internal.rtdc"
+    with dcnum_writer.HDF5Writer(source, mode="w") as hw:
+        hw.store_feature_chunk("deform", np.zeros(60))
+        hw.store_basin(name="sparse bg", internal_data={"image_bg": images},
+                       mapping=np.repeat(np.arange(3), 20))  # fmt: skip
+    with h5py.File(tmp_path / "out.rtdc", "w") as h5:
+        rtdc.prepare_output_file(h5, source)
+        bdicts = rtdc.basins._read_basin_dicts(h5)
+    (to_input,) = [b for b in bdicts if b.get("type") == "file"]
+    assert to_input["features"] == ["deform", "image_bg"]
+
+
+def test_images_the_chunk_copy_cannot_take_are_copied_by_hdf5(small_input, tmp_path):
+    """Contiguous images (no chunks to copy raw) go through h5py's copy."""
+    with h5py.File(small_input) as h5:
+        images = h5["events/image"][:]
+    source = tmp_path / "contiguous.rtdc"
+    shutil.copy(small_input, source)
+    with h5py.File(source, "a") as h5:
+        del h5["events/image"]
+        h5["events/image"] = images
+    with h5py.File(tmp_path / "out.rtdc", "w") as h5:
+        assert rtdc.add_pipeline_inputs(h5, source, copy_images=True) is None
+        np.testing.assert_array_equal(h5["events/image"][:], images)
+    with h5py.File(source, "a"):  # the input was closed again: it opens for writing
+        pass
+
+
+def test_an_internal_basin_without_the_feature_is_listed_in_the_error(tmp_path):
+    p = tmp_path / "internal.rtdc"
+    with dcnum_writer.HDF5Writer(p, mode="w") as hw:
+        hw.store_feature_chunk("deform", np.zeros(6))
+        hw.store_basin(name="sparse", internal_data={"deform": np.zeros(2)},
+                       mapping=np.repeat(np.arange(2), 3))  # fmt: skip
+    with h5py.File(p, "a") as h5:  # a basin that claims images it does not hold
+        (info,) = rtdc.basins._read_basin_dicts(h5)
+        key = info.pop("key")
+        del h5["basins"][key]
+        info["features"] = ["deform", "image"]
+        h5["basins"][key] = np.array([json.dumps(info).encode()])
+    with pytest.raises(KeyError, match="internal basin 'sparse' lacks 'basin_events/image'"):
+        rtdc.find_image_dataset(p)
+
+
+def test_an_image_shape_without_pixels_is_refused():
+    with pytest.raises(ValueError, match=r"image_shape=\(0, 320\) has no pixels"):
+        rtdc.default_chunk_events((0, 320), "uint8")
+
+
+def test_a_library_that_is_not_installed_is_logged_as_none(monkeypatch):
+    monkeypatch.setattr(rtdc.logs, "_LIBRARIES", ("numpy", "no-such-library-here"))
+    info = json.loads("\n".join(rtdc.run_log_lines({})))
+    assert info["host"]["libraries"]["no-such-library-here"] is None
+    assert info["host"]["libraries"]["numpy"] == np.__version__
