@@ -461,7 +461,7 @@ def test_write_log_matches_dcnum_and_dclab_reads_it(small_input, tmp_path):
         dcnum_writer.HDF5Writer(h5).store_log("job", lines)
     with h5py.File(tmp_path / "o.rtdc", "w") as h5:
         rtdc.write_log(h5, "job", lines)
-        with pytest.raises(ValueError, match="already exists"):
+        with pytest.raises(RuntimeError, match="already exists"):
             rtdc.write_log(h5, "job", lines)
         rtdc.write_log(h5, "job", lines, override=True)
         with pytest.raises(ValueError, match="no lines"):
@@ -847,6 +847,12 @@ def test_images_the_chunk_copy_cannot_take_are_copied_by_hdf5(small_input, tmp_p
         np.testing.assert_array_equal(h5["events/image"][:], images)
     with h5py.File(source, "a"):  # the input was closed again: it opens for writing
         pass
+    with h5py.File(tmp_path / "taken.rtdc", "w") as h5:  # a failed copy closes it too
+        h5["events/image"] = np.zeros(3)
+        with pytest.raises(RuntimeError, match="already exists"):
+            rtdc.add_pipeline_inputs(h5, source, copy_images=True)
+    with h5py.File(source, "a"):
+        pass
 
 
 def test_an_internal_basin_without_the_feature_is_listed_in_the_error(tmp_path):
@@ -875,3 +881,19 @@ def test_a_library_that_is_not_installed_is_logged_as_none(monkeypatch):
     info = json.loads("\n".join(rtdc.run_log_lines({})))
     assert info["host"]["libraries"]["no-such-library-here"] is None
     assert info["host"]["libraries"]["numpy"] == np.__version__
+
+
+def test_prepare_output_file_names_a_missing_input(tmp_path):
+    with h5py.File(tmp_path / "out.rtdc", "w") as h5:
+        with pytest.raises(FileNotFoundError, match="input file '.*nope.rtdc' does not exist"):
+            rtdc.prepare_output_file(h5, tmp_path / "nope.rtdc")
+
+
+def test_an_output_of_an_input_without_features_still_has_events(tmp_path):
+    """As dcnum's HDF5Writer, which always creates the group dcnum's readers need."""
+    source = tmp_path / "bare.rtdc"
+    with h5py.File(source, "w") as h5:
+        h5.create_group("events")
+    with h5py.File(tmp_path / "out.rtdc", "w") as h5:
+        rtdc.prepare_output_file(h5, source)
+        assert isinstance(h5.get("events"), h5py.Group)
