@@ -166,12 +166,14 @@ def test_input_with_virtual_images_linked_or_copied(tmp_path):
         vlayout = h5py.VirtualLayout(shape=shape, dtype=np.uint8)
         vlayout[:] = h5py.VirtualSource(str(raw), "events/image", shape=shape)
         h5["events"].create_virtual_dataset("image", vlayout, fillvalue=0)
+        h5["events/image"].attrs["note"] = "kept"
     lean, copied = tmp_path / "lean.rtdc", tmp_path / "copied.rtdc"
     compute_background(virtual, lean, K, progress=False)
     compute_background(virtual, copied, K, copy_images=True, progress=False)
     with h5py.File(lean, "r") as h5l, h5py.File(copied, "r") as h5c:
         assert h5l["events/image"].is_virtual  # onto the input's virtual dataset
         assert not h5c["events/image"].is_virtual  # the images themselves
+        assert h5c["events/image"].attrs["note"] == "kept"  # and their attributes
         for h5 in (h5l, h5c):
             np.testing.assert_array_equal(h5["events/image"][:], images(raw))
 

@@ -897,3 +897,15 @@ def test_an_output_of_an_input_without_features_still_has_events(tmp_path):
     with h5py.File(tmp_path / "out.rtdc", "w") as h5:
         rtdc.prepare_output_file(h5, source)
         assert isinstance(h5.get("events"), h5py.Group)
+
+
+def test_copying_the_images_leaves_no_file_open(small_input, tmp_path):
+    def open_files():
+        return sorted(os.listdir("/proc/self/fd"))
+
+    with h5py.File(tmp_path / "out.rtdc", "w") as h5:
+        before = open_files()
+        rtdc.add_pipeline_inputs(h5, small_input, copy_images=True)
+        assert open_files() == before
+        with h5py.File(small_input) as src:
+            np.testing.assert_array_equal(h5["events/image"][:], src["events/image"][:])
