@@ -909,3 +909,22 @@ def test_copying_the_images_leaves_no_file_open(small_input, tmp_path):
         assert open_files() == before
         with h5py.File(small_input) as src:
             np.testing.assert_array_equal(h5["events/image"][:], src["events/image"][:])
+
+
+@pytest.mark.parametrize(
+    ("mapping", "expected"),
+    [([], None), ([4], slice(4, 5, 1)), ([3, 4, 5, 6], slice(3, 7, 1)),
+     ([2, 5, 8], slice(2, 9, 3)), ([5, 5, 5], None), ([1, 2, 4], None), ([4, 3], None)],
+)  # fmt: skip
+def test_a_mapping_is_a_slice_only_when_its_steps_are_regular(mapping, expected):
+    from rollmed_dask.rtdc.basins import _regular_stride
+
+    assert _regular_stride(np.array(mapping, dtype=np.int64)) == expected
+
+
+def test_images_behind_an_irregular_mapping_are_not_linked(small_input, tmp_path):
+    loc = rtdc.basins.ImageLocation(small_input, "events/image", np.array([0, 1, 3]), ())
+    with h5py.File(tmp_path / "out.rtdc", "w") as h5:
+        h5.create_group("events")
+        assert rtdc.link_images(h5, loc) is False
+        assert "image" not in h5["events"]
