@@ -5,8 +5,10 @@ Real HDF5 and Zarr files on disk, real dask schedulers, dcnum 0.31 itself.
 
 import hashlib
 import json
+import os
 import subprocess
 import sys
+import time
 
 import dask.array as da
 import h5py
@@ -157,6 +159,24 @@ def test_in_place_replaces_an_existing_background_only_with_overwrite(rtdc_copy)
     compute_background(rtdc_copy, rtdc_copy, 20, in_place=True, overwrite=True, progress=False)
     expected = rolling_median_reference(read_images(rtdc_copy), 20)
     np.testing.assert_array_equal(read_images(rtdc_copy, "events/image_bg"), expected)
+
+
+def test_in_place_into_a_read_only_file_is_refused_before_any_work(rtdc_copy, monkeypatch):
+    rtdc_copy.chmod(0o444)
+    before = rtdc_copy.read_bytes()
+    if os.geteuid() == 0:  # root may write any file: the check sees what a user's would
+        real_access = os.access
+
+        def access(path, mode, **kwargs):
+            if mode & os.W_OK and os.fspath(path) == os.fspath(rtdc_copy):
+                return False
+            return real_access(path, mode, **kwargs)
+
+        monkeypatch.setattr(os, "access", access)
+    with pytest.raises(PermissionError, match=r"cannot write to .*input\.rtdc'? \(no write"):
+        compute_background(rtdc_copy, rtdc_copy, 10, in_place=True, progress=False)
+    assert rtdc_copy.read_bytes() == before
+    assert [p.name for p in rtdc_copy.parent.iterdir()] == [rtdc_copy.name]
 
 
 def test_new_rtdc_file_carries_metadata_basin_and_log(small_rtdc, tmp_path):
@@ -394,6 +414,56 @@ def test_worker_memory_check_counts_the_frames_a_block_can_hold():
     assert _check_worker_memory(limit, 1, k, row_bytes, n_events=n_events) > 0
     with pytest.raises(ValueError, match="give each worker process at least"):
         _check_worker_memory(limit, 1, k, row_bytes, n_events=1000)
+
+
+def test_the_worker_memory_the_refusal_asks_for_is_enough():
+    """512x512 uint8 frames, K = 2: 256 MiB for the worker process and 4 copies of a
+    5-frame block at a quarter of the limit, paused at 80 %: exactly 345 MiB. The
+    refusal asks for that, and a worker with exactly that is accepted. It names
+    the memory as the caller spelled it, or in bytes."""
+    from rollmed_dask.job import _check_worker_memory
+
+    mib, row_bytes, k = 2**20, 512 * 512, 2
+    with pytest.raises(ValueError, match="give each worker process at least 345MiB") as info:
+        _check_worker_memory(345 * mib - 1, 1, k, row_bytes, n_events=1000)
+    assert str(info.value).startswith("a memory limit of 345.00 MiB gives each dask worker")
+    assert _check_worker_memory(345 * mib, 1, k, row_bytes, n_events=1000) == 345 * mib // 4
+    spelled = "--memory 300MiB with 1 worker process(es) of 1 thread(s)"
+    with pytest.raises(ValueError) as info:
+        _check_worker_memory(300 * mib, 1, k, row_bytes, spelled, n_events=1000)
+    assert str(info.value).startswith(f"{spelled} gives each dask worker process 300.00 MiB")
+
+
+def test_a_partial_of_another_job_is_refused_before_the_scheduler_starts(tmp_path):
+    """``scheduler=`` a function that starts a cluster (SLURM jobs with --workers):
+    a partial made with other parameters is refused before it is called."""
+    img = np.random.default_rng(8).integers(0, 255, (400, 6, 6), dtype=np.uint8)
+    out = tmp_path / "bg.zarr"
+    failing = da.from_array(img, chunks=(40, 6, 6)).map_blocks(explode_in_block, dtype=img.dtype)
+    with pytest.raises(Boom):
+        compute_background(failing, out, 5, progress=False, resume=True, event_chunk=40)
+    started = []
+
+    def start():  # would submit jobs; a check that comes after it is too late
+        started.append("cluster")
+
+    with pytest.raises(ValueError, match="made with kernel_size=5, this run has 7"):
+        compute_background(
+            img, out, 7, scheduler=start, progress=False, resume=True, event_chunk=40
+        )
+    assert started == [], "no cluster was started"
+    assert partial_path(out).exists(), "the partial is kept"
+
+
+def test_the_summary_counts_the_seconds_of_this_job(tmp_path):
+    img = np.random.default_rng(4).integers(0, 255, (100, 8, 8), dtype=np.uint8)
+    out = tmp_path / "bg.zarr"
+    for complete_already in (False, True):  # a job, then a rerun that finds it done
+        before = time.perf_counter()
+        summary = compute_background(img, out, 5, progress=False, resume=True)
+        took = time.perf_counter() - before
+        assert summary.complete_already is complete_already
+        assert 0 < summary.seconds <= took
 
 
 @pytest.mark.parametrize(
