@@ -26,7 +26,7 @@ from rollmed_dask import (
 )
 from rollmed_dask import sources as sources_module
 from rollmed_dask.core import rolling_median_reference
-from rollmed_dask.sinks import PROGRESS_DIR, ZarrSink, partial_path
+from rollmed_dask.sinks import PROGRESS_DIR, ZARR_JOB_ATTR, ZarrSink, partial_path
 
 K = 5
 N = 120  # 3 output chunks of 40 frames of 80x320
@@ -250,6 +250,27 @@ def test_resume_of_a_complete_zarr_after_the_input_changed(raw, tmp_path):
     exact(out, new)
 
 
+def test_resume_of_a_complete_zarr_without_a_recorded_identity_is_refused(raw, tmp_path):
+    folder, _ = raw
+    src, out = folder / "a.rtdc", tmp_path / "a_bg.zarr"
+    compute_background(src, out, K, progress=False, resume=True)
+    meta = json.loads((out / "zarr.json").read_text())  # as an older version wrote it
+    del meta["attributes"][ZARR_JOB_ATTR][identity.ATTR]
+    (out / "zarr.json").write_text(json.dumps(meta))
+    with pytest.raises(FileExistsError, match="records no identity of its input data"):
+        compute_background(src, out, K, progress=False, resume=True)
+
+
+def test_resume_of_a_complete_zarr_made_from_an_array_compares_the_arrays(tmp_path):
+    img = np.random.default_rng(5).integers(0, 255, (N, *SHAPE), dtype=np.uint8)
+    out = tmp_path / "bg.zarr"
+    compute_background(img, out, K, progress=False, resume=True)
+    assert compute_background(img.copy(), out, K, progress=False, resume=True).complete_already
+    with pytest.raises(FileExistsError, match="was made from other data.*overwrite=True"):
+        compute_background(img[::-1].copy(), out, K, progress=False, resume=True)
+    exact(out, img)
+
+
 # --- case 3: --resume of a Zarr partial ------------------------------------
 
 
@@ -274,6 +295,18 @@ def make_partial(src, out, monkeypatch, keep=(0,), **kw):
     for start in range(0, N, 40):
         if start not in keep:
             (progress / str(start)).unlink()
+
+
+def test_a_done_block_whose_marker_is_damaged_is_computed_again(raw, tmp_path, monkeypatch):
+    """A marker without readable digests (cut short by a crash, an older version):
+    the block is not trusted, so it is computed again, not taken as done."""
+    folder, imgs = raw
+    src, out = folder / "a.rtdc", tmp_path / "a_bg.zarr"
+    make_partial(src, out, monkeypatch, keep=(0, 40))
+    (partial_path(out) / PROGRESS_DIR / "40").write_text("{damaged")
+    summary = compute_background(src, out, K, progress=False, resume=True, event_chunk=40)
+    assert summary.blocks_resumed == 1
+    exact(out, imgs["a"])
 
 
 def test_resume_of_a_partial_whose_input_was_replaced_is_refused(raw, tmp_path, monkeypatch):
