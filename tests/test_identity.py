@@ -303,10 +303,15 @@ def test_a_done_block_whose_marker_is_damaged_is_computed_again(raw, tmp_path, m
     folder, imgs = raw
     src, out = folder / "a.rtdc", tmp_path / "a_bg.zarr"
     make_partial(src, out, monkeypatch, keep=(0, 40))
-    (partial_path(out) / PROGRESS_DIR / "40").write_text("{damaged")
+    (partial_path(out) / PROGRESS_DIR / "0").write_text("{damaged")
     summary = compute_background(src, out, K, progress=False, resume=True, event_chunk=40)
-    assert summary.blocks_resumed == 1
+    assert (summary.blocks_resumed, summary.events_resumed) == (1, 40)
     exact(out, imgs["a"])
+    # the run log says how this run was made
+    parameters = batch._read_run_logs(out)[-1]["parameters"]
+    assert parameters["blocks_resumed"] == 1
+    assert (parameters["engine"], parameters["scheduler"]) == (summary.engine, summary.scheduler)
+    assert parameters["memory_budget"] > 0
 
 
 def test_resume_of_a_partial_whose_input_was_replaced_is_refused(raw, tmp_path, monkeypatch):
