@@ -314,6 +314,36 @@ def test_a_done_block_whose_marker_is_damaged_is_computed_again(raw, tmp_path, m
     assert parameters["memory_budget"] > 0
 
 
+def test_resume_reads_the_done_blocks_again_only_after_the_input_was_touched(
+    raw, tmp_path, monkeypatch
+):
+    """Unchanged stat: the done blocks are trusted without a read. Touched: the rows
+    each done block read (the last block's too) are read and hashed again, and
+    match: the same data, so the partial is continued."""
+    from rollmed_dask import job
+
+    folder, imgs = raw
+    src = folder / "a.rtdc"
+    monkeypatch.setattr(identity, "QUIET_NS", 0)  # the input was just written
+    reads = []
+    original = job._read_digests
+
+    def counted(view, start, stop, chunk_events):
+        reads.append(start)
+        return original(view, start, stop, chunk_events)
+
+    monkeypatch.setattr(job, "_read_digests", counted)
+    for touched, out in ((False, tmp_path / "a_bg.zarr"), (True, tmp_path / "b_bg.zarr")):
+        make_partial(src, out, monkeypatch, keep=(40, 80))
+        if touched:
+            src.touch()
+        reads.clear()
+        summary = compute_background(src, out, K, progress=False, resume=True, event_chunk=40)
+        assert summary.blocks_resumed == 2
+        assert sorted(reads) == ([40, 80] if touched else [])
+        exact(out, imgs["a"])
+
+
 def test_resume_of_a_partial_whose_input_was_replaced_is_refused(raw, tmp_path, monkeypatch):
     folder, _ = raw
     src, out = folder / "a.rtdc", tmp_path / "a_bg.zarr"
