@@ -18,7 +18,7 @@ from conftest import read_images
 from dcnum.feat.feat_background.bg_roll_median import BackgroundRollMed as DcnumRollMed
 
 from rollmed_dask import BackgroundRollMed, compute_background, rolling_median_reference, rtdc
-from rollmed_dask.sinks import partial_path
+from rollmed_dask.sinks import ZarrSink, partial_path
 
 DTYPES = ["uint8", "uint16", "int16", "float32", "float64"]
 
@@ -395,6 +395,28 @@ def test_resume_refuses_a_partial_output_of_another_job(tmp_path):
         compute_background(failing, out, 5, progress=False, resume=True, event_chunk=40)
     with pytest.raises(ValueError, match="made with kernel_size=5, this run has 7"):
         compute_background(img, out, 7, progress=False, resume=True, event_chunk=40)
+
+
+def test_a_failed_run_names_the_partial_output_it_kept(tmp_path, monkeypatch):
+    """The CLI tells how to continue from ``partial_kept``: set when a resumable
+    partial is there, and only then."""
+    img = np.random.default_rng(8).integers(0, 255, (400, 6, 6), dtype=np.uint8)
+    failing = da.from_array(img, chunks=(40, 6, 6)).map_blocks(explode_in_block, dtype=img.dtype)
+    kept, dropped, unmade = (tmp_path / f"{name}.zarr" for name in ("kept", "dropped", "unmade"))
+    with pytest.raises(Boom) as info:
+        compute_background(failing, kept, 5, progress=False, resume=True, event_chunk=40)
+    assert info.value.partial_kept == str(partial_path(kept)) and partial_path(kept).is_dir()
+    with pytest.raises(Boom) as info:
+        compute_background(failing, dropped, 5, progress=False, event_chunk=40)
+    assert not hasattr(info.value, "partial_kept") and not partial_path(dropped).exists()
+
+    def cannot_create(self, input_data=None):  # a store that could not be made
+        raise PermissionError(13, "Permission denied", str(self.tmp))
+
+    monkeypatch.setattr(ZarrSink, "open", cannot_create)
+    with pytest.raises(PermissionError) as info:
+        compute_background(img, unmade, 5, progress=False, resume=True, event_chunk=40)
+    assert not hasattr(info.value, "partial_kept") and not partial_path(unmade).exists()
 
 
 def test_worker_memory_check_counts_the_frames_a_block_can_hold():
