@@ -419,6 +419,55 @@ def test_a_failed_run_names_the_partial_output_it_kept(tmp_path, monkeypatch):
     assert not hasattr(info.value, "partial_kept") and not partial_path(unmade).exists()
 
 
+def test_the_progress_bar_counts_events_and_says_what_was_resumed(tmp_path, capsys, monkeypatch):
+    img = np.random.default_rng(8).integers(0, 255, (1200, 80, 80), dtype=np.uint8)
+    out = tmp_path / "bg.zarr"
+    compute_background(img, tmp_path / "fresh.zarr", 5, progress=True, event_chunk=40)
+    fresh = capsys.readouterr().err
+    assert "rolling median: 100%" in fresh and "1.20k/1.20k" in fresh  # events, scaled
+    assert "resuming" not in fresh
+    written = []
+    original = ZarrSink.write
+
+    def stop_after_four_blocks(self, payload):
+        written.append(payload[0])
+        if len(written) > 4:
+            raise KeyboardInterrupt
+        return original(self, payload)
+
+    with monkeypatch.context() as m:
+        m.setattr(ZarrSink, "write", stop_after_four_blocks)
+        with pytest.raises(KeyboardInterrupt):
+            compute_background(img, out, 5, progress=False, resume=True, event_chunk=40)
+    summary = compute_background(img, out, 5, progress=True, resume=True, event_chunk=40)
+    resumed = capsys.readouterr().err
+    assert 400 <= summary.events_resumed < 1200
+    assert f"resuming: {summary.events_resumed} events already written" in resumed
+    assert "rolling median: 100%" in resumed and "1.20k/1.20k" in resumed
+
+
+def test_the_progress_bar_in_jupyter_shows_no_warning(tmp_path, monkeypatch):
+    """In a Jupyter kernel tqdm.autonotebook picks the widget and warns that the
+    choice is experimental: the job silences that (pytest makes a warning an error).
+    The kernel is faked as tqdm recognises one; the bar is a real ipywidgets one."""
+    import types
+
+    import IPython
+    import tqdm
+    import tqdm.autonotebook
+
+    class ZMQInteractiveShell:  # what tqdm reads: the shell's class name
+        pass
+
+    monkeypatch.setitem(sys.modules, "ipykernel.zmqshell", types.ModuleType("ipykernel.zmqshell"))
+    monkeypatch.setattr(IPython, "get_ipython", ZMQInteractiveShell)
+    monkeypatch.delitem(sys.modules, "tqdm.autonotebook")  # imported again, in notebook mode
+    monkeypatch.setattr(tqdm, "autonotebook", tqdm.autonotebook)
+    img = np.random.default_rng(8).integers(0, 255, (300, 8, 8), dtype=np.uint8)
+    compute_background(img, tmp_path / "bg.zarr", 5, progress=True)
+    assert sys.modules["tqdm.autonotebook"].tqdm.__module__ == "tqdm.notebook"
+
+
 def test_worker_memory_check_counts_the_frames_a_block_can_hold():
     """A stack shorter than 1 + 2K is one block of N events: the workers' memory is
     checked against that, as the budget's own check counts it (K = 50, N = 60:
