@@ -161,6 +161,22 @@ def test_in_place_replaces_an_existing_background_only_with_overwrite(rtdc_copy)
     np.testing.assert_array_equal(read_images(rtdc_copy, "events/image_bg"), expected)
 
 
+def test_in_place_into_a_file_with_fluorescence_traces(rtdc_copy):
+    """A measurement with traces has a group among its features (events/trace) and
+    may hold a scalar; the events check skips both, and the background it
+    replaces, which may have another length (one made from part of the events)."""
+    with h5py.File(rtdc_copy, "r+") as h5:
+        n = h5["events/image"].shape[0]
+        h5["events/trace/fl1_raw"] = np.zeros((n, 20), np.int16)
+        h5["events/note"] = 1
+        h5["events/image_bg"] = np.zeros((n // 2, 80, 320), np.uint8)
+    compute_background(rtdc_copy, rtdc_copy, 10, in_place=True, overwrite=True, progress=False)
+    expected = rolling_median_reference(read_images(rtdc_copy), 10)
+    np.testing.assert_array_equal(read_images(rtdc_copy, "events/image_bg"), expected)
+    with h5py.File(rtdc_copy, "r") as h5:
+        assert h5["events/trace/fl1_raw"].shape == (n, 20) and h5["events/note"][()] == 1
+
+
 def test_in_place_into_a_read_only_file_is_refused_before_any_work(rtdc_copy, monkeypatch):
     rtdc_copy.chmod(0o444)
     before = rtdc_copy.read_bytes()
