@@ -344,6 +344,35 @@ def test_resume_reads_the_done_blocks_again_only_after_the_input_was_touched(
         exact(out, imgs["a"])
 
 
+def test_resume_of_a_touched_input_checks_a_last_block_in_the_tail(tmp_path, monkeypatch):
+    """N = 123, K = 3: blocks of 40, 40, 40 and 3 events. The last starts at N-K,
+    where every window is window N-K-1, so its task read row N-K-1 before it; the
+    check after a touch reads the rows the task read, and continues."""
+    src, out = tmp_path / "a.rtdc", tmp_path / "a_bg.zarr"
+    img = write_plain(src, seed=4, n=123)
+    monkeypatch.setattr(identity, "QUIET_NS", 0)  # the input was just written
+    written, original = [], ZarrSink.write
+
+    def stop_at_the_last(self, payload):  # all four blocks and markers are written
+        written.append(payload[0])
+        if len(written) == 4:
+            raise KeyboardInterrupt
+        return original(self, payload)
+
+    with monkeypatch.context() as m:
+        m.setattr(ZarrSink, "write", stop_at_the_last)
+        with pytest.raises(KeyboardInterrupt):
+            compute_background(src, out, 3, progress=False, resume=True, event_chunk=40)
+    assert sorted(written) == [0, 40, 80, 120]
+    (partial_path(out) / PROGRESS_DIR / "0").unlink()
+    src.touch()
+    summary = compute_background(src, out, 3, progress=False, resume=True, event_chunk=40)
+    assert (summary.blocks, summary.blocks_resumed) == (4, 3)
+    np.testing.assert_array_equal(
+        read_images(out, "events/image_bg"), rolling_median_reference(img, 3)
+    )
+
+
 def test_resume_of_a_partial_whose_input_was_replaced_is_refused(raw, tmp_path, monkeypatch):
     folder, _ = raw
     src, out = folder / "a.rtdc", tmp_path / "a_bg.zarr"
