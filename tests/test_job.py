@@ -6,6 +6,8 @@ Real HDF5 and Zarr files on disk, real dask schedulers, dcnum 0.31 itself.
 import hashlib
 import json
 import os
+import pathlib
+import shutil
 import subprocess
 import sys
 import time
@@ -177,22 +179,55 @@ def test_in_place_into_a_file_with_fluorescence_traces(rtdc_copy):
         assert h5["events/trace/fl1_raw"].shape == (n, 20) and h5["events/note"][()] == 1
 
 
-def test_in_place_into_a_read_only_file_is_refused_before_any_work(rtdc_copy, monkeypatch):
-    rtdc_copy.chmod(0o444)
-    before = rtdc_copy.read_bytes()
-    if os.geteuid() == 0:  # root may write any file: the check sees what a user's would
+def deny_writing(monkeypatch, path):
+    """Take write permission on ``path`` away; root may write anyway, so for root
+    ``os.access`` answers for it as it would for a user."""
+    path.chmod(0o555 if path.is_dir() else 0o444)
+    if os.geteuid() == 0:
         real_access = os.access
 
-        def access(path, mode, **kwargs):
-            if mode & os.W_OK and os.fspath(path) == os.fspath(rtdc_copy):
+        def access(where, mode, **kwargs):
+            if mode & os.W_OK and os.fspath(where) == os.fspath(path):
                 return False
-            return real_access(path, mode, **kwargs)
+            return real_access(where, mode, **kwargs)
 
         monkeypatch.setattr(os, "access", access)
+
+
+def test_in_place_into_a_read_only_file_is_refused_before_any_work(rtdc_copy, monkeypatch):
+    before = rtdc_copy.read_bytes()
+    deny_writing(monkeypatch, rtdc_copy)
     with pytest.raises(PermissionError, match=r"cannot write to .*input\.rtdc'? \(no write"):
         compute_background(rtdc_copy, rtdc_copy, 10, in_place=True, progress=False)
     assert rtdc_copy.read_bytes() == before
     assert [p.name for p in rtdc_copy.parent.iterdir()] == [rtdc_copy.name]
+
+
+def test_in_place_in_a_read_only_folder_is_refused_before_any_work(
+    small_rtdc, tmp_path, monkeypatch
+):
+    """The new file is built beside the old one: the folder must be writable."""
+    folder = tmp_path / "shared"
+    folder.mkdir()
+    raw = pathlib.Path(shutil.copy(small_rtdc, folder / "raw.rtdc"))
+    before = raw.read_bytes()
+    deny_writing(monkeypatch, folder)
+    try:
+        with pytest.raises(PermissionError, match="cannot write into the output folder"):
+            compute_background(raw, raw, 10, in_place=True, progress=False)
+    finally:
+        folder.chmod(0o755)
+    assert raw.read_bytes() == before and [p.name for p in folder.iterdir()] == ["raw.rtdc"]
+
+
+def test_in_place_into_a_symbolic_link_is_refused(rtdc_copy):
+    """Replacing the link would leave the file it points to as it was."""
+    link = rtdc_copy.with_name("link.rtdc")
+    link.symlink_to(rtdc_copy.name)
+    before = rtdc_copy.read_bytes()
+    with pytest.raises(ValueError, match="is a symbolic link to 'input.rtdc'"):
+        compute_background(link, link, 10, in_place=True, progress=False)
+    assert link.is_symlink() and rtdc_copy.read_bytes() == before
 
 
 def test_new_rtdc_file_carries_metadata_basin_and_log(small_rtdc, tmp_path):
