@@ -19,7 +19,13 @@ import pytest
 from conftest import read_images
 from dcnum.feat.feat_background.bg_roll_median import BackgroundRollMed as DcnumRollMed
 
-from rollmed_dask import BackgroundRollMed, compute_background, rolling_median_reference, rtdc
+from rollmed_dask import (
+    BackgroundRollMed,
+    batch,
+    compute_background,
+    rolling_median_reference,
+    rtdc,
+)
 from rollmed_dask.sinks import ZarrSink, partial_path
 
 DTYPES = ["uint8", "uint16", "int16", "float32", "float64"]
@@ -577,7 +583,7 @@ def test_a_partial_of_another_job_is_refused_before_the_scheduler_starts(tmp_pat
     assert partial_path(out).exists(), "the partial is kept"
 
 
-def test_the_summary_counts_the_seconds_of_this_job(tmp_path):
+def test_the_summary_and_the_run_log_say_what_this_job_did(tmp_path):
     img = np.random.default_rng(4).integers(0, 255, (100, 8, 8), dtype=np.uint8)
     out = tmp_path / "bg.zarr"
     for complete_already in (False, True):  # a job, then a rerun that finds it done
@@ -586,6 +592,14 @@ def test_the_summary_counts_the_seconds_of_this_job(tmp_path):
         took = time.perf_counter() - before
         assert summary.complete_already is complete_already
         assert 0 < summary.seconds <= took
+        assert summary.events_resumed == (100 if complete_already else 0)
+    (log,) = batch._read_run_logs(out)
+    parameters = log["parameters"]
+    assert (parameters["engine"], parameters["scheduler"]) == (
+        summary.engine,
+        "local threads scheduler",
+    )
+    assert parameters["blocks_resumed"] == 0 and parameters["memory_budget"] > 0
 
 
 @pytest.mark.parametrize(
