@@ -584,21 +584,18 @@ def test_a_partial_of_another_job_is_refused_before_the_scheduler_starts(tmp_pat
 
 
 def test_the_summary_and_the_run_log_say_what_this_job_did(tmp_path):
-    img = np.random.default_rng(4).integers(0, 255, (100, 8, 8), dtype=np.uint8)
-    out = tmp_path / "bg.zarr"
-    for complete_already in (False, True):  # a job, then a rerun that finds it done
-        before = time.perf_counter()
-        summary = compute_background(img, out, 5, progress=False, resume=True)
-        took = time.perf_counter() - before
-        assert summary.complete_already is complete_already
-        assert 0 < summary.seconds <= took
-        assert summary.events_resumed == (100 if complete_already else 0)
+    """Kept fast on purpose: the mutation harness runs the fastest tests of each
+    file for a line that every job runs (summary.seconds, events resumed, the log)."""
+    img = np.random.default_rng(4).integers(0, 255, (60, 8, 8), dtype=np.uint8)
+    out = tmp_path / "bg.h5"
+    before = time.perf_counter()
+    summary = compute_background(img, out, 5, progress=False)
+    assert 0 < summary.seconds <= time.perf_counter() - before
+    assert summary.events_resumed == 0
+    assert summary.events_per_second == pytest.approx(60 / summary.seconds)
     (log,) = batch._read_run_logs(out)
     parameters = log["parameters"]
-    assert (parameters["engine"], parameters["scheduler"]) == (
-        summary.engine,
-        "local threads scheduler",
-    )
+    assert (parameters["engine"], parameters["scheduler"]) == (summary.engine, summary.scheduler)
     assert parameters["blocks_resumed"] == 0 and parameters["memory_budget"] > 0
 
 
