@@ -343,7 +343,7 @@ def _check_plan(src, target, fmt, k, scheduler, memory_budget, event_chunk,
         sink._check_resumable()
 
 
-def _check_worker_memory(limit, threads, k, row_bytes, spelled=None, n_events=None) -> int:
+def _check_worker_memory(limit, threads, k, row_bytes, spelled=None, *, n_events) -> int:
     """The budget a worker of ``limit`` bytes and ``threads`` threads allows a block,
     or a ValueError saying how much memory the workers need. A block holds at
     least 1 + 2K events, or the whole stack when it has fewer (as the budget's
@@ -352,7 +352,7 @@ def _check_worker_memory(limit, threads, k, row_bytes, spelled=None, n_events=No
 
     from .pipeline import _ROW_COPIES, MiB
 
-    rows = 1 + 2 * k if n_events is None else min(1 + 2 * k, n_events)
+    rows = min(1 + 2 * k, n_events)
     minimum = _ROW_COPIES * row_bytes * rows
     threads = max(int(threads), 1)
     need = (WORKER_BASE_MEMORY + threads * minimum / _WORKER_MEMORY_SHARE) / _WORKER_PAUSE

@@ -26,7 +26,7 @@ from rollmed_dask import (
 )
 from rollmed_dask import sources as sources_module
 from rollmed_dask.core import rolling_median_reference
-from rollmed_dask.sinks import PROGRESS_DIR, ZarrSink, partial_path
+from rollmed_dask.sinks import PROGRESS_DIR, ZARR_JOB_ATTR, ZarrSink, partial_path
 
 K = 5
 N = 120  # 3 output chunks of 40 frames of 80x320
@@ -250,6 +250,27 @@ def test_resume_of_a_complete_zarr_after_the_input_changed(raw, tmp_path):
     exact(out, new)
 
 
+def test_resume_of_a_complete_zarr_without_a_recorded_identity_is_refused(raw, tmp_path):
+    folder, _ = raw
+    src, out = folder / "a.rtdc", tmp_path / "a_bg.zarr"
+    compute_background(src, out, K, progress=False, resume=True)
+    meta = json.loads((out / "zarr.json").read_text())  # as an older version wrote it
+    del meta["attributes"][ZARR_JOB_ATTR][identity.ATTR]
+    (out / "zarr.json").write_text(json.dumps(meta))
+    with pytest.raises(FileExistsError, match="records no identity of its input data"):
+        compute_background(src, out, K, progress=False, resume=True)
+
+
+def test_resume_of_a_complete_zarr_made_from_an_array_compares_the_arrays(tmp_path):
+    img = np.random.default_rng(5).integers(0, 255, (N, *SHAPE), dtype=np.uint8)
+    out = tmp_path / "bg.zarr"
+    compute_background(img, out, K, progress=False, resume=True)
+    assert compute_background(img.copy(), out, K, progress=False, resume=True).complete_already
+    with pytest.raises(FileExistsError, match="was made from other data.*overwrite=True"):
+        compute_background(img[::-1].copy(), out, K, progress=False, resume=True)
+    exact(out, img)
+
+
 # --- case 3: --resume of a Zarr partial ------------------------------------
 
 
@@ -274,6 +295,83 @@ def make_partial(src, out, monkeypatch, keep=(0,), **kw):
     for start in range(0, N, 40):
         if start not in keep:
             (progress / str(start)).unlink()
+
+
+def test_a_done_block_whose_marker_is_damaged_is_computed_again(raw, tmp_path, monkeypatch):
+    """A marker without readable digests (cut short by a crash, an older version):
+    the block is not trusted, so it is computed again, not taken as done."""
+    folder, imgs = raw
+    src, out = folder / "a.rtdc", tmp_path / "a_bg.zarr"
+    make_partial(src, out, monkeypatch, keep=(0, 40))
+    (partial_path(out) / PROGRESS_DIR / "0").write_text("{damaged")
+    summary = compute_background(src, out, K, progress=False, resume=True, event_chunk=40)
+    assert (summary.blocks_resumed, summary.events_resumed) == (1, 40)
+    # the block computed again is exact (its windows end within the first 40 + K
+    # rows; the reference of the whole stack would double this test's time)
+    np.testing.assert_array_equal(
+        read_images(out, "events/image_bg")[:40],
+        rolling_median_reference(imgs["a"][: 40 + K], K)[:40],
+    )
+    assert batch._read_run_logs(out)[-1]["parameters"]["blocks_resumed"] == 1
+
+
+def test_resume_reads_the_done_blocks_again_only_after_the_input_was_touched(
+    raw, tmp_path, monkeypatch
+):
+    """Unchanged stat: the done blocks are trusted without a read. Touched: the rows
+    each done block read (the last block's too) are read and hashed again, and
+    match: the same data, so the partial is continued."""
+    from rollmed_dask import job
+
+    folder, imgs = raw
+    src = folder / "a.rtdc"
+    monkeypatch.setattr(identity, "QUIET_NS", 0)  # the input was just written
+    reads = []
+    original = job._read_digests
+
+    def counted(view, start, stop, chunk_events):
+        reads.append(start)
+        return original(view, start, stop, chunk_events)
+
+    monkeypatch.setattr(job, "_read_digests", counted)
+    for touched, out in ((False, tmp_path / "a_bg.zarr"), (True, tmp_path / "b_bg.zarr")):
+        make_partial(src, out, monkeypatch, keep=(40, 80))
+        if touched:
+            src.touch()
+        reads.clear()
+        summary = compute_background(src, out, K, progress=False, resume=True, event_chunk=40)
+        assert summary.blocks_resumed == 2
+        assert sorted(reads) == ([40, 80] if touched else [])
+        exact(out, imgs["a"])
+
+
+def test_resume_of_a_touched_input_checks_a_last_block_in_the_tail(tmp_path, monkeypatch):
+    """N = 123, K = 3: blocks of 40, 40, 40 and 3 events. The last starts at N-K,
+    where every window is window N-K-1, so its task read row N-K-1 before it; the
+    check after a touch reads the rows the task read, and continues."""
+    src, out = tmp_path / "a.rtdc", tmp_path / "a_bg.zarr"
+    img = write_plain(src, seed=4, n=123)
+    monkeypatch.setattr(identity, "QUIET_NS", 0)  # the input was just written
+    written, original = [], ZarrSink.write
+
+    def stop_at_the_last(self, payload):  # all four blocks and markers are written
+        written.append(payload[0])
+        if len(written) == 4:
+            raise KeyboardInterrupt
+        return original(self, payload)
+
+    with monkeypatch.context() as m:
+        m.setattr(ZarrSink, "write", stop_at_the_last)
+        with pytest.raises(KeyboardInterrupt):
+            compute_background(src, out, 3, progress=False, resume=True, event_chunk=40)
+    assert sorted(written) == [0, 40, 80, 120]
+    (partial_path(out) / PROGRESS_DIR / "0").unlink()
+    src.touch()
+    summary = compute_background(src, out, 3, progress=False, resume=True, event_chunk=40)
+    assert (summary.blocks, summary.blocks_resumed) == (4, 3)
+    np.testing.assert_array_equal(
+        read_images(out, "events/image_bg"), rolling_median_reference(img, 3)
+    )
 
 
 def test_resume_of_a_partial_whose_input_was_replaced_is_refused(raw, tmp_path, monkeypatch):

@@ -5,8 +5,12 @@ Real HDF5 and Zarr files on disk, real dask schedulers, dcnum 0.31 itself.
 
 import hashlib
 import json
+import os
+import pathlib
+import shutil
 import subprocess
 import sys
+import time
 
 import dask.array as da
 import h5py
@@ -15,8 +19,14 @@ import pytest
 from conftest import read_images
 from dcnum.feat.feat_background.bg_roll_median import BackgroundRollMed as DcnumRollMed
 
-from rollmed_dask import BackgroundRollMed, compute_background, rolling_median_reference, rtdc
-from rollmed_dask.sinks import partial_path
+from rollmed_dask import (
+    BackgroundRollMed,
+    batch,
+    compute_background,
+    rolling_median_reference,
+    rtdc,
+)
+from rollmed_dask.sinks import ZarrSink, partial_path
 
 DTYPES = ["uint8", "uint16", "int16", "float32", "float64"]
 
@@ -157,6 +167,73 @@ def test_in_place_replaces_an_existing_background_only_with_overwrite(rtdc_copy)
     compute_background(rtdc_copy, rtdc_copy, 20, in_place=True, overwrite=True, progress=False)
     expected = rolling_median_reference(read_images(rtdc_copy), 20)
     np.testing.assert_array_equal(read_images(rtdc_copy, "events/image_bg"), expected)
+
+
+def test_in_place_into_a_file_with_fluorescence_traces(rtdc_copy):
+    """A measurement with traces has a group among its features (events/trace) and
+    may hold a scalar; the events check skips both, and the background it
+    replaces, which may have another length (one made from part of the events)."""
+    with h5py.File(rtdc_copy, "r+") as h5:
+        n = h5["events/image"].shape[0]
+        h5["events/trace/fl1_raw"] = np.zeros((n, 20), np.int16)
+        h5["events/note"] = 1
+        h5["events/image_bg"] = np.zeros((n // 2, 80, 320), np.uint8)
+    compute_background(rtdc_copy, rtdc_copy, 10, in_place=True, overwrite=True, progress=False)
+    expected = rolling_median_reference(read_images(rtdc_copy), 10)
+    np.testing.assert_array_equal(read_images(rtdc_copy, "events/image_bg"), expected)
+    with h5py.File(rtdc_copy, "r") as h5:
+        assert h5["events/trace/fl1_raw"].shape == (n, 20) and h5["events/note"][()] == 1
+
+
+def deny_writing(monkeypatch, path):
+    """Take write permission on ``path`` away; root may write anyway, so for root
+    ``os.access`` answers for it as it would for a user."""
+    path.chmod(0o555 if path.is_dir() else 0o444)
+    if os.geteuid() == 0:
+        real_access = os.access
+
+        def access(where, mode, **kwargs):
+            if mode & os.W_OK and os.fspath(where) == os.fspath(path):
+                return False
+            return real_access(where, mode, **kwargs)
+
+        monkeypatch.setattr(os, "access", access)
+
+
+def test_in_place_into_a_read_only_file_is_refused_before_any_work(rtdc_copy, monkeypatch):
+    before = rtdc_copy.read_bytes()
+    deny_writing(monkeypatch, rtdc_copy)
+    with pytest.raises(PermissionError, match=r"cannot write to .*input\.rtdc'? \(no write"):
+        compute_background(rtdc_copy, rtdc_copy, 10, in_place=True, progress=False)
+    assert rtdc_copy.read_bytes() == before
+    assert [p.name for p in rtdc_copy.parent.iterdir()] == [rtdc_copy.name]
+
+
+def test_in_place_in_a_read_only_folder_is_refused_before_any_work(
+    small_rtdc, tmp_path, monkeypatch
+):
+    """The new file is built beside the old one: the folder must be writable."""
+    folder = tmp_path / "shared"
+    folder.mkdir()
+    raw = pathlib.Path(shutil.copy(small_rtdc, folder / "raw.rtdc"))
+    before = raw.read_bytes()
+    deny_writing(monkeypatch, folder)
+    try:
+        with pytest.raises(PermissionError, match="cannot write into the output folder"):
+            compute_background(raw, raw, 10, in_place=True, progress=False)
+    finally:
+        folder.chmod(0o755)
+    assert raw.read_bytes() == before and [p.name for p in folder.iterdir()] == ["raw.rtdc"]
+
+
+def test_in_place_into_a_symbolic_link_is_refused(rtdc_copy):
+    """Replacing the link would leave the file it points to as it was."""
+    link = rtdc_copy.with_name("link.rtdc")
+    link.symlink_to(rtdc_copy.name)
+    before = rtdc_copy.read_bytes()
+    with pytest.raises(ValueError, match="is a symbolic link to 'input.rtdc'"):
+        compute_background(link, link, 10, in_place=True, progress=False)
+    assert link.is_symlink() and rtdc_copy.read_bytes() == before
 
 
 def test_new_rtdc_file_carries_metadata_basin_and_log(small_rtdc, tmp_path):
@@ -377,6 +454,77 @@ def test_resume_refuses_a_partial_output_of_another_job(tmp_path):
         compute_background(img, out, 7, progress=False, resume=True, event_chunk=40)
 
 
+def test_a_failed_run_names_the_partial_output_it_kept(tmp_path, monkeypatch):
+    """The CLI tells how to continue from ``partial_kept``: set when a resumable
+    partial is there, and only then."""
+    img = np.random.default_rng(8).integers(0, 255, (400, 6, 6), dtype=np.uint8)
+    failing = da.from_array(img, chunks=(40, 6, 6)).map_blocks(explode_in_block, dtype=img.dtype)
+    kept, dropped, unmade = (tmp_path / f"{name}.zarr" for name in ("kept", "dropped", "unmade"))
+    with pytest.raises(Boom) as info:
+        compute_background(failing, kept, 5, progress=False, resume=True, event_chunk=40)
+    assert info.value.partial_kept == str(partial_path(kept)) and partial_path(kept).is_dir()
+    with pytest.raises(Boom) as info:
+        compute_background(failing, dropped, 5, progress=False, event_chunk=40)
+    assert not hasattr(info.value, "partial_kept") and not partial_path(dropped).exists()
+
+    def cannot_create(self, input_data=None):  # a store that could not be made
+        raise PermissionError(13, "Permission denied", str(self.tmp))
+
+    monkeypatch.setattr(ZarrSink, "open", cannot_create)
+    with pytest.raises(PermissionError) as info:
+        compute_background(img, unmade, 5, progress=False, resume=True, event_chunk=40)
+    assert not hasattr(info.value, "partial_kept") and not partial_path(unmade).exists()
+
+
+def test_the_progress_bar_counts_events_and_says_what_was_resumed(tmp_path, capsys, monkeypatch):
+    img = np.random.default_rng(8).integers(0, 255, (1200, 80, 80), dtype=np.uint8)
+    out = tmp_path / "bg.zarr"
+    compute_background(img, tmp_path / "fresh.zarr", 5, progress=True, event_chunk=40)
+    fresh = capsys.readouterr().err
+    assert "rolling median: 100%" in fresh and "1.20k/1.20k" in fresh  # events, scaled
+    assert "resuming" not in fresh
+    written = []
+    original = ZarrSink.write
+
+    def stop_after_four_blocks(self, payload):
+        written.append(payload[0])
+        if len(written) > 4:
+            raise KeyboardInterrupt
+        return original(self, payload)
+
+    with monkeypatch.context() as m:
+        m.setattr(ZarrSink, "write", stop_after_four_blocks)
+        with pytest.raises(KeyboardInterrupt):
+            compute_background(img, out, 5, progress=False, resume=True, event_chunk=40)
+    summary = compute_background(img, out, 5, progress=True, resume=True, event_chunk=40)
+    resumed = capsys.readouterr().err
+    assert 400 <= summary.events_resumed < 1200
+    assert f"resuming: {summary.events_resumed} events already written" in resumed
+    assert "rolling median: 100%" in resumed and "1.20k/1.20k" in resumed
+
+
+def test_the_progress_bar_in_jupyter_shows_no_warning(tmp_path, monkeypatch):
+    """In a Jupyter kernel tqdm.autonotebook picks the widget and warns that the
+    choice is experimental: the job silences that (pytest makes a warning an error).
+    The kernel is faked as tqdm recognises one; the bar is a real ipywidgets one."""
+    import types
+
+    import IPython
+    import tqdm
+    import tqdm.autonotebook
+
+    class ZMQInteractiveShell:  # what tqdm reads: the shell's class name
+        pass
+
+    monkeypatch.setitem(sys.modules, "ipykernel.zmqshell", types.ModuleType("ipykernel.zmqshell"))
+    monkeypatch.setattr(IPython, "get_ipython", ZMQInteractiveShell)
+    monkeypatch.delitem(sys.modules, "tqdm.autonotebook")  # imported again, in notebook mode
+    monkeypatch.setattr(tqdm, "autonotebook", tqdm.autonotebook)
+    img = np.random.default_rng(8).integers(0, 255, (300, 8, 8), dtype=np.uint8)
+    compute_background(img, tmp_path / "bg.zarr", 5, progress=True)
+    assert sys.modules["tqdm.autonotebook"].tqdm.__module__ == "tqdm.notebook"
+
+
 def test_worker_memory_check_counts_the_frames_a_block_can_hold():
     """A stack shorter than 1 + 2K is one block of N events: the workers' memory is
     checked against that, as the budget's own check counts it (K = 50, N = 60:
@@ -394,6 +542,61 @@ def test_worker_memory_check_counts_the_frames_a_block_can_hold():
     assert _check_worker_memory(limit, 1, k, row_bytes, n_events=n_events) > 0
     with pytest.raises(ValueError, match="give each worker process at least"):
         _check_worker_memory(limit, 1, k, row_bytes, n_events=1000)
+
+
+def test_the_worker_memory_the_refusal_asks_for_is_enough():
+    """512x512 uint8 frames, K = 2: 256 MiB for the worker process and 4 copies of a
+    5-frame block at a quarter of the limit, paused at 80 %: exactly 345 MiB. The
+    refusal asks for that, and a worker with exactly that is accepted. It names
+    the memory as the caller spelled it, or in bytes."""
+    from rollmed_dask.job import _check_worker_memory
+
+    mib, row_bytes, k = 2**20, 512 * 512, 2
+    with pytest.raises(ValueError, match="give each worker process at least 345MiB") as info:
+        _check_worker_memory(345 * mib - 1, 1, k, row_bytes, n_events=1000)
+    assert str(info.value).startswith("a memory limit of 345.00 MiB gives each dask worker")
+    assert _check_worker_memory(345 * mib, 1, k, row_bytes, n_events=1000) == 345 * mib // 4
+    spelled = "--memory 300MiB with 1 worker process(es) of 1 thread(s)"
+    with pytest.raises(ValueError) as info:
+        _check_worker_memory(300 * mib, 1, k, row_bytes, spelled, n_events=1000)
+    assert str(info.value).startswith(f"{spelled} gives each dask worker process 300.00 MiB")
+
+
+def test_a_partial_of_another_job_is_refused_before_the_scheduler_starts(tmp_path):
+    """``scheduler=`` a function that starts a cluster (SLURM jobs with --workers):
+    a partial made with other parameters is refused before it is called."""
+    img = np.random.default_rng(8).integers(0, 255, (400, 6, 6), dtype=np.uint8)
+    out = tmp_path / "bg.zarr"
+    failing = da.from_array(img, chunks=(40, 6, 6)).map_blocks(explode_in_block, dtype=img.dtype)
+    with pytest.raises(Boom):
+        compute_background(failing, out, 5, progress=False, resume=True, event_chunk=40)
+    started = []
+
+    def start():  # would submit jobs; a check that comes after it is too late
+        started.append("cluster")
+
+    with pytest.raises(ValueError, match="made with kernel_size=5, this run has 7"):
+        compute_background(
+            img, out, 7, scheduler=start, progress=False, resume=True, event_chunk=40
+        )
+    assert started == [], "no cluster was started"
+    assert partial_path(out).exists(), "the partial is kept"
+
+
+def test_the_summary_and_the_run_log_say_what_this_job_did(tmp_path):
+    """Kept fast on purpose: the mutation harness runs the fastest tests of each
+    file for a line that every job runs (summary.seconds, events resumed, the log)."""
+    img = np.random.default_rng(4).integers(0, 255, (60, 8, 8), dtype=np.uint8)
+    out = tmp_path / "bg.h5"
+    before = time.perf_counter()
+    summary = compute_background(img, out, 5, progress=False)
+    assert 0 < summary.seconds <= time.perf_counter() - before
+    assert summary.events_resumed == 0
+    assert summary.events_per_second == pytest.approx(60 / summary.seconds)
+    (log,) = batch._read_run_logs(out)
+    parameters = log["parameters"]
+    assert (parameters["engine"], parameters["scheduler"]) == (summary.engine, summary.scheduler)
+    assert parameters["blocks_resumed"] == 0 and parameters["memory_budget"] > 0
 
 
 @pytest.mark.parametrize(
