@@ -82,6 +82,8 @@ MODULES = {
         "rollmed_dask/job.py",
         ["tests/test_job.py", "tests/test_sinks.py", "tests/test_crash_safety.py",
          "tests/test_no_data_lost.py", "tests/test_identity.py", "tests/test_safety.py",
+         "tests/test_slurm_failures.py::test_a_signal_just_after_the_move_says_the_new_output_is_there",
+         "tests/test_folder_signals.py::test_ctrl_c_pressed_again_while_files_stop_waits_for_them",
          "-m", "not slurm and not cluster"],
     ),
     "h5chunks": (
