@@ -928,3 +928,73 @@ def test_images_behind_an_irregular_mapping_are_not_linked(small_input, tmp_path
         h5.create_group("events")
         assert rtdc.link_images(h5, loc) is False
         assert "image" not in h5["events"]
+        assert rtdc.link_images(h5, loc._replace(mapping=np.array([0, 2, 4]))) is True
+        assert h5["events/image"].shape[0] == 3
+
+
+def _store_basins(path, basins: dict) -> None:
+    """``basins/<key>``: one JSON line each, as dcnum stores them."""
+    with h5py.File(path, "a") as h5:
+        h5.require_group("events")
+        for key, info in basins.items():
+            h5[f"basins/{key}"] = np.array([json.dumps(info).encode()])
+
+
+def test_every_basin_tried_is_named_with_why_it_gave_no_images(tmp_path):
+    here = tmp_path / "here.rtdc"
+    bare = tmp_path / "bare.rtdc"
+    _store_basins(bare, {})
+    file = {"type": "file", "format": "hdf5", "features": ["image"]}
+    _store_basins(here, {
+        "k1": {"name": "on s3", "type": "file", "format": "s3", "paths": ["x"]},
+        "k2": {**file, "name": "gone", "paths": ["missing.rtdc"]},
+        "k3": {**file, "name": "itself", "paths": ["here.rtdc"]},
+        "k4": {**file, "name": "bare", "paths": ["bare.rtdc"]},
+    })  # fmt: skip
+    with pytest.raises(KeyError) as caught:
+        rtdc.find_image_dataset(here)
+    message = caught.value.args[0]
+    for words in [
+        "basin 'on s3' of type 'file'/format 's3' cannot be read locally",
+        f"basin 'gone' path '{tmp_path / 'missing.rtdc'}' does not exist",
+        f"basin 'itself' refers back to {here} (cycle)",
+        f"basin 'bare' at {bare}: dataset 'events/image' is neither in {bare}",
+    ]:
+        assert words in message, words
+    with pytest.raises(FileNotFoundError, match="file '.*nope.rtdc' does not exist"):
+        rtdc.find_image_dataset(tmp_path / "nope.rtdc")
+
+
+def test_an_internal_basin_is_read_from_the_group_it_names(tmp_path):
+    p = tmp_path / "grouped.rtdc"
+    images = np.arange(2 * 4 * 5, dtype=np.uint8).reshape(2, 4, 5)
+    with h5py.File(p, "w") as h5:
+        h5["other_events/image"] = images
+    _store_basins(p, {"k": {"name": "own", "type": "internal", "format": "h5dataset",
+                            "paths": ["other_events"], "features": ["image"]}})  # fmt: skip
+    loc = rtdc.find_image_dataset(p)
+    assert (loc.dataset, loc.mapping) == ("other_events/image", None)
+
+
+def test_basins_are_tried_in_dclabs_order():
+    from rollmed_dask.rtdc.basins import _basin_priority
+
+    order = [
+        {"type": "internal", "format": "h5dataset"},
+        {"type": "file", "format": "hdf5"},
+        {"type": "file", "format": "hdf5", "mapping": "basinmap0"},
+        {"type": "file", "format": "s3"},
+        {"type": "remote", "format": "http"},
+    ]
+    assert sorted(reversed(order), key=_basin_priority) == order
+
+
+@pytest.mark.parametrize(("count", "last"), [(40, "d39"), (41, "... (1 more)")])
+def test_the_datasets_named_in_an_error_are_cut_after_forty(tmp_path, count, last):
+    from rollmed_dask.rtdc.basins import _list_datasets
+
+    with h5py.File(tmp_path / "many.h5", "w") as h5:
+        for i in range(count):
+            h5[f"d{i:02d}"] = 0
+        names = _list_datasets(h5)
+    assert len(names) == count and names[-1] == last
