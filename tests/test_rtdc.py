@@ -503,6 +503,8 @@ def test_write_log_matches_dcnum_and_dclab_reads_it(small_input, tmp_path):
     assert info["input"] == {"path": str(small_input), "size": small_input.stat().st_size}
     assert info["time"]["duration s"] == 2.0
     assert info["host"]["libraries"]["numpy"] == np.__version__
+    # no start, input or output given: none is made up
+    assert info["time"]["start"] is None and "input" not in info and "output" not in info
     assert name.startswith("rollmed-dask-job-") and len(name) == len("rollmed-dask-job-") + 19
 
 
@@ -881,6 +883,8 @@ def test_a_library_that_is_not_installed_is_logged_as_none(monkeypatch):
     info = json.loads("\n".join(rtdc.run_log_lines({})))
     assert info["host"]["libraries"]["no-such-library-here"] is None
     assert info["host"]["libraries"]["numpy"] == np.__version__
+    # no start, input or output given: none is made up
+    assert info["time"]["start"] is None and "input" not in info and "output" not in info
 
 
 def test_prepare_output_file_names_a_missing_input(tmp_path):
