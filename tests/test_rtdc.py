@@ -505,6 +505,9 @@ def test_write_log_matches_dcnum_and_dclab_reads_it(small_input, tmp_path):
     assert info["host"]["libraries"]["numpy"] == np.__version__
     # no start, input or output given: none is made up
     assert info["time"]["start"] is None and "input" not in info and "output" not in info
+    info = json.loads("\n".join(rtdc.run_log_lines({}, output_path="out.rtdc")))
+    assert info["output"] == {"path": str(pathlib.Path("out.rtdc").absolute())}
+    assert list(info) == sorted(info) and list(info["host"]) == sorted(info["host"])  # as said
     assert name.startswith("rollmed-dask-job-") and len(name) == len("rollmed-dask-job-") + 19
 
 
@@ -885,6 +888,9 @@ def test_a_library_that_is_not_installed_is_logged_as_none(monkeypatch):
     assert info["host"]["libraries"]["numpy"] == np.__version__
     # no start, input or output given: none is made up
     assert info["time"]["start"] is None and "input" not in info and "output" not in info
+    info = json.loads("\n".join(rtdc.run_log_lines({}, output_path="out.rtdc")))
+    assert info["output"] == {"path": str(pathlib.Path("out.rtdc").absolute())}
+    assert list(info) == sorted(info) and list(info["host"]) == sorted(info["host"])  # as said
 
 
 def test_prepare_output_file_names_a_missing_input(tmp_path):
