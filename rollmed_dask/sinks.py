@@ -826,7 +826,7 @@ class ZarrSink(Sink):
             shape=self.shape,
             dtype=self.dtype,
             chunks=(self.chunk_events,) + self.shape[1:],
-            compressors=_zarr_compressors(self.compression),
+            compressors=zarr_compressors(self.compression),
             fill_value=0,
             dimension_names=NGFF_AXES,  # OME-Zarr 0.5 asks for them (see ngff_attrs)
         )
@@ -991,12 +991,6 @@ def _read_block_digests(path: pathlib.Path):
 
 def _plain(value):
     return value.decode() if isinstance(value, bytes | np.bytes_) else value
-
-
-def _zarr_compressors(compression):
-    if compression in (None, False):
-        return None
-    return zarr_compressors(compression)
 
 
 def _zarr_write_block(store_path: str, dataset: str, block, start: int, digests=None):
