@@ -79,6 +79,28 @@ def flip_bytes_in_chunk(path, dataset, chunk_index) -> tuple:
     return info.chunk_offset
 
 
+def interrupt_at_write(monkeypatch, n: int, source, target, kernel_size, **kwargs) -> list:
+    """A resumable Zarr run (``compute_background(..., resume=True)``) that
+    Ctrl-C stops at its ``n``-th block write, as a user does; returns the
+    starts of the blocks it came to write, the stopped one last."""
+    from rollmed_dask import compute_background
+    from rollmed_dask.sinks import ZarrSink
+
+    written, original = [], ZarrSink.write
+
+    def stop_at_the_nth(self, payload):
+        written.append(payload[0])
+        if len(written) == n:
+            raise KeyboardInterrupt
+        return original(self, payload)
+
+    with monkeypatch.context() as m:
+        m.setattr(ZarrSink, "write", stop_at_the_nth)
+        with pytest.raises(KeyboardInterrupt):
+            compute_background(source, target, kernel_size, resume=True, **kwargs)
+    return written
+
+
 def read_images(path, dataset="events/image") -> np.ndarray:
     """The whole dataset of an HDF5 file or a Zarr store, as numpy."""
     path = pathlib.Path(path)

@@ -15,7 +15,7 @@ import h5py
 import hdf5plugin
 import numpy as np
 import pytest
-from conftest import read_images
+from conftest import interrupt_at_write, read_images
 
 from rollmed_dask import (
     batch,
@@ -26,7 +26,7 @@ from rollmed_dask import (
 )
 from rollmed_dask import sources as sources_module
 from rollmed_dask.core import rolling_median_reference
-from rollmed_dask.sinks import PROGRESS_DIR, ZARR_JOB_ATTR, ZarrSink, partial_path
+from rollmed_dask.sinks import PROGRESS_DIR, ZARR_JOB_ATTR, partial_path
 
 K = 5
 N = 120  # 3 output chunks of 40 frames of 80x320
@@ -277,19 +277,7 @@ def test_resume_of_a_complete_zarr_made_from_an_array_compares_the_arrays(tmp_pa
 def make_partial(src, out, monkeypatch, keep=(0,), **kw):
     """A resumable partial whose blocks ``keep`` (of 40 events) are done, as an
     interrupted run leaves it."""
-    original = ZarrSink.write
-    count = []
-
-    def stop_at_the_last(self, payload):
-        count.append(payload[0])
-        if len(count) == N // 40:
-            raise KeyboardInterrupt
-        return original(self, payload)
-
-    with monkeypatch.context() as m:
-        m.setattr(ZarrSink, "write", stop_at_the_last)
-        with pytest.raises(KeyboardInterrupt):
-            compute_background(src, out, K, progress=False, resume=True, event_chunk=40, **kw)
+    interrupt_at_write(monkeypatch, N // 40, src, out, K, progress=False, event_chunk=40, **kw)
     progress = partial_path(out) / PROGRESS_DIR
     assert (progress / "input.json").is_file()
     for start in range(0, N, 40):
@@ -352,18 +340,7 @@ def test_resume_of_a_touched_input_checks_a_last_block_in_the_tail(tmp_path, mon
     src, out = tmp_path / "a.rtdc", tmp_path / "a_bg.zarr"
     img = write_plain(src, seed=4, n=123)
     monkeypatch.setattr(identity, "QUIET_NS", 0)  # the input was just written
-    written, original = [], ZarrSink.write
-
-    def stop_at_the_last(self, payload):  # all four blocks and markers are written
-        written.append(payload[0])
-        if len(written) == 4:
-            raise KeyboardInterrupt
-        return original(self, payload)
-
-    with monkeypatch.context() as m:
-        m.setattr(ZarrSink, "write", stop_at_the_last)
-        with pytest.raises(KeyboardInterrupt):
-            compute_background(src, out, 3, progress=False, resume=True, event_chunk=40)
+    written = interrupt_at_write(monkeypatch, 4, src, out, 3, progress=False, event_chunk=40)
     assert sorted(written) == [0, 40, 80, 120]
     (partial_path(out) / PROGRESS_DIR / "0").unlink()
     src.touch()

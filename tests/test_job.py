@@ -16,7 +16,7 @@ import dask.array as da
 import h5py
 import numpy as np
 import pytest
-from conftest import read_images
+from conftest import interrupt_at_write, read_images
 from dcnum.feat.feat_background.bg_roll_median import BackgroundRollMed as DcnumRollMed
 
 from rollmed_dask import (
@@ -483,19 +483,7 @@ def test_the_progress_bar_counts_events_and_says_what_was_resumed(tmp_path, caps
     fresh = capsys.readouterr().err
     assert "rolling median: 100%" in fresh and "1.20k/1.20k" in fresh  # events, scaled
     assert "resuming" not in fresh
-    written = []
-    original = ZarrSink.write
-
-    def stop_after_four_blocks(self, payload):
-        written.append(payload[0])
-        if len(written) > 4:
-            raise KeyboardInterrupt
-        return original(self, payload)
-
-    with monkeypatch.context() as m:
-        m.setattr(ZarrSink, "write", stop_after_four_blocks)
-        with pytest.raises(KeyboardInterrupt):
-            compute_background(img, out, 5, progress=False, resume=True, event_chunk=40)
+    interrupt_at_write(monkeypatch, 5, img, out, 5, progress=False, event_chunk=40)
     summary = compute_background(img, out, 5, progress=True, resume=True, event_chunk=40)
     resumed = capsys.readouterr().err
     assert 400 <= summary.events_resumed < 1200
