@@ -7,6 +7,7 @@ is not up, the ``slurm`` fixture starts it if ``CI`` is set (or
 tests fail under CI and are skipped elsewhere, saying how to start it.
 """
 
+import contextlib
 import os
 import pathlib
 import shutil
@@ -35,6 +36,25 @@ def pytest_configure(config):
         signal.signal(signal.SIGINT, signal.default_int_handler)
     if signal.getsignal(signal.SIGTERM) is signal.SIG_IGN:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def pytest_unconfigure(config):
+    """No process a test started outlives the run. Python joins its non-daemon
+    ``multiprocessing`` children at exit: one left hung by a failed test (dcnum's
+    pipeline workers did) would keep pytest from ever exiting after its summary,
+    and CI would end only at its time limit. They are ended here and named."""
+    import psutil
+
+    left = []
+    for process in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            command = " ".join(process.cmdline())
+            if "multiprocessing.resource_tracker" in command:
+                continue  # it ends at exit, and cleans up what the others leaked
+            print(f"\nconftest: ending a process a test left running: {command}")
+            process.kill()
+            left.append(process)
+    psutil.wait_procs(left, timeout=10)
 
 
 @pytest.fixture(scope="session")

@@ -9,21 +9,23 @@ strategies ("tap" and "drain"), must skip their background step (their own job
 log says so) and give a result whose ``image_bg`` and every feature, ``image``,
 ``frame`` and ``time`` included, equal a plain dcnum run on the raw input.
 
-These run the real programs on small stacks. dcnum is given absolute paths (a
-relative input path with a folder part fails in dcnum 0.31) and starts
-``spawn`` workers, so everything it runs lives in modules. Results are read
-with dcnum's reader, not dclab's: the runner leaves handles open in this
-process, and HDF5 refuses to open one file twice with different locking flags
-(dclab uses ``locking=False``).
+These run the real programs on small stacks, each in a process of its own
+(see ``run_pipeline``). dcnum is given absolute paths (a relative input path
+with a folder part fails in dcnum 0.31). Results are read with dcnum's
+reader, through their basins, as dcnum's users read them.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 import shutil
+import signal
 import subprocess
 import sys
+import time
+import warnings
 
 import h5py
 import hdf5plugin  # noqa: F401  (zstd filter)
@@ -33,12 +35,15 @@ import pytest
 from rollmed_dask import compute_background, rtdc
 from rollmed_dask.example import write_example
 
-dcnum_logic = pytest.importorskip("dcnum.logic")
 dcnum_read = pytest.importorskip("dcnum.read")
+# A hang of dcnum's pipeline is retried once and shown (``run_pipeline``), not an error.
+pytestmark = pytest.mark.filterwarnings("always:dcnum's pipeline hung:UserWarning")
 
 N_EVENTS = 120
 K = 20
 BATCH = 10000  # dcnum's and chipstream's default batch_size
+DCNUM_JOB = pathlib.Path(__file__).with_name("dcnum_pipeline_job.py")
+HANG_S = 180  # a run here takes 3 to 10 s
 
 
 def run_dcnum(path_in, path_out, strategy="tap") -> dict:
@@ -47,40 +52,59 @@ def run_dcnum(path_in, path_out, strategy="tap") -> dict:
     ``strategy`` "tap" (chipstream-cli's default) links the input's features
     into the result through a basin, "drain" (``--drain-basins``) copies them.
     """
-    job = dcnum_logic.DCNumPipelineJob(
-        path_in=pathlib.Path(path_in).resolve(),
-        path_out=pathlib.Path(path_out).resolve(),
-        background_code="rollmed",
-        background_kwargs={"kernel_size": K, "batch_size": BATCH},
-        basin_strategy=strategy,
-        num_procs=1,
-    )
-    with dcnum_logic.DCNumJobRunner(job) as runner:
-        runner.run()
-    return job_log(path_out)
+    args = [str(path_in), str(path_out), strategy, str(K), str(BATCH)]
+    return run_pipeline([sys.executable, str(DCNUM_JOB), *args], path_out)
 
 
 def run_chipstream(path_in, path_out, *extra) -> dict:
-    proc = subprocess.run(
-        [
-            str(pathlib.Path(sys.executable).with_name("chipstream-cli")),
-            "-b",
-            "rollmed",
-            "-kb",
-            f"kernel_size={K}",
-            "--num-cpus",
-            "1",
-            *extra,
-            str(pathlib.Path(path_in).resolve()),
-            str(pathlib.Path(path_out).resolve()),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
+    chipstream_cli = pathlib.Path(sys.executable).with_name("chipstream-cli")
+    command = [str(chipstream_cli), "-b", "rollmed", "-kb", f"kernel_size={K}"]
+    command += ["--num-cpus", "1", *extra]
+    command += [str(pathlib.Path(path_in).resolve()), str(pathlib.Path(path_out).resolve())]
+    return run_pipeline(command, path_out)
+
+
+def run_pipeline(command, path_out) -> dict:
+    """Run dcnum's pipeline (``command``) to its end; the job log of its result.
+
+    The pipeline runs in a process group of its own, so that a hung run is
+    killed with its workers: a worker left behind would keep pytest from
+    exiting (Python joins such children at exit), and CI would never end.
+    dcnum 0.31 hung once in 28 CI runs, in its runner's wait for frames, on
+    an input every other run had read right. A hang is shown as a warning
+    with the processes' stacks, and run once more; a second hang, an error
+    or a wrong result fails the test.
+    """
+    for attempt in (1, 2):
+        stacks = run_in_own_group(command)
+        if stacks is None:
+            return job_log(path_out)
+        message = f"dcnum's pipeline hung (attempt {attempt}); its stacks:\n{stacks}"
+        warnings.warn(message, stacklevel=2)
+        pathlib.Path(path_out).unlink(missing_ok=True)
+    pytest.fail(f"dcnum's pipeline hung twice: {command}; its stacks:\n{stacks}")
+
+
+def run_in_own_group(command) -> str | None:
+    """None when ``command`` ended; its output when it hung. SIGUSR1 makes the
+    processes of ``dcnum_pipeline_job.py`` print their stacks; it ends chipstream-cli."""
+    with subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
         stdin=subprocess.DEVNULL,
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    return job_log(path_out)
+        text=True,
+        start_new_session=True,
+    ) as proc:
+        try:
+            output, _ = proc.communicate(timeout=HANG_S)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGUSR1)
+            time.sleep(2)
+            os.killpg(proc.pid, signal.SIGKILL)
+            return proc.communicate()[0]
+    assert proc.returncode == 0, output
+    return None
 
 
 def job_log(path) -> dict:
@@ -280,3 +304,26 @@ def test_chipstream_cli_skips_background(raw, plain, tmp_path):
         log = run_chipstream(source, out, *extra)
         assert log["tasks"] == {"background": False, "segmentation": True}
         assert_same_result(out, plain)
+
+
+def test_a_hung_pipeline_is_killed_with_its_children(tmp_path, monkeypatch):
+    """A run that never ends is stopped after HANG_S with every process it started:
+    a child left behind would keep pytest from exiting."""
+    monkeypatch.setattr(sys.modules[__name__], "HANG_S", 3)
+    pid_file = tmp_path / "child.pid"
+    script = tmp_path / "hangs.py"
+    script.write_text(
+        "import subprocess, sys, time\n"
+        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'])\n"
+        f"open({str(pid_file)!r}, 'w').write(str(child.pid))\n"
+        "print('started', flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    output = run_in_own_group([sys.executable, str(script)])
+    assert output is not None and "started" in output
+    child = int(pid_file.read_text())
+    deadline = time.monotonic() + 10
+    while pathlib.Path(f"/proc/{child}").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)  # killed; reaped by init
+    assert not pathlib.Path(f"/proc/{child}").exists()
+    assert run_in_own_group([sys.executable, "-c", "print('quick')"]) is None
