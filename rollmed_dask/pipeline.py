@@ -162,8 +162,9 @@ def plan_event_chunks(
     min_blocks : int
         Split a short stack into at least this many blocks so that every core
         has work, but never into blocks shorter than 4K, where reading the
-        overlap would cost more than it gains. Above 1, blocks may also be shortened
-        a little so that the cores finish together (``whole_rounds``).
+        overlap would cost more than it gains (the last block, the rest, may be
+        as short as K). Above 1, blocks may also be shortened a little so that
+        the cores finish together (``whole_rounds``).
 
     Returns
     -------
