@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
+import time
 
 import dask
 import pytest
@@ -95,3 +97,47 @@ def test_run_stalled_is_the_base_of_the_stalled_errors():
     from rollmed_dask.cluster import SlurmJobLost
 
     assert issubclass(WorkersPaused, RunStalled) and issubclass(SlurmJobLost, RunStalled)
+
+
+def _slow_block(i: int) -> int:
+    time.sleep(0.2)
+    return i
+
+
+def _set_status(name: str, dask_worker) -> None:
+    """Run by ``client.run`` on the worker's event loop, where its status may change."""
+    from distributed.core import Status
+
+    dask_worker.status = Status[name]  # told to the scheduler, as a memory pause is
+
+
+def test_a_short_pause_late_in_a_long_run_is_not_a_stall():
+    """The stall is counted from the last finished block, not from the run's start:
+    a worker paused (for memory) for less than the timeout, 5 s into a 10 s run
+    whose timeout is 4 s, lets the run go on to its exact end."""
+    from distributed import Client, LocalCluster
+
+    from rollmed_dask.scheduling import Resolved, stream_blocks
+
+    tasks = [dask.delayed(_slow_block)(i, dask_key_name=f"block-{i}") for i in range(40)]
+    # no memory limit: no memory monitor, which would resume the worker at once
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, memory_limit=0,
+                      dashboard_address=":0") as cluster, Client(cluster) as client:  # fmt: skip
+        started = time.monotonic()
+        paused = threading.Event()
+
+        def pause_for_a_while():
+            time.sleep(5)  # later than the timeout after the start
+            client.run(_set_status, "paused")
+            paused.set()
+            time.sleep(2.5)  # longer than a check's period (2 s), shorter than the timeout
+            client.run(_set_status, "running")
+
+        pauser = threading.Thread(target=pause_for_a_while, daemon=True)
+        pauser.start()
+        finished = []
+        with dask.config.set({"rollmed-dask.lost-worker-timeout": 4}):
+            stream_blocks(tasks, finished.append, Resolved(client=client))
+        pauser.join()
+    assert paused.is_set() and time.monotonic() - started > 7.5  # the pause was inside the run
+    assert sorted(finished) == list(range(40))
