@@ -663,6 +663,40 @@ def test_a_settle_that_times_out_leaves_no_waiting_task(tmp_path):
         busy_task.result(5)
 
 
+def test_ctrl_c_during_a_zarr_metadata_write_leaves_no_temporary(
+    small_rtdc, tmp_path, monkeypatch
+):
+    """Ctrl-C while zarr's loop writes the commit's metadata: the interrupted
+    call returns at once, and its write goes on. The job's abort waits for it
+    before removing the temporary; removed under it, the write would make the
+    temporary's folders again (zarr creates a key's parents) and leave them."""
+    import asyncio
+    import signal
+
+    from zarr.storage import LocalStore
+
+    original, writing = LocalStore.set, threading.Event()
+
+    async def slow_attribute_write(self, key, value):
+        if key.endswith("zarr.json") and b'"CLASS"' in value.to_bytes():  # commit's attrs
+            writing.set()
+            await asyncio.sleep(1.0)
+        return await original(self, key, value)
+
+    def ctrl_c_once_writing():
+        if writing.wait(60):
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(LocalStore, "set", slow_attribute_write)
+    target = tmp_path / "bg.zarr"
+    threading.Thread(target=ctrl_c_once_writing, daemon=True).start()
+    with pytest.raises(KeyboardInterrupt):
+        compute_background(small_rtdc, target, kernel_size=10, progress=False)
+    assert writing.is_set()
+    threading.Event().wait(1.5)  # longer than the slowed write
+    assert os.listdir(tmp_path) == []
+
+
 def test_a_settle_reads_the_errors_of_failed_tasks_and_skips_cancelled_ones(tmp_path, caplog):
     """A full disk fails several chunk writes at once: the first error is the
     job's, the others are read and dropped (no "exception was never
