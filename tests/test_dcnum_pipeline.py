@@ -70,10 +70,11 @@ def run_pipeline(command, path_out) -> dict:
     The pipeline runs in a process group of its own, so that a hung run is
     killed with its workers: a worker left behind would keep pytest from
     exiting (Python joins such children at exit), and CI would never end.
-    dcnum 0.31 hung once in 28 CI runs, in its runner's wait for frames, on
-    an input every other run had read right. A hang is shown as a warning
-    with the processes' stacks, and run once more; a second hang, an error
-    or a wrong result fails the test.
+    dcnum 0.31 hung once in 28 CI runs (600 s inside its runner's
+    ``task_segment_extract``, run then in pytest's process), on an input the
+    other runs read right; 300 runs of that pipeline here never hung. A hang
+    is shown as a warning with the processes' stacks, and run once more; a
+    second hang, an error or a wrong result fails the test.
     """
     for attempt in (1, 2):
         stacks = run_in_own_group(command)
