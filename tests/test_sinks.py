@@ -663,13 +663,15 @@ def test_a_settle_that_times_out_leaves_no_waiting_task(tmp_path):
         busy_task.result(5)
 
 
-def test_ctrl_c_during_a_zarr_metadata_write_leaves_no_temporary(
+def test_an_interrupt_during_a_zarr_metadata_write_leaves_no_temporary(
     small_rtdc, tmp_path, monkeypatch
 ):
     """Ctrl-C while zarr's loop writes the commit's metadata: the interrupted
     call returns at once, and its write goes on. The job's abort waits for it
     before removing the temporary; removed under it, the write would make the
-    temporary's folders again (zarr creates a key's parents) and leave them."""
+    temporary's folders again (zarr creates a key's parents) and leave them.
+    (Named without "ctrl_c": the mutation run of sinks.py leaves out the slow
+    CLI signal tests by that word, and this one is fast.)"""
     import asyncio
     import signal
 

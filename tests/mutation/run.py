@@ -513,7 +513,7 @@ def run_module(name, args, workdir: pathlib.Path, log) -> list[Mutant]:
     t0 = time.perf_counter()
     covering, seconds = cached_tests_by_line(copies[0], selection, files, args.timeout)
     print(f"  traced the selection in {time.perf_counter() - t0:.0f} s", flush=True)
-    accepted = read_accepted()
+    accepted, killers = read_accepted(), read_killers()
     markers = []  # -m and -k with their values, kept for the narrowed runs
     for i, arg in enumerate(selection[:-1]):
         if arg in ("-m", "-k"):
@@ -528,10 +528,13 @@ def run_module(name, args, workdir: pathlib.Path, log) -> list[Mutant]:
         elif mutant.key in accepted and not args.all:
             mutant.status, mutant.by = "accepted", accepted[mutant.key]
             _report(mutant, log)
-        elif tests:  # fastest first: a mutant is most often killed by the first test
+        elif tests or mutant.key in killers:  # fastest first: most often the first kills
             chosen = choose_tests(tests, seconds, args.max_tests)
             if len(chosen) < len(tests):
                 mutant.by = f"ran {len(chosen)} of the {len(tests)} tests of its line"
+            if not args.tests:  # its known killer first, whatever the cap or the trace
+                known = killers.get(mutant.key, [])
+                chosen = [*known, *(t for t in chosen if t not in known)]
             todo.append((mutant, chosen))
         elif measured:  # run outside any test (collection, a process pool): the whole selection
             todo.append((mutant, selection))
@@ -606,6 +609,20 @@ def read_accepted(path: pathlib.Path = ROOT / "tests" / "mutation" / "accepted.t
     entries = tomllib.loads(path.read_text()).get("accepted", [])
     return {(e["file"], e["function"], e["line"], e["mutant"], e.get("occurrence", 1)): e["reason"]
             for e in entries}  # fmt: skip
+
+
+def read_killers(path: pathlib.Path = ROOT / "tests" / "mutation" / "killers.toml") -> dict:
+    """``{mutant key: [test ids]}``: the test known to kill each mutant that a capped
+    run may not pick (see killers.toml); it runs first."""
+    import tomllib
+
+    if not path.exists():
+        return {}
+    killers = {}
+    for e in tomllib.loads(path.read_text()).get("killed", []):
+        key = (e["file"], e["function"], e["line"], e["mutant"], e.get("occurrence", 1))
+        killers.setdefault(key, []).append(e["test"])
+    return killers
 
 
 def _report(mutant: Mutant, log=None) -> None:
