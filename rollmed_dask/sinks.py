@@ -392,7 +392,7 @@ def check_target(target: pathlib.Path, overwrite: bool, input_path=None) -> None
             f"it is never replaced: give a new path, such as "
             f"{str(target / 'background.rtdc')!r}"
         )
-    if overwrite and target.is_dir():
+    if overwrite:  # a file too: in a sticky folder, the final rename over it would fail
         check_removable(target)
     if not overwrite:
         raise option_error(

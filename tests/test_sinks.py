@@ -368,8 +368,8 @@ def test_a_failed_folder_swap_puts_the_old_output_back(tmp_path, monkeypatch):
 
 def test_someone_elses_folder_in_a_sticky_folder_is_never_replaced(tmp_path, monkeypatch):
     """In a sticky folder (``/tmp``, shared folders) only an entry's owner (or
-    the folder's) may rename it: refused before anything changes, unless this
-    user owns it."""
+    the folder's) may rename it, or rename over it: a folder or a file output
+    is refused before anything changes, unless this user owns it."""
     shared = tmp_path / "shared"
     shared.mkdir()
     shared.chmod(0o1777)
@@ -387,8 +387,13 @@ def test_someone_elses_folder_in_a_sticky_folder_is_never_replaced(tmp_path, mon
     os.chown(target, uid, -1)
     sinks.check_removable(target)  # its own output: fine
     os.chown(target, 0, -1)
+    old_file = shared / "bg.rtdc"  # a file output: its final rename would fail after the work
+    old_file.write_bytes(b"old")
+    with pytest.raises(PermissionError, match=f"may not remove '{re.escape(str(old_file))}'"):
+        sinks.check_target(old_file, overwrite=True)
     shared.chmod(0o777)
     sinks.check_removable(target)  # not sticky: whoever may write the folder may rename in it
+    sinks.check_target(old_file, overwrite=True)
 
 
 def test_a_folder_that_cannot_be_listed_is_named(tmp_path, monkeypatch):

@@ -553,8 +553,8 @@ def run_module(name, args, workdir: pathlib.Path, log) -> list[Mutant]:
                     _report(future.result(), log)
             worker = free.pop()
             timeout, deadline = _time_limits(tests, seconds, args.timeout)
-            if tests is not selection:
-                tests = [*tests, *markers]
+            if tests is not selection and not killers.get(mutant.key):
+                tests = [*tests, *markers]  # a known killer may lie outside them (a cluster test)
             running[pool.submit(worker.run, mutant, tests, timeout, deadline)] = worker
         for future in concurrent.futures.as_completed(running):
             _report(future.result(), log)
