@@ -191,6 +191,7 @@ MAGIC = struct.pack("<I", 0xFD2FB528)
 @pytest.mark.parametrize(
     ("header", "expected"),
     [  # descriptor: content-size flag (2 bits), single segment, 3 unused, dictionary flag (2)
+        (bytes([0b00_1_000_00, 42]), 42),  # the shortest header with a size: six bytes
         (bytes([0b00_1_000_01, 7, 99]), 99),  # a 1-byte dictionary id, then the size
         (bytes([0b01_1_000_10, 7, 7, 44, 0]), 300),  # 2-byte id; a 2-byte size is 256 more
         (bytes([0b10_0_000_11, 0x48, 1, 2, 3, 4]) + struct.pack("<I", 70000), 70000),
