@@ -373,6 +373,18 @@ def test_a_symlink_output_is_refused(small_rtdc, tmp_path):
     assert link.is_symlink() and real.read_bytes() == b"the file the link points to"
 
 
+def test_a_symlink_to_an_up_to_date_zarr_output_is_refused_on_resume(small_rtdc, tmp_path):
+    """A resumable run checks first whether the output is already up to date:
+    through a link it would say so of the file the link points to."""
+    real = tmp_path / "real.zarr"
+    compute_background(small_rtdc, real, 5, progress=False)
+    link = tmp_path / "link.zarr"
+    link.symlink_to(real)
+    with pytest.raises(ValueError, match="is a symbolic link to"):
+        compute_background(small_rtdc, link, 5, resume=True, progress=False)
+    assert link.is_symlink()
+
+
 def test_the_cli_names_its_flags_and_the_api_its_keywords(small_rtdc, tmp_path):
     out = tmp_path / "bg.rtdc"
     out.write_bytes(b"keep me")
