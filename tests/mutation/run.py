@@ -536,8 +536,8 @@ def run_module(name, args, workdir: pathlib.Path, log) -> list[Mutant]:
                 known = killers.get(mutant.key, [])
                 chosen = [*known, *(t for t in chosen if t not in known)]
             todo.append((mutant, chosen))
-        elif measured:  # run outside any test (collection, a process pool): the whole selection
-            todo.append((mutant, selection))
+        elif measured or args.tests:  # run outside any test (collection, a process pool,
+            todo.append((mutant, selection))  # a worker process): the whole selection
         else:
             mutant.status, mutant.by = "not covered", "no test of the selection runs this line"
             _report(mutant, log)
