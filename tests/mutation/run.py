@@ -523,19 +523,18 @@ def run_module(name, args, workdir: pathlib.Path, log) -> list[Mutant]:
         lines = range(mutant.start[0], mutant.end[0] + 1)
         tests = set().union(*(covering.get((mutant.path, n), set()) for n in lines))
         measured = any((mutant.path, n) in covering for n in lines)
+        # its known killer first, whatever the cap or the trace (not when --tests names them)
+        known = [] if args.tests else killers.get(mutant.key, [])
         if mutant.name in args.done:
             mutant.status, mutant.by, mutant.seconds = args.done[mutant.name]
         elif mutant.key in accepted and not args.all:
             mutant.status, mutant.by = "accepted", accepted[mutant.key]
             _report(mutant, log)
-        elif tests or mutant.key in killers:  # fastest first: most often the first kills
+        elif tests or known:  # fastest first: most often the first kills
             chosen = choose_tests(tests, seconds, args.max_tests)
             if len(chosen) < len(tests):
                 mutant.by = f"ran {len(chosen)} of the {len(tests)} tests of its line"
-            if not args.tests:  # its known killer first, whatever the cap or the trace
-                known = killers.get(mutant.key, [])
-                chosen = [*known, *(t for t in chosen if t not in known)]
-            todo.append((mutant, chosen))
+            todo.append((mutant, [*known, *(t for t in chosen if t not in known)]))
         elif measured or args.tests:  # run outside any test (collection, a process pool,
             todo.append((mutant, selection))  # a worker process): the whole selection
         else:
