@@ -392,8 +392,6 @@ def check_target(target: pathlib.Path, overwrite: bool, input_path=None) -> None
             f"it is never replaced: give a new path, such as "
             f"{str(target / 'background.rtdc')!r}"
         )
-    if overwrite:  # a file too: in a sticky folder, the final rename over it would fail
-        check_removable(target)
     if not overwrite:
         raise option_error(
             FileExistsError,
@@ -402,6 +400,7 @@ def check_target(target: pathlib.Path, overwrite: bool, input_path=None) -> None
             f"the new result is complete",
             "overwrite",
         )
+    check_removable(target)  # a file too: in a sticky folder, the final rename over it would fail
 
 
 def _remove_temporary(path: pathlib.Path) -> None:
