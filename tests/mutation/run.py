@@ -534,9 +534,10 @@ def run_module(name, args, workdir: pathlib.Path, log) -> list[Mutant]:
             chosen = choose_tests(tests, seconds, args.max_tests)
             if len(chosen) < len(tests):
                 mutant.by = f"ran {len(chosen)} of the {len(tests)} tests of its line"
-            todo.append((mutant, [*known, *(t for t in chosen if t not in known)]))
+            # the selection's -m/-k with them, but not for a known killer (a cluster test)
+            todo.append((mutant, [*known, *(t for t in chosen if t not in known)], not known))
         elif measured or args.tests:  # run outside any test (collection, a process pool,
-            todo.append((mutant, selection))  # a worker process): the whole selection
+            todo.append((mutant, selection, False))  # a worker process): the whole selection
         else:
             mutant.status, mutant.by = "not covered", "no test of the selection runs this line"
             _report(mutant, log)
@@ -544,7 +545,7 @@ def run_module(name, args, workdir: pathlib.Path, log) -> list[Mutant]:
     workers = list(free)
     with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
         running = {}
-        for mutant, tests in todo:
+        for mutant, tests, filtered in todo:
             if not free:
                 done, _ = concurrent.futures.wait(running, return_when="FIRST_COMPLETED")
                 for future in done:
@@ -552,8 +553,8 @@ def run_module(name, args, workdir: pathlib.Path, log) -> list[Mutant]:
                     _report(future.result(), log)
             worker = free.pop()
             timeout, deadline = _time_limits(tests, seconds, args.timeout)
-            if tests is not selection and not killers.get(mutant.key):
-                tests = [*tests, *markers]  # a known killer may lie outside them (a cluster test)
+            if filtered:
+                tests = [*tests, *markers]
             running[pool.submit(worker.run, mutant, tests, timeout, deadline)] = worker
         for future in concurrent.futures.as_completed(running):
             _report(future.result(), log)
